@@ -1,0 +1,401 @@
+//! Typed configuration: flags with environment fallbacks (SPEC §7 names are contract).
+//!
+//! [`Cli`] is the raw command line; [`Config::from_cli`] validates it into [`Config`], so the
+//! rest of the program never sees an unchecked value. Every secret can come from the
+//! variable itself or from a `..._FILE` path, and is held in [`Secret`], whose `Debug`
+//! never shows it.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// Command line of the `spike-gateway` binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "spike-gateway",
+    version,
+    about = "Spike webhooks in, typed gRPC streams out"
+)]
+pub struct Cli {
+    /// Address of the HTTP front (webhooks, /healthz, /readyz).
+    #[arg(long, env = "GATEWAY_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Address of the gRPC server.
+    #[arg(long, env = "GATEWAY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Webhook signature key(s), comma-separated during a rotation.
+    #[arg(long, env = "SPIKE_WEBHOOK_SIGNATURE_KEY", hide_env_values = true)]
+    pub webhook_signature_key: Option<String>,
+    /// File holding the webhook signature key(s), comma- or newline-separated.
+    #[arg(long, env = "SPIKE_WEBHOOK_SIGNATURE_KEY_FILE")]
+    pub webhook_signature_key_file: Option<PathBuf>,
+    /// Base URL of Spike's REST API.
+    #[arg(
+        long,
+        env = "SPIKE_API_BASE_URL",
+        default_value = "https://app-api.spikeapi.com/v3"
+    )]
+    pub spike_api_base_url: String,
+    /// Spike application id (needed only for the proxy RPCs).
+    #[arg(long, env = "SPIKE_APPLICATION_ID")]
+    pub spike_application_id: Option<u64>,
+    /// Spike HMAC key used to obtain per-user tokens (needed only for the proxy RPCs).
+    #[arg(long, env = "SPIKE_HMAC_KEY", hide_env_values = true)]
+    pub spike_hmac_key: Option<String>,
+    /// File holding the Spike HMAC key.
+    #[arg(long, env = "SPIKE_HMAC_KEY_FILE")]
+    pub spike_hmac_key_file: Option<PathBuf>,
+    /// Event log backend.
+    #[arg(long, env = "GATEWAY_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+    /// Directory of the embedded event log.
+    #[arg(long, env = "GATEWAY_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// NATS server URL (GATEWAY_STORE=nats).
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Bearer tokens accepted on the gRPC API, comma-separated. Unset = no gRPC auth.
+    #[arg(long, env = "GATEWAY_GRPC_TOKENS", hide_env_values = true)]
+    pub grpc_tokens: Option<String>,
+    /// File holding the gRPC bearer tokens, comma- or newline-separated.
+    #[arg(long, env = "GATEWAY_GRPC_TOKENS_FILE")]
+    pub grpc_tokens_file: Option<PathBuf>,
+    /// Largest accepted webhook body, in bytes.
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// How long a delivered event is remembered to drop Spike's redeliveries (e.g. 72h).
+    #[arg(long, env = "GATEWAY_DEDUP_WINDOW", default_value = "72h", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+    /// How long events are kept in the log (e.g. 7d).
+    #[arg(long, env = "GATEWAY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// Most events the `memory` store keeps before dropping the oldest.
+    #[arg(long, env = "GATEWAY_MEMORY_CAPACITY", default_value_t = 100_000)]
+    pub memory_capacity: usize,
+    /// How long shutdown may take before the process exits anyway.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log output format.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Durable on local disk (redb); the default.
+    Embedded,
+    /// In process memory, bounded; for tests and throwaway runs.
+    Memory,
+    /// NATS JetStream, for several replicas.
+    Nats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A secret value: usable, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([REDACTED])")
+    }
+}
+
+/// Validated configuration of one gateway process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub webhook: WebhookConfig,
+    pub spike: SpikeConfig,
+    pub store: StoreConfig,
+    pub grpc: GrpcConfig,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Every key a valid signature may be made with (more than one during a rotation).
+    pub signature_keys: Vec<Secret>,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpikeConfig {
+    pub api_base_url: String,
+    pub application_id: Option<u64>,
+    pub hmac_key: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub data_dir: PathBuf,
+    pub nats_url: Option<String>,
+    pub dedup_window: Duration,
+    pub retention: Duration,
+    pub memory_capacity: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcConfig {
+    /// Accepted bearer tokens; empty means the gRPC API is unauthenticated.
+    pub tokens: Vec<Secret>,
+}
+
+/// Why the configuration was refused; printed as one line before a non-zero exit.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("set either {0} or {1}, not both")]
+    Conflicting(&'static str, &'static str),
+    #[error("cannot read {name} from {path}: {source}")]
+    UnreadableFile {
+        name: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{name} is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+impl Config {
+    /// Parses the process's flags and environment, then validates them.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::from_cli(Cli::parse())
+    }
+
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let signature_keys = secret_list(
+            "SPIKE_WEBHOOK_SIGNATURE_KEY",
+            cli.webhook_signature_key,
+            "SPIKE_WEBHOOK_SIGNATURE_KEY_FILE",
+            cli.webhook_signature_key_file,
+        )?;
+        if signature_keys.is_empty() {
+            return Err(ConfigError::Missing(
+                "SPIKE_WEBHOOK_SIGNATURE_KEY (or SPIKE_WEBHOOK_SIGNATURE_KEY_FILE)",
+            ));
+        }
+        let hmac_key = secret_value(
+            "SPIKE_HMAC_KEY",
+            cli.spike_hmac_key,
+            "SPIKE_HMAC_KEY_FILE",
+            cli.spike_hmac_key_file,
+        )?
+        .map(Secret::new);
+        let tokens = secret_list(
+            "GATEWAY_GRPC_TOKENS",
+            cli.grpc_tokens,
+            "GATEWAY_GRPC_TOKENS_FILE",
+            cli.grpc_tokens_file,
+        )?;
+
+        if !cli.spike_api_base_url.starts_with("http://")
+            && !cli.spike_api_base_url.starts_with("https://")
+        {
+            return Err(ConfigError::Invalid {
+                name: "SPIKE_API_BASE_URL",
+                reason: "must start with http:// or https://".into(),
+            });
+        }
+        if cli.max_body_bytes == 0 {
+            return Err(invalid("GATEWAY_MAX_BODY_BYTES", "must be at least 1"));
+        }
+        if cli.memory_capacity == 0 {
+            return Err(invalid("GATEWAY_MEMORY_CAPACITY", "must be at least 1"));
+        }
+        for (name, value) in [
+            ("GATEWAY_DEDUP_WINDOW", cli.dedup_window),
+            ("GATEWAY_RETENTION", cli.retention),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(name, "must be longer than zero"));
+            }
+        }
+        match cli.store {
+            StoreKind::Nats if cli.nats_url.is_none() => {
+                return Err(ConfigError::Missing("NATS_URL (GATEWAY_STORE=nats)"));
+            }
+            StoreKind::Nats => {
+                return Err(invalid(
+                    "GATEWAY_STORE",
+                    "the nats backend is not available in this release; use embedded or memory",
+                ));
+            }
+            StoreKind::Embedded | StoreKind::Memory => {}
+        }
+
+        Ok(Config {
+            http_addr: cli.http_addr,
+            grpc_addr: cli.grpc_addr,
+            webhook: WebhookConfig {
+                signature_keys,
+                max_body_bytes: cli.max_body_bytes,
+            },
+            spike: SpikeConfig {
+                api_base_url: cli.spike_api_base_url.trim_end_matches('/').to_owned(),
+                application_id: cli.spike_application_id,
+                hmac_key,
+            },
+            store: StoreConfig {
+                kind: cli.store,
+                data_dir: cli.data_dir,
+                nats_url: cli.nats_url,
+                dedup_window: cli.dedup_window,
+                retention: cli.retention,
+                memory_capacity: cli.memory_capacity,
+            },
+            grpc: GrpcConfig { tokens },
+            shutdown_grace: cli.shutdown_grace,
+            log_format: cli.log_format,
+        })
+    }
+}
+
+fn invalid(name: &'static str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        reason: reason.to_owned(),
+    }
+}
+
+/// A secret given either directly or as a file path (never both).
+fn secret_value(
+    name: &'static str,
+    value: Option<String>,
+    file_name: &'static str,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(ConfigError::Conflicting(name, file_name)),
+        (Some(value), None) => Ok(Some(value.trim().to_owned()).filter(|v| !v.is_empty())),
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_owned()).filter(|v| !v.is_empty())),
+            Err(source) => Err(ConfigError::UnreadableFile {
+                name: file_name,
+                path,
+                source,
+            }),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+/// A list of secrets separated by commas or newlines, for rotation.
+fn secret_list(
+    name: &'static str,
+    value: Option<String>,
+    file_name: &'static str,
+    file: Option<PathBuf>,
+) -> Result<Vec<Secret>, ConfigError> {
+    Ok(secret_value(name, value, file_name, file)?
+        .map(|text| {
+            text.split([',', '\n'])
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["spike-gateway"];
+        argv.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(argv).expect("flags parse"))
+    }
+
+    #[test]
+    fn signature_key_is_required() {
+        let err = parse(&[]).unwrap_err();
+        assert!(
+            err.to_string().contains("SPIKE_WEBHOOK_SIGNATURE_KEY"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rotation_keys_are_split_and_trimmed() {
+        let config = parse(&["--webhook-signature-key", " old , new ,"]).unwrap();
+        let keys: Vec<_> = config
+            .webhook
+            .signature_keys
+            .iter()
+            .map(Secret::expose)
+            .collect();
+        assert_eq!(keys, ["old", "new"]);
+    }
+
+    #[test]
+    fn secrets_can_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "k1\nk2\n").unwrap();
+        let config = parse(&["--webhook-signature-key-file", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.webhook.signature_keys.len(), 2);
+
+        let missing = dir.path().join("nope");
+        let err = parse(&["--webhook-signature-key-file", missing.to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read SPIKE_WEBHOOK_SIGNATURE_KEY_FILE")
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let config = parse(&[
+            "--webhook-signature-key",
+            "topsecret",
+            "--grpc-tokens",
+            "tok123",
+        ])
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("topsecret") && !shown.contains("tok123"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn zero_durations_and_nats_without_url_are_refused() {
+        let err = parse(&["--webhook-signature-key", "k", "--retention", "0s"]).unwrap_err();
+        assert!(err.to_string().contains("GATEWAY_RETENTION"));
+        let err = parse(&["--webhook-signature-key", "k", "--store", "nats"]).unwrap_err();
+        assert!(err.to_string().contains("NATS_URL"));
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let config = parse(&["--webhook-signature-key", "k"]).unwrap();
+        assert_eq!(config.http_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.store.kind, StoreKind::Embedded);
+        assert_eq!(config.store.dedup_window, Duration::from_secs(72 * 3600));
+        assert_eq!(config.store.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(config.webhook.max_body_bytes, 2 * 1024 * 1024);
+    }
+}
