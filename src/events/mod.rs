@@ -1,0 +1,18 @@
+//! Events after the edge: the durable log, live fan-out and subscription cursors.
+//!
+//! - [`log`]: the [`EventLog`] trait every backend implements, and its error type.
+//! - [`embedded`]: the default backend, durable on disk (redb) with group commit.
+//! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
+//! - [`fanout`]: the bounded broadcast that carries freshly committed events to subscribers.
+//! - [`subscription`]: start positions, filters, and the cursor that reads history and
+//!   then live events without a gap or a duplicate.
+//! - [`time`]: the conversions between wall-clock time and protobuf timestamps.
+
+pub mod embedded;
+pub mod fanout;
+pub mod log;
+pub mod memory;
+pub mod subscription;
+pub mod time;
+
+pub use log::{AppendOutcome, EventLog, LogBounds, LogError};

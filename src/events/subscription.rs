@@ -1,0 +1,195 @@
+//! Subscription cursors: from a start position through history into live events, in
+//! sequence order, with no gap and no duplicate.
+//!
+//! The cursor subscribes to the live fan-out *before* it resolves its start position. A
+//! backend makes events readable before it publishes them, so every event at or after the
+//! position is either already in the log or still to come on the live receiver. The cursor
+//! then reads the log until it is caught up and switches to live events, skipping those
+//! below its position. When a live event jumps ahead of the position (the receiver lagged,
+//! or something was missed), it goes back to the log for the range in between.
+
+use std::{collections::HashSet, sync::Arc};
+
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::{EventLog, LogError, time::Micros};
+use crate::proto::{Event, EventType, WebhookCategory};
+
+/// Events read from the log per page while catching up. Bounds a cursor's memory.
+pub const CATCH_UP_PAGE: usize = 256;
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Only events appended from now on.
+    Live,
+    /// Events with a sequence greater than this one.
+    AfterSequence(u64),
+    /// Everything the log retains.
+    FromBeginning,
+    /// Events received at or after this time.
+    Since(Micros),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("{requested} is older than the log retains; the oldest retained sequence is {oldest}")]
+    TooOld { requested: String, oldest: u64 },
+    #[error(
+        "after_sequence {requested} is ahead of the log, whose last sequence is {last}; was the log reset?"
+    )]
+    AheadOfLog { requested: u64, last: u64 },
+    #[error("the event log's live feed closed")]
+    LiveClosed,
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Which events a subscriber wants. Empty lists mean "all".
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub event_types: HashSet<i32>,
+    pub application_user_ids: HashSet<String>,
+    /// Applies to main events only: results carry no provider.
+    pub provider_slugs: HashSet<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, event: &Event) -> bool {
+        (self.event_types.is_empty() || self.event_types.contains(&event.r#type))
+            && (self.application_user_ids.is_empty()
+                || self
+                    .application_user_ids
+                    .contains(&event.application_user_id))
+            && (self.provider_slugs.is_empty()
+                || event.category != WebhookCategory::Main as i32
+                || provider_of(event).is_some_and(|p| self.provider_slugs.contains(p)))
+    }
+
+    /// Builds a filter, refusing unknown or unspecified event types.
+    pub fn new(
+        event_types: &[i32],
+        application_user_ids: Vec<String>,
+        provider_slugs: Vec<String>,
+    ) -> Result<Self, String> {
+        for &value in event_types {
+            match EventType::try_from(value) {
+                Ok(EventType::Unspecified) | Err(_) => {
+                    return Err(format!(
+                        "event_types contains {value}, which is not an event type"
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(Self {
+            event_types: event_types.iter().copied().collect(),
+            application_user_ids: application_user_ids.into_iter().collect(),
+            provider_slugs: provider_slugs.into_iter().collect(),
+        })
+    }
+}
+
+fn provider_of(event: &Event) -> Option<&str> {
+    use crate::proto::event::Payload;
+    match event.payload.as_ref()? {
+        Payload::RecordChange(change) => Some(&change.provider_slug),
+        Payload::ProviderIntegration(integration) => Some(&integration.provider_slug),
+        Payload::LabReportResult(_) | Payload::NutritionResult(_) => None,
+    }
+}
+
+/// A position in the log plus the live receiver that continues it.
+pub struct Cursor {
+    log: Arc<dyn EventLog>,
+    live: broadcast::Receiver<Arc<Event>>,
+    /// Sequence of the next event to deliver.
+    next: u64,
+    catching_up: bool,
+}
+
+impl Cursor {
+    pub async fn open(log: Arc<dyn EventLog>, start: Start) -> Result<Self, SubscriptionError> {
+        // Subscribe first: see the module comment for why this order closes every gap.
+        let live = log.live();
+        let bounds = log.bounds().await?;
+        let next = match start {
+            Start::Live => bounds.next,
+            Start::FromBeginning => bounds.oldest,
+            Start::AfterSequence(after) => {
+                // `after == next - 1` is the newest event: resume live, nothing missed.
+                if after >= bounds.next {
+                    return Err(SubscriptionError::AheadOfLog {
+                        requested: after,
+                        last: bounds.next.saturating_sub(1),
+                    });
+                }
+                let position = after.saturating_add(1);
+                if position < bounds.oldest {
+                    return Err(SubscriptionError::TooOld {
+                        requested: format!("after_sequence {after}"),
+                        oldest: bounds.oldest,
+                    });
+                }
+                position
+            }
+            Start::Since(since) => {
+                if bounds
+                    .trimmed_through
+                    .is_some_and(|trimmed| since <= trimmed)
+                {
+                    return Err(SubscriptionError::TooOld {
+                        requested: "since".to_owned(),
+                        oldest: bounds.oldest,
+                    });
+                }
+                log.position_at(since).await?
+            }
+        };
+        Ok(Self {
+            log,
+            live,
+            next,
+            catching_up: next < bounds.next,
+        })
+    }
+
+    /// Sequence of the next event this cursor will return.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// The next events in order; waits for live events when caught up.
+    pub async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError> {
+        loop {
+            if self.catching_up {
+                let page = self.log.read(self.next, CATCH_UP_PAGE).await?;
+                if page.first().is_some_and(|e| e.sequence > self.next) || page.is_empty() {
+                    // Nothing at our position: either caught up, or retention removed it.
+                    let oldest = self.log.bounds().await?.oldest;
+                    if self.next < oldest {
+                        return Err(SubscriptionError::TooOld {
+                            requested: format!("position {}", self.next),
+                            oldest,
+                        });
+                    }
+                }
+                if let Some(last) = page.last() {
+                    self.next = last.sequence + 1;
+                    return Ok(page);
+                }
+                self.catching_up = false;
+            }
+            match self.live.recv().await {
+                Ok(event) if event.sequence < self.next => continue,
+                Ok(event) if event.sequence == self.next => {
+                    self.next += 1;
+                    return Ok(vec![event]);
+                }
+                // Ahead of us: the range in between is in the log.
+                Ok(_) | Err(RecvError::Lagged(_)) => self.catching_up = true,
+                Err(RecvError::Closed) => return Err(SubscriptionError::LiveClosed),
+            }
+        }
+    }
+}
