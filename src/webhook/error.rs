@@ -1,0 +1,57 @@
+//! Every non-200 answer of the webhook front, and its status (SPEC §2.2).
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+
+use super::{payload::NotJson, signature::SignatureError};
+use crate::events::LogError;
+
+/// Why a webhook request was not acknowledged. Messages never contain the body, the
+/// expected signature or a key.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("missing X-Body-Signature header")]
+    MissingSignature,
+    #[error(transparent)]
+    BadSignature(#[from] SignatureError),
+    #[error("body is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("could not read the request body")]
+    UnreadableBody,
+    #[error(transparent)]
+    NotJson(#[from] NotJson),
+    #[error("the gateway is shutting down; retry later")]
+    ShuttingDown,
+    #[error("the event log cannot take writes right now; retry later")]
+    LogUnavailable(#[source] LogError),
+}
+
+impl WebhookError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            WebhookError::MissingSignature
+            | WebhookError::NotJson(_)
+            | WebhookError::UnreadableBody => StatusCode::BAD_REQUEST,
+            WebhookError::BadSignature(_) => StatusCode::UNAUTHORIZED,
+            WebhookError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // 503 makes Spike retry the same bytes later; dedup absorbs any overlap.
+            WebhookError::ShuttingDown | WebhookError::LogUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+}
+
+impl IntoResponse for WebhookError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,211 @@
+//! The HTTP front: Spike's webhooks in, `/healthz` and `/readyz` for operations.
+//!
+//! A webhook request goes: signature header → body (bounded) → HMAC over the raw bytes →
+//! JSON split into items → each item classified and normalized ([`normalize`]) or kept as a
+//! dead letter → one durable append of all the request's events → exactly `200`.
+//!
+//! Logs name the category, counts and reasons; never the body, a key or a signature.
+
+pub mod error;
+pub mod normalize;
+pub mod payload;
+pub mod signature;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+
+use crate::{
+    events::{
+        AppendOutcome, EventLog,
+        time::{from_micros, now_micros},
+    },
+    proto::{DeadLetter, WebhookCategory},
+};
+pub use error::WebhookError;
+use signature::{Signature, Verifier};
+
+/// Signature header (HTTP header names are case-insensitive; `HeaderMap` already is).
+pub const SIGNATURE_HEADER: &str = "x-body-signature";
+
+/// Whole-request bound: Spike gives up after 30 s, so answering later is pointless and a
+/// slow client must not hold a connection and its buffer longer than that.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Shared by every webhook request.
+#[derive(Clone)]
+pub struct WebhookState {
+    pub log: Arc<dyn EventLog>,
+    pub verifier: Verifier,
+    pub max_body_bytes: usize,
+    /// Cleared when shutdown begins: new webhooks get 503 so Spike retries elsewhere/later.
+    pub accepting: Arc<AtomicBool>,
+}
+
+/// The 200 body. Spike only looks at the status; the counts help whoever replays by hand.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub appended: usize,
+    pub duplicates: usize,
+    pub dead_lettered: usize,
+}
+
+pub fn router(state: WebhookState) -> Router {
+    Router::new()
+        .route("/webhooks/spike", post(main_webhook))
+        .route("/webhooks/spike/lab-reports", post(lab_report_webhook))
+        .route("/webhooks/spike/nutrition", post(nutrition_webhook))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(state)
+}
+
+async fn ready(State(state): State<WebhookState>) -> impl IntoResponse {
+    if state.accepting.load(Ordering::Acquire) && state.log.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn main_webhook(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, WebhookError> {
+    receive(&state, WebhookCategory::Main, &headers, body).await
+}
+
+async fn lab_report_webhook(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, WebhookError> {
+    receive(&state, WebhookCategory::LabReports, &headers, body).await
+}
+
+async fn nutrition_webhook(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, WebhookError> {
+    receive(&state, WebhookCategory::NutritionRecords, &headers, body).await
+}
+
+#[tracing::instrument(name = "webhook", skip_all, fields(category = path.as_str_name()))]
+async fn receive(
+    state: &WebhookState,
+    path: WebhookCategory,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, WebhookError> {
+    let result = verify_and_append(state, path, headers, body).await;
+    match &result {
+        Ok(Json(accepted)) => tracing::info!(
+            appended = accepted.appended,
+            duplicates = accepted.duplicates,
+            dead_lettered = accepted.dead_lettered,
+            "webhook acknowledged"
+        ),
+        Err(e) => tracing::warn!(status = e.status().as_u16(), error = %e, "webhook refused"),
+    }
+    result
+}
+
+async fn verify_and_append(
+    state: &WebhookState,
+    path: WebhookCategory,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, WebhookError> {
+    if !state.accepting.load(Ordering::Acquire) {
+        return Err(WebhookError::ShuttingDown);
+    }
+    let signature = headers
+        .get(SIGNATURE_HEADER)
+        .ok_or(WebhookError::MissingSignature)?;
+    let signature = Signature::parse(signature.as_bytes())?;
+    let body = read_body(body, state.max_body_bytes).await?;
+    state.verifier.verify(&body, &signature)?;
+
+    let received_at = from_micros(now_micros());
+    let items = payload::split(&body)?;
+    let mut events = Vec::with_capacity(items.len());
+    let mut dead_letters = Vec::new();
+    for raw in items {
+        match normalize::normalize(raw, path, received_at) {
+            Ok(normalized) => {
+                if normalized.reclassified {
+                    tracing::info!(
+                        content = WebhookCategory::try_from(normalized.event.category)
+                            .map_or("?", |c| c.as_str_name()),
+                        "item classified by its content, not its path"
+                    );
+                }
+                events.push(normalized.event);
+            }
+            Err(unusable) => {
+                tracing::warn!(reason = %unusable, "signed item kept as a dead letter");
+                dead_letters.push(DeadLetter {
+                    received_at: Some(received_at),
+                    path_category: path as i32,
+                    reason: unusable.0,
+                    raw_json: raw.get().as_bytes().to_vec(),
+                });
+            }
+        }
+    }
+
+    let dead_lettered = dead_letters.len();
+    for letter in dead_letters {
+        state
+            .log
+            .dead_letter(letter)
+            .await
+            .map_err(WebhookError::LogUnavailable)?;
+    }
+    let outcomes = state
+        .log
+        .append(events)
+        .await
+        .map_err(WebhookError::LogUnavailable)?;
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| matches!(o, AppendOutcome::Duplicate { .. }))
+        .count();
+    Ok(Json(Accepted {
+        appended: outcomes.len() - duplicates,
+        duplicates,
+        dead_lettered,
+    }))
+}
+
+/// Reads the whole body, refusing it as soon as it exceeds `limit` (before buffering more).
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, WebhookError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(WebhookError::TooLarge { limit })
+        }
+        Err(_) => Err(WebhookError::UnreadableBody),
+    }
+}

@@ -1,0 +1,411 @@
+//! Classified wire items → the protobuf event model (SPEC §3), with content-derived ids.
+
+use bytes::Bytes;
+use chrono::{DateTime, NaiveDate, NaiveDateTime};
+use prost_types::{Struct, Timestamp};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use super::payload::{
+    Kind, NumberOrText, Unusable, WireIngredient, WireItem, WireSection, WireTestResult, classify,
+    parse_item,
+};
+use crate::proto::{
+    Event, EventType, Ingredient, IntegrationAction, LabReportResult, LabReportSection,
+    LabTestResult, NutritionResult, ProviderIntegration, RecordChange, RecordStatus,
+    WebhookCategory, event::Payload,
+};
+
+/// One item of a webhook request, made into an event (sequence not yet assigned).
+#[derive(Debug)]
+pub struct Normalized {
+    pub event: Event,
+    /// Whether the content named another category than the path it arrived on.
+    pub reclassified: bool,
+}
+
+/// Normalizes one raw item that arrived on the path of `path_category`.
+pub fn normalize(
+    raw: &RawValue,
+    path_category: WebhookCategory,
+    received_at: Timestamp,
+) -> Result<Normalized, Unusable> {
+    let item = parse_item(raw)?;
+    let kind = classify(&item, path_category)?;
+    let mut event = match kind {
+        Kind::Main => main_event(&item)?,
+        Kind::LabReport => lab_report(&item, raw)?,
+        Kind::NutritionRecord => nutrition_record(&item, raw)?,
+    };
+    event.category = kind.category() as i32;
+    if event.occurred_at.is_none() {
+        event.occurred_at = Some(received_at);
+    }
+    event.received_at = Some(received_at);
+    event.raw_json = Bytes::copy_from_slice(raw.get().as_bytes());
+    Ok(Normalized {
+        event,
+        reclassified: path_category != WebhookCategory::Main && kind.category() != path_category,
+    })
+}
+
+fn main_event(item: &WireItem) -> Result<Event, Unusable> {
+    let event_type = item.event_type.as_deref().unwrap_or_default();
+    let user = user_of(item, None)
+        .ok_or_else(|| Unusable("main event has no application_user_id or user_id".into()))?;
+    let provider = item.provider_slug.clone().unwrap_or_default();
+    let earliest = item
+        .earliest_record_start_at
+        .as_ref()
+        .or(item.start_date.as_ref());
+    let latest = item
+        .latest_record_end_at
+        .as_ref()
+        .or(item.end_date.as_ref());
+    let event_id = content_id(
+        "main",
+        &[
+            event_type,
+            &user,
+            &provider,
+            item.timestamp.as_deref().unwrap_or_default(),
+            earliest.map_or("", String::as_str),
+            latest.map_or("", String::as_str),
+        ],
+    );
+    let (r#type, payload) = match event_type {
+        "record_change" => (
+            EventType::RecordChange,
+            Payload::RecordChange(RecordChange {
+                provider_slug: provider,
+                metrics: item.metrics.clone().unwrap_or_default(),
+                activity_types: item.activity_types.clone().unwrap_or_default(),
+                data_types: item.data_types.clone().unwrap_or_default(),
+                earliest_record_start_at: earliest.and_then(|t| timestamp(t)),
+                latest_record_end_at: latest.and_then(|t| timestamp(t)),
+                customer_id: item.customer_id.clone().unwrap_or_default(),
+            }),
+        ),
+        "provider_integration_created" | "provider_integration_deleted" => {
+            let created = event_type.ends_with("created");
+            (
+                if created {
+                    EventType::ProviderIntegrationCreated
+                } else {
+                    EventType::ProviderIntegrationDeleted
+                },
+                Payload::ProviderIntegration(ProviderIntegration {
+                    provider_slug: provider,
+                    action: if created {
+                        IntegrationAction::Created
+                    } else {
+                        IntegrationAction::Deleted
+                    } as i32,
+                    customer_id: item.customer_id.clone().unwrap_or_default(),
+                }),
+            )
+        }
+        other => return Err(Unusable(format!("unknown main event_type {other:?}"))),
+    };
+    Ok(Event {
+        event_id,
+        r#type: r#type as i32,
+        application_user_id: user,
+        occurred_at: item.timestamp.as_deref().and_then(timestamp),
+        payload: Some(payload),
+        ..Event::default()
+    })
+}
+
+/// Fields of an enveloped result live under `data`; the envelope itself carries the ids.
+/// Looks a field up on the item first, then in its `data`.
+fn pick<'a, T>(item: &'a WireItem, field: impl Fn(&'a WireItem) -> Option<&'a T>) -> Option<&'a T> {
+    field(item).or_else(|| item.data.as_deref().and_then(field))
+}
+
+fn user_of(item: &WireItem, data: Option<&WireItem>) -> Option<String> {
+    [Some(item), data]
+        .into_iter()
+        .flatten()
+        .find_map(|i| i.application_user_id.clone().or_else(|| i.user_id.clone()))
+}
+
+/// The result status: the envelope's event_type suffix, else `status`, else inferred.
+fn result_status(item: &WireItem, prefix: &str, has_error: bool) -> Result<RecordStatus, Unusable> {
+    let text = match item.event_type.as_deref() {
+        Some(event_type) => event_type.strip_prefix(prefix),
+        None => pick(item, |i| i.status.as_ref()).map(String::as_str),
+    };
+    match text.map(str::to_ascii_lowercase).as_deref() {
+        Some("completed") => Ok(RecordStatus::Completed),
+        Some("failed") => Ok(RecordStatus::Failed),
+        Some("pending") => Ok(RecordStatus::Pending),
+        Some("processing") => Ok(RecordStatus::Processing),
+        // Spike omits status on some deliveries; an error text means it failed.
+        None if has_error => Ok(RecordStatus::Failed),
+        None => Ok(RecordStatus::Completed),
+        Some(_) => Err(Unusable("unknown result status".into())),
+    }
+}
+
+/// Identity of a result event: an update (new modified_at) is a new event.
+fn result_id(
+    tag: &str,
+    record_id: &str,
+    status: RecordStatus,
+    modified_at: Option<&String>,
+    raw: &RawValue,
+) -> String {
+    match modified_at {
+        Some(modified_at) => content_id(tag, &[record_id, status.as_str_name(), modified_at]),
+        None => content_id(&format!("{tag}-json"), &[&canonical_json(raw)]),
+    }
+}
+
+fn lab_report(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+    let record_id = pick(item, |i| i.record_id.as_ref().or(i.report_id.as_ref()))
+        .cloned()
+        .ok_or_else(|| Unusable("lab report has no record_id or report_id".into()))?;
+    let parsing_error = pick(item, |i| i.parsing_error.as_ref().or(i.error.as_ref())).cloned();
+    let status = result_status(item, "lab_report_", parsing_error.is_some())?;
+    let r#type = match status {
+        RecordStatus::Completed => EventType::LabReportCompleted,
+        RecordStatus::Failed => EventType::LabReportFailed,
+        _ => {
+            return Err(Unusable(format!(
+                "lab report status {} has no event type; Spike only notifies completed or failed",
+                status.as_str_name()
+            )));
+        }
+    };
+    let modified_at = pick(item, |i| i.modified_at.as_ref());
+    let uploaded_at = pick(item, |i| i.uploaded_at.as_ref());
+    let result = LabReportResult {
+        record_id: record_id.clone(),
+        status: status as i32,
+        collection_date: pick(item, |i| i.collection_date.as_ref())
+            .cloned()
+            .unwrap_or_default(),
+        result_date: pick(item, |i| i.result_date.as_ref())
+            .cloned()
+            .unwrap_or_default(),
+        sections: pick(item, |i| i.sections.as_ref())
+            .map(|s| s.iter().map(section).collect())
+            .unwrap_or_default(),
+        parsing_error: parsing_error.unwrap_or_default(),
+        uploaded_at: uploaded_at.and_then(|t| timestamp(t)),
+        modified_at: modified_at.and_then(|t| timestamp(t)),
+        lab_information: pick(item, |i| i.lab_information.as_ref()).map(to_struct),
+        patient_information: pick(item, |i| i.patient_information.as_ref()).map(to_struct),
+        notes: pick(item, |i| i.notes.as_ref())
+            .cloned()
+            .unwrap_or_default(),
+    };
+    Ok(Event {
+        event_id: result_id("lab", &record_id, status, modified_at, raw),
+        r#type: r#type as i32,
+        application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
+        occurred_at: result.modified_at.or(result.uploaded_at),
+        payload: Some(Payload::LabReportResult(result)),
+        ..Event::default()
+    })
+}
+
+fn section(wire: &WireSection) -> LabReportSection {
+    LabReportSection {
+        loinc_code: wire.loinc_code.clone().unwrap_or_default(),
+        loinc_common_name: wire.loinc_common_name.clone().unwrap_or_default(),
+        original_section_name: wire.original_section_name.clone().unwrap_or_default(),
+        standard_section_name: wire.standard_section_name.clone().unwrap_or_default(),
+        results: wire
+            .results
+            .as_ref()
+            .map(|r| r.iter().map(test_result).collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn test_result(wire: &WireTestResult) -> LabTestResult {
+    let (value, text_value) = match &wire.value {
+        Some(NumberOrText::Number(n)) => (Some(*n), None),
+        // Text values are kept as sent; a numeric text also fills `value`.
+        Some(NumberOrText::Text(t)) => (
+            t.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+            Some(t.clone()),
+        ),
+        None => (None, None),
+    };
+    LabTestResult {
+        loinc_code: wire.loinc_code.clone().unwrap_or_default(),
+        loinc_common_name: wire.loinc_common_name.clone().unwrap_or_default(),
+        original_test_name: wire.original_test_name.clone().unwrap_or_default(),
+        standard_test_name: wire.standard_test_name.clone().unwrap_or_default(),
+        original_unit_name: wire.original_unit_name.clone().unwrap_or_default(),
+        standard_unit_name: wire.standard_unit_name.clone().unwrap_or_default(),
+        value,
+        value_text: wire.value_text.clone().or(text_value).unwrap_or_default(),
+        within_normal_range: wire.within_normal_range,
+        normal_min: wire.normal_min,
+        normal_max: wire.normal_max,
+    }
+}
+
+fn nutrition_record(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+    let record_id = pick(item, |i| i.record_id.as_ref())
+        .cloned()
+        .ok_or_else(|| Unusable("nutrition record has no record_id".into()))?;
+    let failure_reason = pick(item, |i| i.failure_reason.as_ref().or(i.error.as_ref())).cloned();
+    let status = result_status(item, "nutrition_record_", failure_reason.is_some())?;
+    let r#type = match status {
+        RecordStatus::Completed => EventType::NutritionRecordCompleted,
+        RecordStatus::Failed => EventType::NutritionRecordFailed,
+        _ => {
+            return Err(Unusable(format!(
+                "nutrition record status {} has no event type; Spike only notifies completed or failed",
+                status.as_str_name()
+            )));
+        }
+    };
+    let modified_at = pick(item, |i| i.modified_at.as_ref());
+    let result = NutritionResult {
+        record_id: record_id.clone(),
+        status: status as i32,
+        dish_name: pick(item, |i| i.dish_name.as_ref())
+            .cloned()
+            .unwrap_or_default(),
+        dish_description: pick(item, |i| i.dish_description.as_ref())
+            .cloned()
+            .unwrap_or_default(),
+        nutri_score: pick(item, |i| i.nutri_score.as_ref())
+            .cloned()
+            .unwrap_or_default(),
+        serving_size: pick(item, |i| i.serving_size.as_ref()).copied(),
+        unit: pick(item, |i| i.unit.as_ref()).cloned().unwrap_or_default(),
+        nutritional_fields: pick(item, |i| {
+            i.nutritional_fields.as_ref().or(i.totals.as_ref())
+        })
+        .cloned()
+        .unwrap_or_default(),
+        ingredients: pick(item, |i| i.ingredients.as_ref())
+            .map(|list| list.iter().map(ingredient).collect())
+            .unwrap_or_default(),
+        failure_reason: failure_reason.unwrap_or_default(),
+        uploaded_at: pick(item, |i| i.uploaded_at.as_ref()).and_then(|t| timestamp(t)),
+        modified_at: modified_at.and_then(|t| timestamp(t)),
+        consumed_at: pick(item, |i| i.consumed_at.as_ref()).and_then(|t| timestamp(t)),
+    };
+    Ok(Event {
+        event_id: result_id("nutrition", &record_id, status, modified_at, raw),
+        r#type: r#type as i32,
+        application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
+        occurred_at: result.modified_at.or(result.uploaded_at),
+        payload: Some(Payload::NutritionResult(result)),
+        ..Event::default()
+    })
+}
+
+fn ingredient(wire: &WireIngredient) -> Ingredient {
+    Ingredient {
+        name: wire.name.clone().unwrap_or_default(),
+        serving_size: wire.serving_size,
+        unit: wire.unit.clone().unwrap_or_default(),
+        nutritional_fields: wire.nutritional_fields.clone().unwrap_or_default(),
+    }
+}
+
+/// RFC 3339 (any precision), or a naive date-time or date taken as UTC. None if unreadable:
+/// the field is left unset and the text stays available in `raw_json`.
+pub fn timestamp(text: &str) -> Option<Timestamp> {
+    let text = text.trim();
+    let utc = DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .or_else(|_| {
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc())
+        })
+        .or_else(|_| {
+            NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .map(|d| d.and_time(Default::default()).and_utc())
+        })
+        .ok()?;
+    Some(Timestamp {
+        seconds: utc.timestamp(),
+        nanos: utc.timestamp_subsec_nanos() as i32,
+    })
+}
+
+/// `tag-` + the first 128 bits of SHA-256 over the parts, each length-prefixed so that no
+/// two different part lists hash alike.
+fn content_id(tag: &str, parts: &[&str]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    format!("{tag}-{}", hex::encode(&hash.finalize()[..16]))
+}
+
+/// The item's JSON with object keys sorted and no insignificant whitespace, so the same
+/// content re-serialized (or re-batched) by Spike gets the same id.
+fn canonical_json(raw: &RawValue) -> String {
+    fn write(value: &serde_json::Value, out: &mut String) {
+        match value {
+            serde_json::Value::Object(map) => {
+                let mut keys: Vec<_> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, key) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(key.clone()).to_string());
+                    out.push(':');
+                    write(&map[key], out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let value: serde_json::Value = serde_json::from_str(raw.get()).unwrap_or_default();
+    let mut out = String::with_capacity(raw.get().len());
+    write(&value, &mut out);
+    out
+}
+
+/// A free-form JSON object as a protobuf `Struct`; a non-object is kept under "value".
+fn to_struct(value: &serde_json::Value) -> Struct {
+    use prost_types::{ListValue, Value, value::Kind};
+    fn convert(value: &serde_json::Value) -> Value {
+        let kind = match value {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+                values: items.iter().map(convert).collect(),
+            }),
+            serde_json::Value::Object(map) => Kind::StructValue(Struct {
+                fields: map.iter().map(|(k, v)| (k.clone(), convert(v))).collect(),
+            }),
+        };
+        Value { kind: Some(kind) }
+    }
+    match convert(value).kind {
+        Some(Kind::StructValue(s)) => s,
+        other => Struct {
+            fields: [("value".to_owned(), Value { kind: other })]
+                .into_iter()
+                .collect(),
+        },
+    }
+}
