@@ -1,0 +1,255 @@
+//! Wiring: opens the log, binds both listeners, runs the servers, and shuts down in order.
+//!
+//! Shutdown order (SIGTERM/SIGINT, or the future given to [`Application::run`]):
+//! 1. webhooks answer 503 and health reports NOT_SERVING, so Spike and load balancers back off;
+//! 2. open `Subscribe` streams end with `UNAVAILABLE` (clients resume with `after_sequence`);
+//! 3. both servers stop accepting and finish in-flight requests (appends complete and are
+//!    acknowledged);
+//! 4. the log commits what is queued and closes.
+//!
+//! Steps 2–4 share one grace deadline; past it the process exits anyway, and anything not
+//! yet acknowledged is retried by Spike.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{Config, StoreKind},
+    events::{EventLog, LogError, embedded::EmbeddedLog, memory::MemoryLog},
+    grpc::{self, GrpcParts},
+    webhook::{self, WebhookState, signature::Verifier},
+};
+
+/// How often retention and dedup expiry run.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot open the event log: {0}")]
+    Log(#[from] LogError),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(tonic::transport::Error),
+}
+
+/// A gateway with its listeners bound and its log open, ready to [`run`](Self::run).
+pub struct Application {
+    config: Config,
+    log: Arc<dyn EventLog>,
+    http_listener: TcpListener,
+    grpc_listener: TcpListener,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let log = open_log(&config).await?;
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::Bind { what, addr, source })
+        };
+        let http_listener = bind("HTTP", config.http_addr).await?;
+        let grpc_listener = bind("gRPC", config.grpc_addr).await?;
+        Ok(Self {
+            config,
+            log,
+            http_listener,
+            grpc_listener,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The event log, for in-process inspection (tests, embedding).
+    pub fn log(&self) -> Arc<dyn EventLog> {
+        self.log.clone()
+    }
+
+    /// Serves until `shutdown` completes, then shuts down in order (see the module docs).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RunError> {
+        let Self {
+            config,
+            log,
+            http_listener,
+            grpc_listener,
+        } = self;
+        let accepting = Arc::new(AtomicBool::new(true));
+        let streams_shutdown = CancellationToken::new();
+        let stop_servers = CancellationToken::new();
+
+        let (health_reporter, health_server) = tonic_health::server::health_reporter();
+        grpc::set_serving(&health_reporter, true).await;
+
+        tracing::info!(
+            http = %http_listener.local_addr().map_err(RunError::Http)?,
+            grpc = %grpc_listener.local_addr().map_err(RunError::Http)?,
+            store = ?config.store.kind,
+            "spike-gateway listening"
+        );
+
+        let router = webhook::router(WebhookState {
+            log: log.clone(),
+            verifier: Verifier::new(&config.webhook.signature_keys),
+            max_body_bytes: config.webhook.max_body_bytes,
+            accepting: accepting.clone(),
+        });
+        let mut http: JoinHandle<Result<(), RunError>> = tokio::spawn({
+            let stop = stop_servers.clone().cancelled_owned();
+            async move {
+                axum::serve(http_listener, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+                    .map_err(RunError::Http)
+            }
+        });
+        let mut grpc_task: JoinHandle<Result<(), RunError>> = tokio::spawn({
+            let parts = GrpcParts {
+                log: log.clone(),
+                tokens: config.grpc.tokens.clone(),
+                streams_shutdown: streams_shutdown.clone(),
+            };
+            let stop = stop_servers.clone().cancelled_owned();
+            async move {
+                grpc::serve(grpc_listener, parts, health_server, stop)
+                    .await
+                    .map_err(RunError::Grpc)
+            }
+        });
+        let housekeeping = tokio::spawn(housekeep(log.clone(), stop_servers.clone()));
+
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown requested"),
+            result = &mut http => failure = Some(joined(result)),
+            result = &mut grpc_task => failure = Some(joined(result)),
+        }
+
+        accepting.store(false, std::sync::atomic::Ordering::Release);
+        grpc::set_serving(&health_reporter, false).await;
+        streams_shutdown.cancel();
+        stop_servers.cancel();
+        let drain = async {
+            if !http.is_finished() {
+                let _ = (&mut http).await;
+            }
+            if !grpc_task.is_finished() {
+                let _ = (&mut grpc_task).await;
+            }
+            let _ = housekeeping.await;
+            log.close().await;
+        };
+        if tokio::time::timeout(config.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = ?config.shutdown_grace,
+                "shutdown grace period over; exiting with work unfinished (unacknowledged webhooks are retried by Spike)"
+            );
+        } else {
+            tracing::info!("shutdown complete");
+        }
+        match failure {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn joined(result: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
+    match result {
+        Ok(inner) => inner,
+        Err(e) => Err(RunError::Http(std::io::Error::other(e))),
+    }
+}
+
+async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
+    let store = &config.store;
+    Ok(match store.kind {
+        StoreKind::Embedded => {
+            let (dir, window, retention) =
+                (store.data_dir.clone(), store.dedup_window, store.retention);
+            // Opening may replay or repair the file after a crash: keep it off the runtime.
+            let log =
+                tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, window, retention))
+                    .await
+                    .map_err(|e| LogError::Storage(format!("log opener failed: {e}")))??;
+            Arc::new(log)
+        }
+        StoreKind::Memory => Arc::new(MemoryLog::new(
+            store.memory_capacity,
+            store.dedup_window,
+            store.retention,
+        )),
+        StoreKind::Nats => {
+            return Err(StartupError::Log(LogError::Storage(
+                "the nats backend is not available in this release".into(),
+            )));
+        }
+    })
+}
+
+async fn housekeep(log: Arc<dyn EventLog>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {
+                if let Err(e) = log.housekeeping().await {
+                    tracing::warn!(error = %e, "event log housekeeping failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,78 @@
+//! The gRPC server: `EventStream`, `grpc.health.v1.Health`, and server reflection v1 and
+//! v1alpha (older grpcurl releases speak only v1alpha).
+
+pub mod auth;
+pub mod event_stream;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::server::HealthReporter;
+
+use crate::{
+    events::EventLog,
+    proto::{FILE_DESCRIPTOR_SET, event_stream_server::EventStreamServer},
+};
+use auth::BearerAuth;
+use event_stream::EventStreamService;
+
+/// Everything the gRPC server needs.
+pub struct GrpcParts {
+    pub log: Arc<dyn EventLog>,
+    pub tokens: Vec<crate::config::Secret>,
+    /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
+    pub streams_shutdown: CancellationToken,
+}
+
+/// Serves until `stop` completes, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    parts: GrpcParts,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let auth = BearerAuth::new(parts.tokens);
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid: build.rs produced it");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid: build.rs produced it");
+    let event_stream = EventStreamServer::with_interceptor(
+        EventStreamService::new(parts.log, parts.streams_shutdown),
+        auth.clone(),
+    );
+
+    Server::builder()
+        .add_service(health)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection_v1,
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection_v1alpha,
+            auth,
+        ))
+        .add_service(event_stream)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop)
+        .await
+}
+
+/// Marks the gateway's services serving (or not) in `grpc.health.v1`.
+pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status("spike.gateway.v1.EventStream", status)
+        .await;
+}

@@ -1,0 +1,25 @@
+//! spike-gateway: Spike health-data webhooks in, typed gRPC streams out.
+//!
+//! Module map, in the order data flows through it:
+//!
+//! - [`config`]: typed configuration from flags and the environment (SPEC §7), secrets
+//!   redacted.
+//! - [`webhook`]: the axum HTTP front. Verifies `X-Body-Signature` over the raw bytes,
+//!   parses Spike's payload shapes at the edge into domain types, and answers 200 only once
+//!   the log has made every event durable.
+//! - [`events`]: the event model helpers, the [`events::EventLog`] trait with its `embedded`
+//!   (redb, group commit) and `memory` backends, live fan-out, and the subscription cursor
+//!   that hands over from history to live without gaps or duplicates.
+//! - [`grpc`]: the tonic server: `EventStream/Subscribe`, health and reflection.
+//! - [`app`]: wiring. Binds the listeners, runs both servers and the log's housekeeping,
+//!   and shuts everything down in order within a grace deadline.
+//! - [`proto`]: code generated from `proto/spike/gateway/v1`.
+//! - [`telemetry`]: tracing set-up. Payload bodies and secrets are never logged.
+
+pub mod app;
+pub mod config;
+pub mod events;
+pub mod grpc;
+pub mod proto;
+pub mod telemetry;
+pub mod webhook;

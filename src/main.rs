@@ -1,0 +1,38 @@
+use std::process::ExitCode;
+
+use spike_gateway::{
+    app::{Application, shutdown_signal},
+    config::Config,
+    telemetry,
+};
+
+fn main() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("spike-gateway: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("spike-gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let app = Application::build(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        app.run(shutdown_signal()).await.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spike-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
