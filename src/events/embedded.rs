@@ -18,7 +18,7 @@ use std::{
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::Duration,
@@ -69,6 +69,8 @@ pub struct EmbeddedLog {
     healthy: Arc<AtomicBool>,
     // The writer's thread, joined by close(). A std Mutex: only touched at shutdown.
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    // Write transactions committed so far; shows group commit at work (commits < appends).
+    commits: Arc<AtomicU64>,
 }
 
 enum Command {
@@ -107,11 +109,13 @@ impl EmbeddedLog {
         let (next, last_received) = initialise(&db).map_err(storage)?;
         let fanout = Fanout::default();
         let healthy = Arc::new(AtomicBool::new(true));
+        let commits = Arc::new(AtomicU64::new(0));
         let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
         let writer = Writer {
             db: db.clone(),
             fanout: fanout.clone(),
             healthy: healthy.clone(),
+            commits: commits.clone(),
             next,
             last_received,
             dedup_window: dedup_window.as_micros() as Micros,
@@ -129,7 +133,13 @@ impl EmbeddedLog {
             closed: AtomicBool::new(false),
             healthy,
             writer: Mutex::new(Some(handle)),
+            commits,
         })
+    }
+
+    /// Append/dead-letter transactions committed since open (each one fsync).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     async fn send<T>(
@@ -205,6 +215,7 @@ struct Writer {
     db: Arc<Database>,
     fanout: Fanout,
     healthy: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
     /// Sequence of the next appended event; only advanced after a successful commit.
     next: u64,
     /// Largest received_at written, so received_at never decreases along the log.
@@ -273,6 +284,7 @@ impl Writer {
         match result {
             Ok((outcomes, appended, next, last_received)) => {
                 self.healthy.store(true, Ordering::Release);
+                self.commits.fetch_add(1, Ordering::Relaxed);
                 self.next = next;
                 self.last_received = last_received;
                 let mut outcomes = outcomes.into_iter();
