@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{Config, StoreKind},
     events::{EventLog, LogError, embedded::EmbeddedLog, memory::MemoryLog},
-    grpc::{self, GrpcParts},
+    grpc::{self, GrpcParts, event_stream::SubscriberCount},
     webhook::{self, WebhookState, signature::Verifier},
 };
 
@@ -55,6 +55,7 @@ pub struct Application {
     log: Arc<dyn EventLog>,
     http_listener: TcpListener,
     grpc_listener: TcpListener,
+    subscribers: SubscriberCount,
 }
 
 impl Application {
@@ -72,6 +73,7 @@ impl Application {
             log,
             http_listener,
             grpc_listener,
+            subscribers: SubscriberCount::default(),
         })
     }
 
@@ -92,6 +94,11 @@ impl Application {
         self.log.clone()
     }
 
+    /// Open `Subscribe` streams; shared, so it stays readable while [`run`](Self::run) runs.
+    pub fn subscribers(&self) -> SubscriberCount {
+        self.subscribers.clone()
+    }
+
     /// Serves until `shutdown` completes, then shuts down in order (see the module docs).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RunError> {
         let Self {
@@ -99,6 +106,7 @@ impl Application {
             log,
             http_listener,
             grpc_listener,
+            subscribers,
         } = self;
         let accepting = Arc::new(AtomicBool::new(true));
         let streams_shutdown = CancellationToken::new();
@@ -134,6 +142,7 @@ impl Application {
                 log: log.clone(),
                 tokens: config.grpc.tokens.clone(),
                 streams_shutdown: streams_shutdown.clone(),
+                subscribers,
             };
             let stop = stop_servers.clone().cancelled_owned();
             async move {

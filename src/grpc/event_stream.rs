@@ -5,7 +5,10 @@
 //! soon as the client goes away (the channel closes) or the gateway shuts down (the stream
 //! ends with `UNAVAILABLE`, naming the sequence to resume after).
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,11 +33,44 @@ pub struct EventStreamService {
     log: Arc<dyn EventLog>,
     /// Cancelled when the gateway shuts down; every producer watches it.
     shutdown: CancellationToken,
+    subscribers: SubscriberCount,
 }
 
 impl EventStreamService {
-    pub fn new(log: Arc<dyn EventLog>, shutdown: CancellationToken) -> Self {
-        Self { log, shutdown }
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        shutdown: CancellationToken,
+        subscribers: SubscriberCount,
+    ) -> Self {
+        Self {
+            log,
+            shutdown,
+            subscribers,
+        }
+    }
+}
+
+/// Number of live `Subscribe` producers; a producer counts until its task ends.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriberCount(Arc<AtomicUsize>);
+
+impl SubscriberCount {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn enter(&self) -> SubscriberGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        SubscriberGuard(self.clone())
+    }
+}
+
+/// Decrements the count when the producer ends, however it ends.
+struct SubscriberGuard(SubscriberCount);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -68,7 +104,9 @@ impl EventStream for EventStreamService {
             .map_err(status_of)?;
         let (sender, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
         tracing::info!(?start, from = cursor.position(), "subscriber connected");
+        let guard = self.subscribers.enter();
         tokio::spawn(produce(
+            guard,
             cursor,
             filter,
             request.include_raw_json,
@@ -90,6 +128,7 @@ fn status_of(error: SubscriptionError) -> Status {
 }
 
 async fn produce(
+    _guard: SubscriberGuard,
     mut cursor: Cursor,
     filter: Filter,
     include_raw_json: bool,

@@ -24,6 +24,7 @@ pub struct GrpcParts {
     pub tokens: Vec<crate::config::Secret>,
     /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
+    pub subscribers: event_stream::SubscriberCount,
 }
 
 /// Serves until `stop` completes, then drains.
@@ -45,7 +46,7 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
     let event_stream = EventStreamServer::with_interceptor(
-        EventStreamService::new(parts.log, parts.streams_shutdown),
+        EventStreamService::new(parts.log, parts.streams_shutdown, parts.subscribers),
         auth.clone(),
     );
 
