@@ -174,12 +174,27 @@ pub enum ConfigError {
     },
     #[error("{name} is invalid: {reason}")]
     Invalid { name: &'static str, reason: String },
+    /// A flag or variable clap could not parse; its first line, which names the value.
+    #[error("{0} (see --help)")]
+    Unparsable(String),
 }
 
 impl Config {
-    /// Parses the process's flags and environment, then validates them.
+    /// Parses the process's flags and environment, then validates them. `--help` and
+    /// `--version` print and exit here.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::from_cli(Cli::parse())
+        let cli = match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(e) if !e.use_stderr() => e.exit(),
+            Err(e) => {
+                let rendered = e.render().to_string();
+                let first = rendered.lines().next().unwrap_or("invalid arguments");
+                return Err(ConfigError::Unparsable(
+                    first.trim_start_matches("error: ").to_owned(),
+                ));
+            }
+        };
+        Self::from_cli(cli)
     }
 
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
