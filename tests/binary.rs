@@ -24,24 +24,35 @@ struct Gateway {
 
 /// Starts the binary on port 0 and reads the bound addresses from its log line.
 fn start(data_dir: &Path) -> Gateway {
+    start_with(data_dir, KEY, "info", Arc::default())
+}
+
+/// Like [`start`], copying every log line into `log`.
+fn start_with(data_dir: &Path, key: &str, level: &str, log: Arc<Mutex<String>>) -> Gateway {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
-        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
+        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", key)
         .env("GATEWAY_DATA_DIR", data_dir)
         .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
         .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", level)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("binary starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let copy = |log: &Arc<Mutex<String>>, line: &str| {
+        let mut log = log.lock().unwrap();
+        log.push_str(line);
+        log.push('\n');
+    };
     let line = lines
         .by_ref()
         .map(|l| l.unwrap())
+        .inspect(|l| copy(&log, l))
         .find(|l| l.contains("spike-gateway listening"))
         .expect("the gateway logs its addresses");
     // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| copy(&log, &l)));
     let field = |name: &str| -> SocketAddr {
         let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
         line[start..]
@@ -198,5 +209,60 @@ fn sigterm_shuts_down_cleanly() {
             "still running 10 s after SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn debug_logs_contain_no_body_key_or_signature() {
+    const SECRET_KEY: &str = "KEY-MARKER-6f1c0e";
+    const BODY_MARKER: &str = "DISH-MARKER-93a7";
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut gateway = start_with(dir.path(), SECRET_KEY, "debug", log.clone());
+    let client = reqwest::Client::new();
+    let post = |path: &'static str, body: Vec<u8>, signature: String| {
+        let request = client
+            .post(format!("http://{}{path}", gateway.http))
+            .header("X-Body-Signature", signature)
+            .body(body);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let meal = format!(
+        r#"{{"record_id":"r-1","status":"completed","dish_name":"{BODY_MARKER}","nutritional_fields":{{"energy_kcal":1}}}}"#
+    );
+    let unusable = format!(r#"{{"note":"{BODY_MARKER}"}}"#);
+    let wrong_type = format!(r#"{{"record_id":"r-2","dish_name":["{BODY_MARKER}"]}}"#);
+    let not_json = format!("{BODY_MARKER} is not json");
+    let mut signatures = Vec::new();
+    for (path, body, expected) in [
+        ("/webhooks/spike/nutrition", meal.clone(), 200),
+        ("/webhooks/spike", unusable, 200),
+        ("/webhooks/spike/nutrition", wrong_type, 200),
+        ("/webhooks/spike", not_json, 400),
+    ] {
+        let signature = sign(SECRET_KEY, body.as_bytes());
+        signatures.push(signature.clone());
+        assert_eq!(post(path, body.into_bytes(), signature).await, expected);
+    }
+    let forged = sign("another-key", meal.as_bytes());
+    assert_eq!(
+        post("/webhooks/spike", meal.clone().into_bytes(), forged.clone()).await,
+        401
+    );
+    signatures.push(forged);
+
+    gateway.child.kill().unwrap();
+    gateway.child.wait().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.contains("webhook acknowledged"),
+        "debug logs were captured:\n{log}"
+    );
+    for secret in [SECRET_KEY, BODY_MARKER]
+        .iter()
+        .copied()
+        .chain(signatures.iter().map(String::as_str))
+    {
+        assert!(!log.contains(secret), "log contains {secret:?}:\n{log}");
     }
 }
