@@ -162,26 +162,15 @@ fn result_id(
     }
 }
 
-fn lab_report(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+/// A lab report as Spike describes it, in a webhook or a REST answer.
+pub fn lab_report_result(item: &WireItem) -> Result<LabReportResult, Unusable> {
     let record_id = pick(item, |i| i.record_id.as_ref().or(i.report_id.as_ref()))
         .cloned()
         .ok_or_else(|| Unusable("lab report has no record_id or report_id".into()))?;
     let parsing_error = pick(item, |i| i.parsing_error.as_ref().or(i.error.as_ref())).cloned();
     let status = result_status(item, "lab_report_", parsing_error.is_some())?;
-    let r#type = match status {
-        RecordStatus::Completed => EventType::LabReportCompleted,
-        RecordStatus::Failed => EventType::LabReportFailed,
-        _ => {
-            return Err(Unusable(format!(
-                "lab report status {} has no event type; Spike only notifies completed or failed",
-                status.as_str_name()
-            )));
-        }
-    };
-    let modified_at = pick(item, |i| i.modified_at.as_ref());
-    let uploaded_at = pick(item, |i| i.uploaded_at.as_ref());
-    let result = LabReportResult {
-        record_id: record_id.clone(),
+    Ok(LabReportResult {
+        record_id,
         status: status as i32,
         collection_date: pick(item, |i| i.collection_date.as_ref())
             .cloned()
@@ -193,22 +182,45 @@ fn lab_report(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
             .map(|s| s.iter().map(section).collect())
             .unwrap_or_default(),
         parsing_error: parsing_error.unwrap_or_default(),
-        uploaded_at: uploaded_at.and_then(|t| timestamp(t)),
-        modified_at: modified_at.and_then(|t| timestamp(t)),
+        uploaded_at: pick(item, |i| i.uploaded_at.as_ref()).and_then(|t| timestamp(t)),
+        modified_at: pick(item, |i| i.modified_at.as_ref()).and_then(|t| timestamp(t)),
         lab_information: pick(item, |i| i.lab_information.as_ref()).map(to_struct),
         patient_information: pick(item, |i| i.patient_information.as_ref()).map(to_struct),
         notes: pick(item, |i| i.notes.as_ref())
             .cloned()
             .unwrap_or_default(),
+    })
+}
+
+fn lab_report(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+    let result = lab_report_result(item)?;
+    let status = result.status();
+    let r#type = match status {
+        RecordStatus::Completed => EventType::LabReportCompleted,
+        RecordStatus::Failed => EventType::LabReportFailed,
+        _ => return Err(not_notified("lab report", status)),
     };
     Ok(Event {
-        event_id: result_id("lab", &record_id, status, modified_at, raw),
+        event_id: result_id(
+            "lab",
+            &result.record_id,
+            status,
+            pick(item, |i| i.modified_at.as_ref()),
+            raw,
+        ),
         r#type: r#type as i32,
         application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
         occurred_at: result.modified_at.or(result.uploaded_at),
         payload: Some(Payload::LabReportResult(result)),
         ..Event::default()
     })
+}
+
+fn not_notified(what: &str, status: RecordStatus) -> Unusable {
+    Unusable(format!(
+        "{what} status {} has no event type; Spike only notifies completed or failed",
+        status.as_str_name()
+    ))
 }
 
 fn section(wire: &WireSection) -> LabReportSection {
@@ -250,25 +262,15 @@ fn test_result(wire: &WireTestResult) -> LabTestResult {
     }
 }
 
-fn nutrition_record(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+/// A nutrition record as Spike describes it, in a webhook or a REST answer.
+pub fn nutrition_result(item: &WireItem) -> Result<NutritionResult, Unusable> {
     let record_id = pick(item, |i| i.record_id.as_ref())
         .cloned()
         .ok_or_else(|| Unusable("nutrition record has no record_id".into()))?;
     let failure_reason = pick(item, |i| i.failure_reason.as_ref().or(i.error.as_ref())).cloned();
     let status = result_status(item, "nutrition_record_", failure_reason.is_some())?;
-    let r#type = match status {
-        RecordStatus::Completed => EventType::NutritionRecordCompleted,
-        RecordStatus::Failed => EventType::NutritionRecordFailed,
-        _ => {
-            return Err(Unusable(format!(
-                "nutrition record status {} has no event type; Spike only notifies completed or failed",
-                status.as_str_name()
-            )));
-        }
-    };
-    let modified_at = pick(item, |i| i.modified_at.as_ref());
-    let result = NutritionResult {
-        record_id: record_id.clone(),
+    Ok(NutritionResult {
+        record_id,
         status: status as i32,
         dish_name: pick(item, |i| i.dish_name.as_ref())
             .cloned()
@@ -291,11 +293,27 @@ fn nutrition_record(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> 
             .unwrap_or_default(),
         failure_reason: failure_reason.unwrap_or_default(),
         uploaded_at: pick(item, |i| i.uploaded_at.as_ref()).and_then(|t| timestamp(t)),
-        modified_at: modified_at.and_then(|t| timestamp(t)),
+        modified_at: pick(item, |i| i.modified_at.as_ref()).and_then(|t| timestamp(t)),
         consumed_at: pick(item, |i| i.consumed_at.as_ref()).and_then(|t| timestamp(t)),
+    })
+}
+
+fn nutrition_record(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+    let result = nutrition_result(item)?;
+    let status = result.status();
+    let r#type = match status {
+        RecordStatus::Completed => EventType::NutritionRecordCompleted,
+        RecordStatus::Failed => EventType::NutritionRecordFailed,
+        _ => return Err(not_notified("nutrition record", status)),
     };
     Ok(Event {
-        event_id: result_id("nutrition", &record_id, status, modified_at, raw),
+        event_id: result_id(
+            "nutrition",
+            &result.record_id,
+            status,
+            pick(item, |i| i.modified_at.as_ref()),
+            raw,
+        ),
         r#type: r#type as i32,
         application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
         occurred_at: result.modified_at.or(result.uploaded_at),
