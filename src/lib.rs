@@ -13,6 +13,7 @@
 //! - [`grpc`]: the tonic server: `EventStream/Subscribe`, health and reflection.
 //! - [`app`]: wiring. Binds the listeners, runs both servers and the log's housekeeping,
 //!   and shuts everything down in order within a grace deadline.
+//! - [`spike`]: the client for Spike's REST API (per-user auth, retries, deadlines).
 //! - [`proto`]: code generated from `proto/spike/gateway/v1`.
 //! - [`telemetry`]: tracing set-up. Payload bodies and secrets are never logged.
 
@@ -21,5 +22,6 @@ pub mod config;
 pub mod events;
 pub mod grpc;
 pub mod proto;
+pub mod spike;
 pub mod telemetry;
 pub mod webhook;
