@@ -6,6 +6,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "proto/spike/gateway/v1/events.proto",
     "proto/spike/gateway/v1/event_stream.proto",
+    "proto/spike/gateway/v1/records.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

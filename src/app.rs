@@ -23,6 +23,7 @@ use crate::{
     config::{Config, StoreKind},
     events::{EventLog, LogError, embedded::EmbeddedLog, memory::MemoryLog},
     grpc::{self, GrpcParts, event_stream::SubscriberCount},
+    spike::{SpikeClient, SpikeError},
     webhook::{self, WebhookState, signature::Verifier},
 };
 
@@ -33,6 +34,8 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
 pub enum StartupError {
     #[error("cannot open the event log: {0}")]
     Log(#[from] LogError),
+    #[error("cannot set up the Spike client: {0}")]
+    Spike(#[from] SpikeError),
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -56,11 +59,13 @@ pub struct Application {
     http_listener: TcpListener,
     grpc_listener: TcpListener,
     subscribers: SubscriberCount,
+    spike: Arc<SpikeClient>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let log = open_log(&config).await?;
+        let spike = Arc::new(SpikeClient::new(&config.spike)?);
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -74,6 +79,7 @@ impl Application {
             http_listener,
             grpc_listener,
             subscribers: SubscriberCount::default(),
+            spike,
         })
     }
 
@@ -107,6 +113,7 @@ impl Application {
             http_listener,
             grpc_listener,
             subscribers,
+            spike,
         } = self;
         let accepting = Arc::new(AtomicBool::new(true));
         let streams_shutdown = CancellationToken::new();
@@ -143,6 +150,7 @@ impl Application {
                 tokens: config.grpc.tokens.clone(),
                 streams_shutdown: streams_shutdown.clone(),
                 subscribers,
+                spike,
             };
             let stop = stop_servers.clone().cancelled_owned();
             async move {

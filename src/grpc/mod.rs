@@ -1,8 +1,10 @@
-//! The gRPC server: `EventStream`, `grpc.health.v1.Health`, and server reflection v1 and
+//! The gRPC server: `EventStream`, `SpikeRecords`, `grpc.health.v1.Health`, and server reflection v1 and
 //! v1alpha (older grpcurl releases speak only v1alpha).
 
 pub mod auth;
+pub mod deadline;
 pub mod event_stream;
+pub mod records;
 
 use std::sync::Arc;
 
@@ -13,10 +15,15 @@ use tonic_health::server::HealthReporter;
 
 use crate::{
     events::EventLog,
-    proto::{FILE_DESCRIPTOR_SET, event_stream_server::EventStreamServer},
+    proto::{
+        FILE_DESCRIPTOR_SET, event_stream_server::EventStreamServer,
+        spike_records_server::SpikeRecordsServer,
+    },
+    spike::SpikeClient,
 };
 use auth::BearerAuth;
 use event_stream::EventStreamService;
+use records::RecordsService;
 
 /// Everything the gRPC server needs.
 pub struct GrpcParts {
@@ -25,6 +32,7 @@ pub struct GrpcParts {
     /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
     pub subscribers: event_stream::SubscriberCount,
+    pub spike: Arc<SpikeClient>,
 }
 
 /// Serves until `stop` completes, then drains.
@@ -47,6 +55,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
+    let records = tonic::service::interceptor::InterceptedService::new(
+        SpikeRecordsServer::new(RecordsService::new(parts.spike, parts.log.clone()))
+            .max_decoding_message_size(records::MAX_MESSAGE_BYTES),
+        auth.clone(),
+    );
     let event_stream = EventStreamServer::with_interceptor(
         EventStreamService::new(parts.log, parts.streams_shutdown, parts.subscribers),
         auth.clone(),
@@ -63,6 +76,7 @@ pub async fn serve(
             auth,
         ))
         .add_service(event_stream)
+        .add_service(records)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop)
         .await
 }
@@ -75,7 +89,10 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
         tonic_health::ServingStatus::NotServing
     };
     reporter.set_service_status("", status).await;
-    reporter
-        .set_service_status("spike.gateway.v1.EventStream", status)
-        .await;
+    for service in [
+        "spike.gateway.v1.EventStream",
+        "spike.gateway.v1.SpikeRecords",
+    ] {
+        reporter.set_service_status(service, status).await;
+    }
 }

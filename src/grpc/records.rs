@@ -1,0 +1,379 @@
+//! `spike.gateway.v1.SpikeRecords`: unary proxies to Spike's REST API (SPEC §4.2).
+//!
+//! Every request is validated before anything leaves the gateway. With `await_result`, an
+//! upload subscribes to the gateway's own log *before* uploading (so a webhook faster than
+//! Spike's HTTP answer is not missed), uploads without waiting, and answers with the
+//! completed/failed webhook for the new record; near the deadline it falls back to one
+//! look-up instead.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::Engine;
+use prost_types::Timestamp;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::deadline::{self, within};
+use crate::{
+    events::{
+        EventLog,
+        subscription::{Cursor, Start},
+    },
+    proto::{
+        Event, GetLabReportRequest, GetNutritionRecordRequest, LabReportResult,
+        ListLabReportsRequest, ListLabReportsResponse, ListNutritionRecordsRequest,
+        ListNutritionRecordsResponse, NutritionResult, RecordStatus, UploadLabReportRequest,
+        UploadNutritionImageRequest, event::Payload, spike_records_server::SpikeRecords,
+    },
+    spike::{LabReportUpload, NutritionImageUpload, SpikeClient, rfc3339},
+};
+
+/// Largest upload Spike takes, measured after base64 encoding.
+pub const MAX_ENCODED_UPLOAD: usize = 10 * 1024 * 1024;
+/// gRPC message limit for this service: a 10 MiB encoded upload is ~7.5 MiB raw, plus room.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub const LAB_MIME_TYPES: [&str; 5] = [
+    "application/pdf",
+    "image/jpeg",
+    "image/png",
+    "image/gif",
+    "image/webp",
+];
+
+pub struct RecordsService {
+    spike: Arc<SpikeClient>,
+    log: Arc<dyn EventLog>,
+}
+
+impl RecordsService {
+    pub fn new(spike: Arc<SpikeClient>, log: Arc<dyn EventLog>) -> Self {
+        Self { spike, log }
+    }
+}
+
+#[tonic::async_trait]
+impl SpikeRecords for RecordsService {
+    async fn upload_nutrition_image(
+        &self,
+        request: Request<UploadNutritionImageRequest>,
+    ) -> Result<Response<NutritionResult>, Status> {
+        let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        let user = r.application_user_id.as_str();
+        validate_user_id(user)?;
+        let body = encode_upload("image", &r.image)?;
+        let wait_on_process = async_when_awaiting(r.await_result, r.wait_on_process)?;
+        let upload = NutritionImageUpload {
+            body,
+            include_ingredients: r.include_ingredients,
+            include_nutri_score: r.include_nutri_score,
+            include_dish_description: r.include_dish_description,
+            include_nutrition_fields: r.include_nutrition_fields,
+            analysis_mode: non_empty(r.analysis_mode),
+            country_code: non_empty(r.country_code),
+            language_code: non_empty(r.language_code),
+            consumed_at: r.consumed_at.as_ref().map(rfc3339),
+            wait_on_process,
+        };
+        within(deadline, async {
+            let mut watch = self.watch(r.await_result).await?;
+            let uploaded = self
+                .spike
+                .upload_nutrition_image(user, &upload, deadline)
+                .await?;
+            let Some(watch) = watch.as_mut().filter(|_| !is_final(uploaded.status())) else {
+                return Ok(Response::new(uploaded));
+            };
+            let id = uploaded.record_id.clone();
+            let delivered = watch
+                .wait(fallback_at(deadline), |event| match &event.payload {
+                    Some(Payload::NutritionResult(result)) if result.record_id == id => {
+                        Some(result.clone())
+                    }
+                    _ => None,
+                })
+                .await?;
+            Ok(Response::new(match delivered {
+                Some(result) => result,
+                None => self.spike.nutrition_record(user, &id, deadline).await?,
+            }))
+        })
+        .await
+    }
+
+    async fn get_nutrition_record(
+        &self,
+        request: Request<GetNutritionRecordRequest>,
+    ) -> Result<Response<NutritionResult>, Status> {
+        let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        validate_user_id(&r.application_user_id)?;
+        validate_record_id(&r.record_id)?;
+        within(deadline, async {
+            let record = self
+                .spike
+                .nutrition_record(&r.application_user_id, &r.record_id, deadline)
+                .await?;
+            Ok(Response::new(record))
+        })
+        .await
+    }
+
+    async fn list_nutrition_records(
+        &self,
+        request: Request<ListNutritionRecordsRequest>,
+    ) -> Result<Response<ListNutritionRecordsResponse>, Status> {
+        let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        validate_user_id(&r.application_user_id)?;
+        let (from, to) = validate_range(r.from_timestamp, r.to_timestamp)?;
+        within(deadline, async {
+            let records = self
+                .spike
+                .nutrition_records(&r.application_user_id, &from, &to, deadline)
+                .await?;
+            Ok(Response::new(ListNutritionRecordsResponse { records }))
+        })
+        .await
+    }
+
+    async fn upload_lab_report(
+        &self,
+        request: Request<UploadLabReportRequest>,
+    ) -> Result<Response<LabReportResult>, Status> {
+        let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        let user = r.application_user_id.as_str();
+        validate_user_id(user)?;
+        if !LAB_MIME_TYPES.contains(&r.mime_type.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "mime_type must be one of {}",
+                LAB_MIME_TYPES.join(", ")
+            )));
+        }
+        let body = encode_upload("document", &r.document)?;
+        let upload = LabReportUpload {
+            mime_type: r.mime_type.clone(),
+            body,
+            filename: non_empty(r.filename.clone()),
+            wait_on_process: async_when_awaiting(r.await_result, r.wait_on_process)?,
+        };
+        within(deadline, async {
+            let mut watch = self.watch(r.await_result).await?;
+            let uploaded = self
+                .spike
+                .upload_lab_report(user, &upload, deadline)
+                .await?;
+            let Some(watch) = watch.as_mut().filter(|_| !is_final(uploaded.status())) else {
+                return Ok(Response::new(uploaded));
+            };
+            let id = uploaded.record_id.clone();
+            let delivered = watch
+                .wait(fallback_at(deadline), |event| match &event.payload {
+                    Some(Payload::LabReportResult(result)) if result.record_id == id => {
+                        Some(result.clone())
+                    }
+                    _ => None,
+                })
+                .await?;
+            Ok(Response::new(match delivered {
+                Some(result) => result,
+                None => self.spike.lab_report(user, &id, deadline).await?,
+            }))
+        })
+        .await
+    }
+
+    async fn get_lab_report(
+        &self,
+        request: Request<GetLabReportRequest>,
+    ) -> Result<Response<LabReportResult>, Status> {
+        let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        validate_user_id(&r.application_user_id)?;
+        validate_record_id(&r.record_id)?;
+        within(deadline, async {
+            let report = self
+                .spike
+                .lab_report(&r.application_user_id, &r.record_id, deadline)
+                .await?;
+            Ok(Response::new(report))
+        })
+        .await
+    }
+
+    async fn list_lab_reports(
+        &self,
+        request: Request<ListLabReportsRequest>,
+    ) -> Result<Response<ListLabReportsResponse>, Status> {
+        let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        validate_user_id(&r.application_user_id)?;
+        let (from, to) = validate_range(r.from_timestamp, r.to_timestamp)?;
+        within(deadline, async {
+            let records = self
+                .spike
+                .lab_reports(&r.application_user_id, &from, &to, deadline)
+                .await?;
+            Ok(Response::new(ListLabReportsResponse { records }))
+        })
+        .await
+    }
+}
+
+impl RecordsService {
+    /// With `await_result`, a live cursor opened *before* the upload is sent.
+    async fn watch(&self, await_result: bool) -> Result<Option<ResultWatch>, Status> {
+        if !await_result {
+            return Ok(None);
+        }
+        let cursor = Cursor::open(self.log.clone(), Start::Live)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot watch the event log: {e}")))?;
+        Ok(Some(ResultWatch { cursor }))
+    }
+}
+
+/// Follows the gateway's log for one record's completed/failed webhook.
+struct ResultWatch {
+    cursor: Cursor,
+}
+
+impl ResultWatch {
+    /// The first event `pick` accepts, or `None` once `until` passes.
+    async fn wait<T>(
+        &mut self,
+        until: Instant,
+        pick: impl Fn(&Event) -> Option<T>,
+    ) -> Result<Option<T>, Status> {
+        loop {
+            let batch = match tokio::time::timeout_at(until, self.cursor.next_batch()).await {
+                Err(_) => return Ok(None),
+                Ok(batch) => batch.map_err(|e| {
+                    Status::unavailable(format!("lost the event log while waiting: {e}"))
+                })?,
+            };
+            if let Some(found) = batch.iter().find_map(|event| pick(event)) {
+                return Ok(Some(found));
+            }
+        }
+    }
+}
+
+/// When to stop waiting for the webhook and look the record up instead: leaves a quarter
+/// of the remaining time (between 250 ms and 3 s) for that one look-up.
+fn fallback_at(deadline: Instant) -> Instant {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let reserve = (remaining / 4).clamp(Duration::from_millis(250), Duration::from_secs(3));
+    deadline.checked_sub(reserve).unwrap_or(deadline)
+}
+
+fn is_final(status: RecordStatus) -> bool {
+    matches!(status, RecordStatus::Completed | RecordStatus::Failed)
+}
+
+/// `await_result` uploads asynchronously; asking Spike to hold the answer as well makes
+/// no sense, so the combination is refused rather than silently changed.
+fn async_when_awaiting(
+    await_result: bool,
+    wait_on_process: Option<bool>,
+) -> Result<Option<bool>, Status> {
+    match (await_result, wait_on_process) {
+        (true, Some(true)) => Err(Status::invalid_argument(
+            "await_result and wait_on_process cannot both be set: await_result already waits for the result",
+        )),
+        (true, _) => Ok(Some(false)),
+        (false, wait) => Ok(wait),
+    }
+}
+
+fn non_empty(value: String) -> Option<String> {
+    Some(value).filter(|v| !v.is_empty())
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Spike's rule: 1–128 characters of `[A-Za-z0-9._-]`.
+pub fn validate_user_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 128 || !id.chars().all(is_id_char) {
+        return Err(Status::invalid_argument(
+            "application_user_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// Record ids go into the URL path: same safe alphabet as user ids (UUIDs fit).
+pub fn validate_record_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 128 || !id.chars().all(is_id_char) {
+        return Err(Status::invalid_argument(
+            "record_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// Base64 of a non-empty upload whose encoding fits Spike's limit (checked before encoding).
+pub fn encode_upload(field: &str, bytes: &[u8]) -> Result<String, Status> {
+    if bytes.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    let encoded_len = bytes.len().div_ceil(3) * 4;
+    if encoded_len > MAX_ENCODED_UPLOAD {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes, {encoded_len} once base64-encoded; Spike accepts at most {MAX_ENCODED_UPLOAD}",
+            bytes.len()
+        )));
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+pub fn validate_range(
+    from: Option<Timestamp>,
+    to: Option<Timestamp>,
+) -> Result<(Timestamp, Timestamp), Status> {
+    let from = from.ok_or_else(|| Status::invalid_argument("from_timestamp is required"))?;
+    let to = to.ok_or_else(|| Status::invalid_argument("to_timestamp is required"))?;
+    if (from.seconds, from.nanos) > (to.seconds, to.nanos) {
+        return Err(Status::invalid_argument(
+            "from_timestamp is after to_timestamp",
+        ));
+    }
+    Ok((from, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_follow_spikes_rule() {
+        for good in ["a", "User.1_x-2", &"x".repeat(128)] {
+            assert!(validate_user_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", &"x".repeat(129), "a b", "a/b", "ü", "a\n"] {
+            assert!(validate_user_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn uploads_are_bounded_after_encoding() {
+        assert!(encode_upload("image", b"").is_err());
+        assert_eq!(encode_upload("image", b"hi").unwrap(), "aGk=");
+        let largest = MAX_ENCODED_UPLOAD / 4 * 3;
+        assert!(encode_upload("image", &vec![0; largest]).is_ok());
+        assert!(encode_upload("image", &vec![0; largest + 1]).is_err());
+    }
+
+    #[test]
+    fn ranges_must_be_given_and_ordered() {
+        let t = |seconds| Some(Timestamp { seconds, nanos: 0 });
+        assert!(validate_range(t(1), t(2)).is_ok());
+        assert!(validate_range(t(2), t(2)).is_ok());
+        assert!(validate_range(t(3), t(2)).is_err());
+        assert!(validate_range(None, t(2)).is_err());
+        assert!(validate_range(t(1), None).is_err());
+    }
+}
