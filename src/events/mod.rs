@@ -2,6 +2,7 @@
 //!
 //! - [`log`]: the [`EventLog`] trait every backend implements, and its error type.
 //! - [`embedded`]: the default backend, durable on disk (redb) with group commit.
+//! - [`nats`]: NATS JetStream, shared by several replicas.
 //! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
 //! - [`fanout`]: the bounded broadcast that carries freshly committed events to subscribers.
 //! - [`subscription`]: start positions, filters, and the cursor that reads history and
@@ -12,6 +13,7 @@ pub mod embedded;
 pub mod fanout;
 pub mod log;
 pub mod memory;
+pub mod nats;
 pub mod subscription;
 pub mod time;
 

@@ -1,0 +1,511 @@
+//! The `nats` backend: NATS JetStream, for several gateway replicas behind a load balancer.
+//!
+//! Every replica appends to one stream and reads from it, so a subscriber on any replica
+//! sees what any replica received. Dedup is JetStream's: each event is published with
+//! `Nats-Msg-Id` = `event_id` and the stream's duplicate window = the dedup window. An
+//! event's `sequence` is its stream sequence.
+//!
+//! Subjects are `{prefix}.event.{type}.{user}` (user escaped by [`subject_token`], since
+//! Spike ids may contain `.`), so NATS can filter by type and user. Dead letters go to a
+//! second stream on `{prefix}.dead.{category}`, keeping event sequences contiguous.
+//!
+//! Each replica tails the stream with one ordered consumer and feeds the local fan-out;
+//! subscription cursors read history with direct gets. Both see only stored messages, so
+//! the cursor's no-gap hand-over holds here as for the other backends.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::{
+    HeaderMap,
+    connection::State,
+    jetstream::{
+        self, Context,
+        consumer::{DeliverPolicy, push},
+        stream::{self, DirectGetErrorKind, StorageType},
+    },
+};
+use async_trait::async_trait;
+use futures_util::{StreamExt, future::try_join_all};
+use prost::Message;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AppendOutcome, EventLog, LogBounds, LogError,
+    fanout::Fanout,
+    time::{Micros, from_micros, now_micros, to_micros},
+};
+use crate::proto::{DeadLetter, Event, EventType, WebhookCategory};
+
+/// How long one publish waits for its PubAck before the webhook gets a 503.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before the tail consumer is recreated after an error.
+const TAIL_RETRY: Duration = Duration::from_millis(500);
+
+/// Where the gateway keeps its events in NATS.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub dedup_window: Duration,
+    pub retention: Duration,
+}
+
+pub struct NatsLog {
+    client: async_nats::Client,
+    jetstream: Context,
+    events: stream::Stream,
+    dead_letters: stream::Stream,
+    settings: NatsSettings,
+    fanout: Fanout,
+    closed: AtomicBool,
+    // Stops the tail task on close().
+    stop_tail: CancellationToken,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> LogError {
+    LogError::Storage(format!("{what}: {e}"))
+}
+
+impl NatsLog {
+    /// Connects, creates or validates both streams, and starts tailing.
+    pub async fn connect(settings: NatsSettings) -> Result<Self, LogError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("spike-gateway")
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|e| unavailable(&format!("cannot connect to NATS at {}", settings.url), e))?;
+        let mut jetstream = jetstream::new(client.clone());
+        jetstream.set_timeout(ACK_TIMEOUT);
+
+        let events = ensure_stream(
+            &jetstream,
+            stream::Config {
+                name: settings.stream.clone(),
+                subjects: vec![format!("{}.event.>", settings.subject_prefix)],
+                max_age: settings.retention,
+                duplicate_window: settings.dedup_window,
+                storage: StorageType::File,
+                allow_direct: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let dead_letters = ensure_stream(
+            &jetstream,
+            stream::Config {
+                name: format!("{}_DEAD_LETTERS", settings.stream),
+                subjects: vec![format!("{}.dead.>", settings.subject_prefix)],
+                max_age: settings.retention,
+                // Dead letters are not deduplicated; this is the server's default, stated so
+                // that validation does not see a difference to correct.
+                duplicate_window: Duration::from_secs(120),
+                storage: StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+
+        let log = Self {
+            client,
+            jetstream,
+            events,
+            dead_letters,
+            settings,
+            fanout: Fanout::default(),
+            closed: AtomicBool::new(false),
+            stop_tail: CancellationToken::new(),
+        };
+        let next = log.bounds().await?.next;
+        tokio::spawn(tail(
+            log.events.clone(),
+            log.client.clone(),
+            log.event_filter(),
+            next,
+            log.fanout.clone(),
+            log.stop_tail.clone(),
+        ));
+        Ok(log)
+    }
+
+    /// Largest message the NATS server accepts; an event (with its raw JSON) must fit.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    fn event_filter(&self) -> String {
+        format!("{}.event.>", self.settings.subject_prefix)
+    }
+
+    fn subject_of(&self, event: &Event) -> String {
+        let kind = EventType::try_from(event.r#type)
+            .unwrap_or(EventType::Unspecified)
+            .as_str_name()
+            .trim_start_matches("EVENT_TYPE_")
+            .to_ascii_lowercase();
+        format!(
+            "{}.event.{kind}.{}",
+            self.settings.subject_prefix,
+            subject_token(&event.application_user_id)
+        )
+    }
+
+    fn connected(&self) -> Result<(), LogError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed);
+        }
+        match self.client.connection_state() {
+            State::Connected => Ok(()),
+            state => Err(LogError::Storage(format!(
+                "NATS is not connected ({state:?})"
+            ))),
+        }
+    }
+
+    /// The stored event at or after `sequence`, if any.
+    async fn next_at_or_after(&self, sequence: u64) -> Result<Option<Event>, LogError> {
+        match self
+            .events
+            .direct_get_next_for_subject(self.event_filter(), Some(sequence))
+            .await
+        {
+            Ok(message) => decode(message.sequence, &message.payload).map(Some),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable("NATS read failed", e)),
+        }
+    }
+}
+
+/// Creates the stream, or checks an existing one and brings its limits in line.
+async fn ensure_stream(
+    jetstream: &Context,
+    wanted: stream::Config,
+) -> Result<stream::Stream, LogError> {
+    let mut stream = jetstream
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|e| unavailable(&format!("cannot create or open stream {}", wanted.name), e))?;
+    let existing = stream
+        .info()
+        .await
+        .map_err(|e| unavailable("cannot read the stream's configuration", e))?
+        .config
+        .clone();
+    if existing.subjects != wanted.subjects || existing.storage != wanted.storage {
+        return Err(LogError::Storage(format!(
+            "stream {} exists with subjects {:?} and {:?} storage; the gateway needs {:?} on file storage",
+            wanted.name, existing.subjects, existing.storage, wanted.subjects
+        )));
+    }
+    if existing.max_age != wanted.max_age
+        || existing.duplicate_window != wanted.duplicate_window
+        || existing.allow_direct != wanted.allow_direct
+    {
+        tracing::warn!(stream = %wanted.name, "updating the stream's retention / duplicate window to the gateway's configuration");
+        let updated = stream::Config {
+            max_age: wanted.max_age,
+            duplicate_window: wanted.duplicate_window,
+            allow_direct: wanted.allow_direct,
+            ..existing
+        };
+        jetstream
+            .update_stream(updated)
+            .await
+            .map_err(|e| unavailable(&format!("cannot update stream {}", wanted.name), e))?;
+    }
+    Ok(stream)
+}
+
+/// Follows the stream from `next` on and publishes each event to the local fan-out.
+async fn tail(
+    events: stream::Stream,
+    client: async_nats::Client,
+    filter: String,
+    mut next: u64,
+    fanout: Fanout,
+    stop: CancellationToken,
+) {
+    loop {
+        let consumer = events
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                filter_subject: filter.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                },
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match consumer {
+            Ok(consumer) => match consumer.messages().await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the NATS tail consumer; retrying");
+                    if pause(&stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create the NATS tail consumer; retrying");
+                if pause(&stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                message = messages.next() => message,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "NATS tail consumer failed; recreating it");
+                    break;
+                }
+                None => break,
+            };
+            let Ok(info) = message.info() else { continue };
+            let sequence = info.stream_sequence;
+            match decode(sequence, &message.payload) {
+                Ok(event) => fanout.publish([Arc::new(event)]),
+                Err(e) => tracing::error!(sequence, error = %e, "undecodable event in the stream"),
+            }
+            next = sequence + 1;
+        }
+        if pause(&stop).await {
+            return;
+        }
+    }
+}
+
+/// Waits before a retry; true if the log is closing instead.
+async fn pause(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(TAIL_RETRY) => false,
+    }
+}
+
+fn decode(sequence: u64, payload: &[u8]) -> Result<Event, LogError> {
+    let mut event = Event::decode(payload)
+        .map_err(|e| LogError::Storage(format!("undecodable event at {sequence}: {e}")))?;
+    event.sequence = sequence;
+    Ok(event)
+}
+
+/// A user id as one NATS subject token: `[A-Za-z0-9_-]` kept, every other byte `~XX` (hex).
+/// Injective (so filters are exact), and `.`, `*`, `>` and spaces never reach the subject.
+/// The empty id is `~`.
+pub fn subject_token(user: &str) -> String {
+    if user.is_empty() {
+        return "~".to_owned();
+    }
+    let mut token = String::with_capacity(user.len());
+    for byte in user.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            token.push(byte as char);
+        } else {
+            token.push_str(&format!("~{byte:02X}"));
+        }
+    }
+    token
+}
+
+#[async_trait]
+impl EventLog for NatsLog {
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, LogError> {
+        self.connected()?;
+        let now = now_micros();
+        // Publish everything first, then collect the acks: one round trip per request.
+        let mut acks = Vec::with_capacity(events.len());
+        for mut event in events {
+            event.received_at.get_or_insert_with(|| from_micros(now));
+            event.sequence = 0;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.event_id.as_str());
+            let ack = self
+                .jetstream
+                .publish_with_headers(
+                    self.subject_of(&event),
+                    headers,
+                    event.encode_to_vec().into(),
+                )
+                .await
+                .map_err(|e| unavailable("NATS publish failed", e))?;
+            acks.push(ack.into_future());
+        }
+        let acks = try_join_all(acks)
+            .await
+            .map_err(|e| unavailable("NATS did not acknowledge", e))?;
+        Ok(acks
+            .into_iter()
+            .map(|ack| {
+                if ack.duplicate {
+                    AppendOutcome::Duplicate {
+                        sequence: ack.sequence,
+                    }
+                } else {
+                    AppendOutcome::Appended {
+                        sequence: ack.sequence,
+                    }
+                }
+            })
+            .collect())
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), LogError> {
+        self.connected()?;
+        let category = WebhookCategory::try_from(letter.path_category)
+            .unwrap_or(WebhookCategory::Unspecified)
+            .as_str_name()
+            .trim_start_matches("WEBHOOK_CATEGORY_")
+            .to_ascii_lowercase();
+        self.jetstream
+            .publish(
+                format!("{}.dead.{category}", self.settings.subject_prefix),
+                letter.encode_to_vec().into(),
+            )
+            .await
+            .map_err(|e| unavailable("NATS publish failed", e))?
+            .await
+            .map_err(|e| unavailable("NATS did not acknowledge", e))?;
+        Ok(())
+    }
+
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<Event>>, LogError> {
+        let mut out = Vec::new();
+        let mut at = from;
+        while out.len() < limit {
+            match self.next_at_or_after(at).await? {
+                Some(event) => {
+                    at = event.sequence + 1;
+                    out.push(Arc::new(event));
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn bounds(&self) -> Result<LogBounds, LogError> {
+        let mut events = self.events.clone();
+        let info = events
+            .info()
+            .await
+            .map_err(|e| unavailable("cannot read the stream's state", e))?;
+        let state = &info.state;
+        let next = state.last_sequence + 1;
+        let oldest = if state.messages == 0 {
+            next
+        } else {
+            state.first_sequence
+        };
+        // JetStream does not say when it removed messages; if any were removed, treat
+        // everything before the oldest retained event as gone.
+        let trimmed_through = if oldest > 1 {
+            match self.next_at_or_after(oldest).await? {
+                Some(event) => event.received_at.as_ref().map(|t| to_micros(t) - 1),
+                None => Some(now_micros()),
+            }
+        } else {
+            None
+        };
+        Ok(LogBounds {
+            oldest,
+            next,
+            trimmed_through,
+        })
+    }
+
+    async fn position_at(&self, since: Micros) -> Result<u64, LogError> {
+        let bounds = self.bounds().await?;
+        // Binary search on received_at, as for the embedded log. Replicas' clocks may
+        // disagree by a little; `since` is as precise as they are.
+        let (mut low, mut high) = (bounds.oldest, bounds.next);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            let at_or_after = match self.next_at_or_after(mid).await? {
+                Some(event) => event.received_at.as_ref().map_or(0, to_micros) >= since,
+                None => true,
+            };
+            if at_or_after {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+        Ok(low)
+    }
+
+    fn live(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.fanout.subscribe()
+    }
+
+    async fn housekeeping(&self) -> Result<(), LogError> {
+        // JetStream applies max_age and the duplicate window itself.
+        Ok(())
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, LogError> {
+        let mut dead = self.dead_letters.clone();
+        Ok(dead
+            .info()
+            .await
+            .map_err(|e| unavailable("cannot read the dead-letter stream", e))?
+            .state
+            .messages)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.connected().is_ok()
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.stop_tail.cancel();
+        let _ = self.client.flush().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_token;
+
+    #[test]
+    fn user_tokens_are_safe_and_distinct() {
+        let ids = [
+            "a.b",
+            "a~2Eb",
+            "a",
+            "a.b.c",
+            "*",
+            ">",
+            "with space",
+            "",
+            "~",
+            "ü",
+        ];
+        let tokens: Vec<_> = ids.iter().map(|id| subject_token(id)).collect();
+        for token in &tokens {
+            assert!(
+                !token.is_empty() && !token.contains(['.', '*', '>', ' ']),
+                "{token}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = tokens.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{tokens:?}");
+        assert_eq!(subject_token("User_1-x"), "User_1-x");
+        assert_eq!(subject_token("a.b"), "a~2Eb");
+    }
+}
