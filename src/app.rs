@@ -21,7 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, StoreKind},
-    events::{EventLog, LogError, embedded::EmbeddedLog, memory::MemoryLog},
+    events::{
+        EventLog, LogError,
+        embedded::EmbeddedLog,
+        memory::MemoryLog,
+        nats::{NatsLog, NatsSettings},
+    },
     grpc::{self, GrpcParts, event_stream::SubscriberCount},
     spike::{SpikeClient, SpikeError},
     webhook::{self, WebhookState, signature::Verifier},
@@ -160,6 +165,11 @@ impl Application {
             }
         });
         let housekeeping = tokio::spawn(housekeep(log.clone(), stop_servers.clone()));
+        let readiness = tokio::spawn(report_readiness(
+            log.clone(),
+            health_reporter.clone(),
+            stop_servers.clone(),
+        ));
 
         let mut failure = None;
         tokio::select! {
@@ -180,6 +190,7 @@ impl Application {
                 let _ = (&mut grpc_task).await;
             }
             let _ = housekeeping.await;
+            let _ = readiness.await;
             log.close().await;
         };
         if tokio::time::timeout(config.shutdown_grace, drain)
@@ -226,9 +237,23 @@ async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
             store.retention,
         )),
         StoreKind::Nats => {
-            return Err(StartupError::Log(LogError::Storage(
-                "the nats backend is not available in this release".into(),
-            )));
+            let log = NatsLog::connect(NatsSettings {
+                url: store.nats_url.clone().unwrap_or_default(),
+                stream: store.nats_stream.clone(),
+                subject_prefix: store.nats_subject_prefix.clone(),
+                dedup_window: store.dedup_window,
+                retention: store.retention,
+            })
+            .await?;
+            if config.webhook.max_body_bytes > log.max_payload() {
+                tracing::warn!(
+                    max_body_bytes = config.webhook.max_body_bytes,
+                    nats_max_payload = log.max_payload(),
+                    "a webhook item larger than NATS's max_payload cannot be stored and will get 503: \
+                     lower GATEWAY_MAX_BODY_BYTES or raise max_payload on the NATS server"
+                );
+            }
+            Arc::new(log)
         }
     })
 }
@@ -243,6 +268,35 @@ async fn housekeep(log: Arc<dyn EventLog>, stop: CancellationToken) {
                     tracing::warn!(error = %e, "event log housekeeping failed; will retry");
                 }
             }
+        }
+    }
+}
+
+/// How often gRPC health re-checks the log (NATS may come and go).
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps `grpc.health.v1` in step with the log: NOT_SERVING while it cannot take writes.
+async fn report_readiness(
+    log: Arc<dyn EventLog>,
+    reporter: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut serving = true;
+    let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let ready = log.is_ready();
+        if ready != serving {
+            if ready {
+                tracing::info!("event log ready again");
+            } else {
+                tracing::warn!("event log cannot take writes; reporting NOT_SERVING");
+            }
+            grpc::set_serving(&reporter, ready).await;
+            serving = ready;
         }
     }
 }

@@ -54,6 +54,12 @@ pub struct Cli {
     /// NATS server URL (GATEWAY_STORE=nats).
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
+    /// JetStream stream holding the events (dead letters go to `<name>_DEAD_LETTERS`).
+    #[arg(long, env = "GATEWAY_NATS_STREAM", default_value = "SPIKE_EVENTS")]
+    pub nats_stream: String,
+    /// Subject prefix: events on `<prefix>.event.<type>.<user>`, dead letters on `<prefix>.dead.<category>`.
+    #[arg(long, env = "GATEWAY_NATS_SUBJECT_PREFIX", default_value = "spike")]
+    pub nats_subject_prefix: String,
     /// Bearer tokens accepted on the gRPC API, comma-separated. Unset = no gRPC auth.
     #[arg(long, env = "GATEWAY_GRPC_TOKENS", hide_env_values = true)]
     pub grpc_tokens: Option<String>,
@@ -148,6 +154,8 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     pub data_dir: PathBuf,
     pub nats_url: Option<String>,
+    pub nats_stream: String,
+    pub nats_subject_prefix: String,
     pub dedup_window: Duration,
     pub retention: Duration,
     pub memory_capacity: usize,
@@ -249,13 +257,31 @@ impl Config {
             StoreKind::Nats if cli.nats_url.is_none() => {
                 return Err(ConfigError::Missing("NATS_URL (GATEWAY_STORE=nats)"));
             }
-            StoreKind::Nats => {
-                return Err(invalid(
-                    "GATEWAY_STORE",
-                    "the nats backend is not available in this release; use embedded or memory",
-                ));
-            }
-            StoreKind::Embedded | StoreKind::Memory => {}
+            StoreKind::Nats | StoreKind::Embedded | StoreKind::Memory => {}
+        }
+        if cli.nats_stream.is_empty()
+            || !cli
+                .nats_stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "GATEWAY_NATS_STREAM",
+                "must be letters, digits, '_' or '-'",
+            ));
+        }
+        let prefix_ok = !cli.nats_subject_prefix.is_empty()
+            && cli.nats_subject_prefix.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            });
+        if !prefix_ok {
+            return Err(invalid(
+                "GATEWAY_NATS_SUBJECT_PREFIX",
+                "must be dot-separated tokens of letters, digits, '_' or '-'",
+            ));
         }
 
         Ok(Config {
@@ -274,6 +300,8 @@ impl Config {
                 kind: cli.store,
                 data_dir: cli.data_dir,
                 nats_url: cli.nats_url,
+                nats_stream: cli.nats_stream,
+                nats_subject_prefix: cli.nats_subject_prefix,
                 dedup_window: cli.dedup_window,
                 retention: cli.retention,
                 memory_capacity: cli.memory_capacity,
