@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod fake_spike;
+pub mod nats;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

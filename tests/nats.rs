@@ -1,0 +1,214 @@
+//! The `nats` backend with real nats-server processes: several replicas, one stream.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use spike_gateway::proto::{EventType, SubscribeRequest};
+use support::{nats::*, *};
+
+/// Where the shared-server tests connect: `NATS_URL`, or a server of their own.
+fn shared_server() -> Option<(String, Option<NatsServer>)> {
+    if let Ok(url) = std::env::var("NATS_URL") {
+        return Some((url, None));
+    }
+    if !available() {
+        return None;
+    }
+    let server = NatsServer::start();
+    Some((server.url(), Some(server)))
+}
+
+async fn replica(url: &str, stream: &(String, String)) -> TestApp {
+    spawn_app_with(&[
+        "--store",
+        "nats",
+        "--nats-url",
+        url,
+        "--nats-stream",
+        &stream.0,
+        "--nats-subject-prefix",
+        &stream.1,
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_posted_to_one_replica_reaches_a_subscriber_on_another_once() {
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let stream = unique_stream();
+    let (a, b) = (replica(&url, &stream).await, replica(&url, &stream).await);
+    let mut on_b = b.subscribe(SubscribeRequest::default()).await.unwrap();
+
+    for (name, path) in SAMPLES {
+        assert_eq!(
+            a.post(path, &fixture(name)).await.status().as_u16(),
+            200,
+            "{name}"
+        );
+    }
+    let events = take(&mut on_b, 11).await;
+    let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, (1..=11).collect::<Vec<_>>());
+    assert_eq!(events[0].r#type(), EventType::RecordChange);
+    assert_eq!(events[10].r#type(), EventType::NutritionRecordCompleted);
+
+    // The same bodies through the other replica: acknowledged, no second event.
+    for (name, path) in SAMPLES {
+        let response = b.post(path, &fixture(name)).await;
+        assert_eq!(response.status().as_u16(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["appended"], 0, "{name}: {body}");
+    }
+    assert_quiet(&mut on_b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_by_sequence_works_across_replicas() {
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let stream = unique_stream();
+    let (a, b) = (replica(&url, &stream).await, replica(&url, &stream).await);
+    for n in 0..20 {
+        let target = if n % 2 == 0 { &a } else { &b };
+        let response = target.post_json(MAIN, &record_change("resume", n)).await;
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let mut on_a = a.subscribe(from_beginning()).await.unwrap();
+    let first: Vec<u64> = take(&mut on_a, 10)
+        .await
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(first, (1..=10).collect::<Vec<_>>());
+    drop(on_a);
+    let mut on_b = b.subscribe(after_sequence(10)).await.unwrap();
+    b.post_json(MAIN, &record_change("resume", 99)).await;
+    let rest: Vec<u64> = take(&mut on_b, 11)
+        .await
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(rest, (11..=21).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_ids_with_dots_filter_exactly() {
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let stream = unique_stream();
+    let app = replica(&url, &stream).await;
+    for (n, user) in ["a.b", "a", "a.b.c", "a~2Eb", "a.b"].iter().enumerate() {
+        app.post_json(MAIN, &record_change(user, n as u64)).await;
+    }
+    let mut stream = app
+        .subscribe(SubscribeRequest {
+            application_user_ids: vec!["a.b".into()],
+            ..from_beginning()
+        })
+        .await
+        .unwrap();
+    let events = take(&mut stream, 2).await;
+    assert!(
+        events.iter().all(|e| e.application_user_id == "a.b"),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [1, 5]
+    );
+    assert_quiet(&mut stream).await;
+}
+
+async fn wait_for_readiness(app: &TestApp, ready: bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = app
+            .client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if (status == 200) == ready {
+            return;
+        }
+        assert!(Instant::now() < deadline, "readyz never became {ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_means_503_and_recovery_needs_no_restart() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    if !available() {
+        return;
+    }
+    let mut server = NatsServer::start();
+    let stream = unique_stream();
+    let app = replica(&server.url(), &stream).await;
+    let mut acknowledged = Vec::new();
+    let mut post = async |app: &TestApp, n: u64| {
+        let status = app
+            .post_json(MAIN, &record_change(&format!("outage-{n}"), n))
+            .await
+            .status()
+            .as_u16();
+        if status == 200 {
+            acknowledged.push(format!("outage-{n}"));
+        }
+        status
+    };
+    assert_eq!(post(&app, 1).await, 200);
+
+    server.stop();
+    wait_for_readiness(&app, false).await;
+    assert_eq!(
+        post(&app, 2).await,
+        503,
+        "Spike must retry while NATS is down"
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        if status == ServingStatus::NotServing {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health still {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    server.restart();
+    wait_for_readiness(&app, true).await;
+    assert_eq!(post(&app, 3).await, 200);
+    assert_eq!(post(&app, 2).await, 200, "Spike's retry now succeeds");
+
+    let mut stream = app.subscribe(from_beginning()).await.unwrap();
+    let users: Vec<String> = take(&mut stream, 3)
+        .await
+        .into_iter()
+        .map(|e| e.application_user_id)
+        .collect();
+    assert_eq!(users, acknowledged, "every acknowledged event, in order");
+    assert_quiet(&mut stream).await;
+}
