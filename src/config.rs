@@ -253,8 +253,10 @@ impl Config {
                 return Err(invalid(name, "must be longer than zero"));
             }
         }
+        // An empty variable is as good as unset (`NATS_URL=` in a unit file, say).
+        let nats_url = cli.nats_url.filter(|url| !url.trim().is_empty());
         match cli.store {
-            StoreKind::Nats if cli.nats_url.is_none() => {
+            StoreKind::Nats if nats_url.is_none() => {
                 return Err(ConfigError::Missing("NATS_URL (GATEWAY_STORE=nats)"));
             }
             StoreKind::Nats | StoreKind::Embedded | StoreKind::Memory => {}
@@ -299,7 +301,7 @@ impl Config {
             store: StoreConfig {
                 kind: cli.store,
                 data_dir: cli.data_dir,
-                nats_url: cli.nats_url,
+                nats_url,
                 nats_stream: cli.nats_stream,
                 nats_subject_prefix: cli.nats_subject_prefix,
                 dedup_window: cli.dedup_window,
@@ -427,7 +429,16 @@ mod tests {
     fn zero_durations_and_nats_without_url_are_refused() {
         let err = parse(&["--webhook-signature-key", "k", "--retention", "0s"]).unwrap_err();
         assert!(err.to_string().contains("GATEWAY_RETENTION"));
-        let err = parse(&["--webhook-signature-key", "k", "--store", "nats"]).unwrap_err();
+        // `--nats-url ""` also shields the test from a NATS_URL in the environment (CI sets one).
+        let err = parse(&[
+            "--webhook-signature-key",
+            "k",
+            "--store",
+            "nats",
+            "--nats-url",
+            "",
+        ])
+        .unwrap_err();
         assert!(err.to_string().contains("NATS_URL"));
     }
 
