@@ -9,7 +9,7 @@ use support::{nats::*, *};
 
 /// Where the shared-server tests connect: `NATS_URL`, or a server of their own.
 fn shared_server() -> Option<(String, Option<NatsServer>)> {
-    if let Ok(url) = std::env::var("NATS_URL") {
+    if let Some(url) = std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()) {
         return Some((url, None));
     }
     if !available() {
@@ -211,4 +211,153 @@ async fn nats_down_means_503_and_recovery_needs_no_restart() {
         .collect();
     assert_eq!(users, acknowledged, "every acknowledged event, in order");
     assert_quiet(&mut stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_positions_and_filters_map_onto_consumers() {
+    use prost_types::Timestamp;
+    use spike_gateway::proto::subscribe_request::Start;
+    use tonic::Code;
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let stream = unique_stream();
+    let app = replica(&url, &stream).await;
+    for (name, path) in SAMPLES {
+        app.post(path, &fixture(name)).await;
+    }
+    // Two types: wider than one filter subject, filtered by the gateway.
+    let mut failed = app
+        .subscribe(SubscribeRequest {
+            event_types: vec![
+                EventType::LabReportFailed as i32,
+                EventType::NutritionRecordFailed as i32,
+            ],
+            ..from_beginning()
+        })
+        .await
+        .unwrap();
+    let types: Vec<_> = take(&mut failed, 2)
+        .await
+        .iter()
+        .map(|e| e.r#type())
+        .collect();
+    assert_eq!(
+        types,
+        [EventType::LabReportFailed, EventType::NutritionRecordFailed]
+    );
+    assert_quiet(&mut failed).await;
+
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    app.post_json(MAIN, &record_change("late", 1)).await;
+    let since = SubscribeRequest {
+        start: Some(Start::Since(Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+        })),
+        ..Default::default()
+    };
+    let mut stream = app.subscribe(since).await.unwrap();
+    assert_eq!(next(&mut stream).await.unwrap().sequence, 12);
+    assert_quiet(&mut stream).await;
+
+    let status = app.subscribe(after_sequence(99)).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_on_nats_later_receives_everything() {
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let stream = unique_stream();
+    let app = replica(&url, &stream).await;
+    let mut stalled = app.subscribe(from_beginning()).await.unwrap();
+    // Well past the client's per-subscription buffer (1024).
+    for b in 0..40u64 {
+        let batch: Vec<_> = (0..100)
+            .map(|i| record_change("stall", b * 100 + i))
+            .collect();
+        let response = app.post_json(MAIN, &serde_json::Value::Array(batch)).await;
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let sequences: Vec<u64> = take(&mut stalled, 4000)
+        .await
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(sequences, (1..=4000).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn await_result_works_across_replicas() {
+    use spike_gateway::proto::{
+        UploadNutritionImageRequest, spike_records_client::SpikeRecordsClient,
+    };
+    use support::fake_spike::{FakeSpike, Scripted, nutrition_record};
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let stream = unique_stream();
+    let fake = FakeSpike::start().await;
+    fake.script(
+        "POST /nutrition_records/image",
+        vec![Scripted::new(
+            200,
+            nutrition_record("meal-x", "pending", ""),
+        )],
+    );
+    let with_spike = |url: &str| {
+        vec![
+            "--store".to_owned(),
+            "nats".into(),
+            "--nats-url".into(),
+            url.into(),
+            "--nats-stream".into(),
+            stream.0.clone(),
+            "--nats-subject-prefix".into(),
+            stream.1.clone(),
+            "--spike-api-base-url".into(),
+            fake.url.clone(),
+            "--spike-application-id".into(),
+            "1".into(),
+            "--spike-hmac-key".into(),
+            "k".into(),
+        ]
+    };
+    let flags = with_spike(&url);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (a, b) = (spawn_app_with(&flags).await, replica(&url, &stream).await);
+
+    let mut client = SpikeRecordsClient::connect(format!("http://{}", a.grpc))
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move {
+        client
+            .upload_nutrition_image(UploadNutritionImageRequest {
+                application_user_id: "user-1".into(),
+                image: b"jpeg".to_vec(),
+                await_result: true,
+                ..Default::default()
+            })
+            .await
+    });
+    while fake.data_requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Spike's webhook lands on the other replica.
+    let webhook = serde_json::json!({
+        "application_user_id": "user-1", "record_id": "meal-x", "status": "completed",
+        "dish_name": "via-replica-b", "modified_at": "2025-09-15T10:31:00Z",
+    });
+    assert_eq!(
+        b.post_json(NUTRITION, &webhook).await.status().as_u16(),
+        200
+    );
+    let result = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(result.dish_name, "via-replica-b");
 }

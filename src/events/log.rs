@@ -5,7 +5,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::time::Micros;
+use super::{
+    subscription::{Feed, Filter, Start, SubscriptionError},
+    time::Micros,
+};
 use crate::proto::{DeadLetter, Event};
 
 /// What happened to one event handed to [`EventLog::append`].
@@ -65,6 +68,17 @@ pub trait EventLog: Send + Sync + 'static {
     /// Events as they are committed. A receiver that falls behind gets `Lagged` and must
     /// read what it missed from [`EventLog::read`].
     fn live(&self) -> broadcast::Receiver<Arc<Event>>;
+
+    /// A backend's own way of following the log from `start`, if it has one (NATS uses an
+    /// ordered consumer per subscription). `None`: subscriptions use the generic cursor over
+    /// [`EventLog::read`] and [`EventLog::live`].
+    async fn follow(
+        &self,
+        _start: Start,
+        _filter: &Filter,
+    ) -> Result<Option<Box<dyn Feed>>, SubscriptionError> {
+        Ok(None)
+    }
 
     /// Applies retention and forgets expired dedup entries.
     async fn housekeeping(&self) -> Result<(), LogError>;

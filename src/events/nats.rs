@@ -9,9 +9,15 @@
 //! Spike ids may contain `.`), so NATS can filter by type and user. Dead letters go to a
 //! second stream on `{prefix}.dead.{category}`, keeping event sequences contiguous.
 //!
-//! Each replica tails the stream with one ordered consumer and feeds the local fan-out;
-//! subscription cursors read history with direct gets. Both see only stored messages, so
-//! the cursor's no-gap hand-over holds here as for the other backends.
+//! Each subscription reads the stream with its own ordered push consumer
+//! ([`EventLog::follow`]): `after_sequence`, `from_beginning`, `since` and live map onto
+//! deliver policies, and a filter naming at most one type and one user becomes the
+//! consumer's filter subject, so NATS filters at the source. Ordered consumers recreate
+//! themselves on any gap or reconnect, so a stream stays ordered, gap-free and
+//! duplicate-free; flow control keeps a slow reader from buffering without bound.
+//!
+//! The generic [`EventLog::read`] / [`EventLog::live`] contract is implemented too
+//! (direct gets, and one ordered consumer per replica feeding the local fan-out).
 
 use std::{
     sync::{
@@ -39,10 +45,15 @@ use tokio_util::sync::CancellationToken;
 use super::{
     AppendOutcome, EventLog, LogBounds, LogError,
     fanout::Fanout,
+    subscription::{Feed, Filter, Start, SubscriptionError, first_position},
     time::{Micros, from_micros, now_micros, to_micros},
 };
 use crate::proto::{DeadLetter, Event, EventType, WebhookCategory};
 
+/// Messages the client buffers per subscription before the ordered consumer has to
+/// recover (it then re-reads from the last delivered sequence, losing nothing). Bounds a
+/// slow subscriber's memory on this replica.
+const SUBSCRIPTION_CAPACITY: usize = 1024;
 /// How long one publish waits for its PubAck before the webhook gets a 503.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before the tail consumer is recreated after an error.
@@ -79,6 +90,7 @@ impl NatsLog {
     pub async fn connect(settings: NatsSettings) -> Result<Self, LogError> {
         let client = async_nats::ConnectOptions::new()
             .name("spike-gateway")
+            .subscription_capacity(SUBSCRIPTION_CAPACITY)
             .connect(settings.url.as_str())
             .await
             .map_err(|e| unavailable(&format!("cannot connect to NATS at {}", settings.url), e))?;
@@ -145,16 +157,28 @@ impl NatsLog {
     }
 
     fn subject_of(&self, event: &Event) -> String {
-        let kind = EventType::try_from(event.r#type)
-            .unwrap_or(EventType::Unspecified)
-            .as_str_name()
-            .trim_start_matches("EVENT_TYPE_")
-            .to_ascii_lowercase();
         format!(
-            "{}.event.{kind}.{}",
+            "{}.event.{}.{}",
             self.settings.subject_prefix,
+            type_token(event.r#type),
             subject_token(&event.application_user_id)
         )
+    }
+
+    /// The narrowest single subject covering `filter` (NATS 2.9 takes one filter subject).
+    fn subject_for(&self, filter: &Filter) -> String {
+        let one = |set: usize| set == 1;
+        let kind = match filter.event_types.iter().next() {
+            Some(t) if one(filter.event_types.len()) => type_token(*t),
+            _ if filter.event_types.is_empty() => "*".to_owned(),
+            _ => return self.event_filter(),
+        };
+        let user = match filter.application_user_ids.iter().next() {
+            Some(u) if one(filter.application_user_ids.len()) => subject_token(u),
+            _ if filter.application_user_ids.is_empty() => "*".to_owned(),
+            _ => return self.event_filter(),
+        };
+        format!("{}.event.{kind}.{user}", self.settings.subject_prefix)
     }
 
     fn connected(&self) -> Result<(), LogError> {
@@ -294,6 +318,42 @@ async fn pause(stop: &CancellationToken) -> bool {
     tokio::select! {
         () = stop.cancelled() => true,
         () = tokio::time::sleep(TAIL_RETRY) => false,
+    }
+}
+
+fn type_token(event_type: i32) -> String {
+    EventType::try_from(event_type)
+        .unwrap_or(EventType::Unspecified)
+        .as_str_name()
+        .trim_start_matches("EVENT_TYPE_")
+        .to_ascii_lowercase()
+}
+
+/// One subscription's ordered consumer.
+struct NatsFeed {
+    messages: push::Ordered,
+    position: u64,
+}
+
+#[async_trait]
+impl Feed for NatsFeed {
+    async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError> {
+        loop {
+            let message = match self.messages.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => return Err(unavailable("NATS consumer failed", e).into()),
+                None => return Err(SubscriptionError::LiveClosed),
+            };
+            let Ok(info) = message.info() else { continue };
+            let sequence = info.stream_sequence;
+            let event = decode(sequence, &message.payload)?;
+            self.position = sequence + 1;
+            return Ok(vec![Arc::new(event)]);
+        }
+    }
+
+    fn position(&self) -> u64 {
+        self.position
     }
 }
 
@@ -450,6 +510,48 @@ impl EventLog for NatsLog {
 
     fn live(&self) -> broadcast::Receiver<Arc<Event>> {
         self.fanout.subscribe()
+    }
+
+    async fn follow(
+        &self,
+        start: Start,
+        filter: &Filter,
+    ) -> Result<Option<Box<dyn Feed>>, SubscriptionError> {
+        self.connected()?;
+        let bounds = self.bounds().await?;
+        let position = first_position(start, &bounds)?;
+        let deliver_policy = match (start, position) {
+            (Start::Live, _) => DeliverPolicy::New,
+            (Start::FromBeginning, _) => DeliverPolicy::All,
+            (Start::AfterSequence(_), Some(position)) => DeliverPolicy::ByStartSequence {
+                start_sequence: position,
+            },
+            // JetStream's own timestamps: the moment the PubAck'd publish was stored, which
+            // is received_at give or take the publish round trip.
+            (Start::Since(since), _) => DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::from_nanos(i128::from(since) * 1_000)
+                    .map_err(|e| unavailable("invalid since", e))?,
+            },
+            (Start::AfterSequence(_), None) => unreachable!("after_sequence names a position"),
+        };
+        let consumer = self
+            .events
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: self.subject_for(filter),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("cannot create a NATS consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("cannot read a NATS consumer", e))?;
+        Ok(Some(Box::new(NatsFeed {
+            messages,
+            position: position.unwrap_or(bounds.oldest),
+        })))
     }
 
     async fn housekeeping(&self) -> Result<(), LogError> {

@@ -10,6 +10,7 @@
 
 use std::{collections::HashSet, sync::Arc};
 
+use async_trait::async_trait;
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::{EventLog, LogError, time::Micros};
@@ -99,6 +100,71 @@ fn provider_of(event: &Event) -> Option<&str> {
     }
 }
 
+/// An ordered source of events for one subscription.
+#[async_trait]
+pub trait Feed: Send {
+    /// The next events in sequence order; waits when there are none yet.
+    async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError>;
+    /// Sequence of the next event this feed will return (one past the last returned).
+    fn position(&self) -> u64;
+}
+
+/// Opens a feed from `start`: the backend's own ([`EventLog::follow`]) where it has one,
+/// else the generic [`Cursor`]. `filter` lets a backend filter at the source; callers still
+/// apply it to what they receive.
+pub async fn open(
+    log: Arc<dyn EventLog>,
+    start: Start,
+    filter: &Filter,
+) -> Result<Box<dyn Feed>, SubscriptionError> {
+    if let Some(feed) = log.follow(start, filter).await? {
+        return Ok(feed);
+    }
+    Ok(Box::new(Cursor::open(log, start).await?))
+}
+
+/// The first position `start` names, checked against what the log retains. Shared by the
+/// generic cursor and backends with feeds of their own.
+pub fn first_position(
+    start: Start,
+    bounds: &super::LogBounds,
+) -> Result<Option<u64>, SubscriptionError> {
+    Ok(match start {
+        Start::Live => Some(bounds.next),
+        Start::FromBeginning => Some(bounds.oldest),
+        Start::AfterSequence(after) => {
+            // `after == next - 1` is the newest event: resume live, nothing missed.
+            if after >= bounds.next {
+                return Err(SubscriptionError::AheadOfLog {
+                    requested: after,
+                    last: bounds.next.saturating_sub(1),
+                });
+            }
+            let position = after.saturating_add(1);
+            if position < bounds.oldest {
+                return Err(SubscriptionError::TooOld {
+                    requested: format!("after_sequence {after}"),
+                    oldest: bounds.oldest,
+                });
+            }
+            Some(position)
+        }
+        Start::Since(since) => {
+            if bounds
+                .trimmed_through
+                .is_some_and(|trimmed| since <= trimmed)
+            {
+                return Err(SubscriptionError::TooOld {
+                    requested: "since".to_owned(),
+                    oldest: bounds.oldest,
+                });
+            }
+            // Depends on the log's contents: the caller searches.
+            None
+        }
+    })
+}
+
 /// A position in the log plus the live receiver that continues it.
 pub struct Cursor {
     log: Arc<dyn EventLog>,
@@ -113,38 +179,10 @@ impl Cursor {
         // Subscribe first: see the module comment for why this order closes every gap.
         let live = log.live();
         let bounds = log.bounds().await?;
-        let next = match start {
-            Start::Live => bounds.next,
-            Start::FromBeginning => bounds.oldest,
-            Start::AfterSequence(after) => {
-                // `after == next - 1` is the newest event: resume live, nothing missed.
-                if after >= bounds.next {
-                    return Err(SubscriptionError::AheadOfLog {
-                        requested: after,
-                        last: bounds.next.saturating_sub(1),
-                    });
-                }
-                let position = after.saturating_add(1);
-                if position < bounds.oldest {
-                    return Err(SubscriptionError::TooOld {
-                        requested: format!("after_sequence {after}"),
-                        oldest: bounds.oldest,
-                    });
-                }
-                position
-            }
-            Start::Since(since) => {
-                if bounds
-                    .trimmed_through
-                    .is_some_and(|trimmed| since <= trimmed)
-                {
-                    return Err(SubscriptionError::TooOld {
-                        requested: "since".to_owned(),
-                        oldest: bounds.oldest,
-                    });
-                }
-                log.position_at(since).await?
-            }
+        let next = match (first_position(start, &bounds)?, start) {
+            (Some(position), _) => position,
+            (None, Start::Since(since)) => log.position_at(since).await?,
+            (None, _) => unreachable!("only `since` needs a search"),
         };
         Ok(Self {
             log,
@@ -153,14 +191,16 @@ impl Cursor {
             catching_up: next < bounds.next,
         })
     }
+}
 
-    /// Sequence of the next event this cursor will return.
-    pub fn position(&self) -> u64 {
+#[async_trait]
+impl Feed for Cursor {
+    fn position(&self) -> u64 {
         self.next
     }
 
     /// The next events in order; waits for live events when caught up.
-    pub async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError> {
+    async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError> {
         loop {
             if self.catching_up {
                 let page = self.log.read(self.next, CATCH_UP_PAGE).await?;

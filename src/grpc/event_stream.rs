@@ -1,6 +1,6 @@
 //! `spike.gateway.v1.EventStream/Subscribe`.
 //!
-//! Each subscription is a spawned producer that drives a [`Cursor`] and sends matching
+//! Each subscription is a spawned producer that drives a [`Feed`] and sends matching
 //! events into a bounded channel that tonic drains to the client. The producer stops as
 //! soon as the client goes away (the channel closes) or the gateway shuts down (the stream
 //! ends with `UNAVAILABLE`, naming the sequence to resume after).
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     events::{
         EventLog,
-        subscription::{Cursor, Filter, Start, SubscriptionError},
+        subscription::{self, Feed, Filter, Start, SubscriptionError},
         time::to_micros,
     },
     proto::{Event, SubscribeRequest, event_stream_server::EventStream, subscribe_request},
@@ -99,7 +99,7 @@ impl EventStream for EventStreamService {
             Some(subscribe_request::Start::FromBeginning(false)) => Start::Live,
             Some(subscribe_request::Start::Since(since)) => Start::Since(to_micros(&since)),
         };
-        let cursor = Cursor::open(self.log.clone(), start)
+        let cursor = subscription::open(self.log.clone(), start, &filter)
             .await
             .map_err(status_of)?;
         let (sender, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
@@ -129,7 +129,7 @@ fn status_of(error: SubscriptionError) -> Status {
 
 async fn produce(
     _guard: SubscriberGuard,
-    mut cursor: Cursor,
+    mut cursor: Box<dyn Feed>,
     filter: Filter,
     include_raw_json: bool,
     sender: mpsc::Sender<Result<Event, Status>>,
@@ -139,7 +139,7 @@ async fn produce(
         let batch = tokio::select! {
             // Shutdown first, so a stream that always has events still ends promptly.
             biased;
-            () = shutdown.cancelled() => break shutting_down(&cursor),
+            () = shutdown.cancelled() => break shutting_down(cursor.as_ref()),
             () = sender.closed() => break None,
             batch = cursor.next_batch() => batch,
         };
@@ -166,7 +166,7 @@ async fn produce(
     tracing::debug!("subscriber gone");
 }
 
-fn shutting_down(cursor: &Cursor) -> Option<Status> {
+fn shutting_down(cursor: &dyn Feed) -> Option<Status> {
     shutting_down_at(cursor.position())
 }
 

@@ -17,10 +17,10 @@ use super::deadline::{self, within};
 use crate::{
     events::{
         EventLog,
-        subscription::{Cursor, Start},
+        subscription::{self, Feed, Filter, Start},
     },
     proto::{
-        Event, GetLabReportRequest, GetNutritionRecordRequest, LabReportResult,
+        Event, EventType, GetLabReportRequest, GetNutritionRecordRequest, LabReportResult,
         ListLabReportsRequest, ListLabReportsResponse, ListNutritionRecordsRequest,
         ListNutritionRecordsResponse, NutritionResult, RecordStatus, UploadLabReportRequest,
         UploadNutritionImageRequest, event::Payload, spike_records_server::SpikeRecords,
@@ -76,7 +76,11 @@ impl SpikeRecords for RecordsService {
             wait_on_process,
         };
         within(deadline, async {
-            let mut watch = self.watch(r.await_result).await?;
+            let results = [
+                EventType::NutritionRecordCompleted,
+                EventType::NutritionRecordFailed,
+            ];
+            let mut watch = self.watch(r.await_result, user, results).await?;
             let uploaded = self
                 .spike
                 .upload_nutrition_image(user, &upload, deadline)
@@ -159,7 +163,8 @@ impl SpikeRecords for RecordsService {
             wait_on_process: async_when_awaiting(r.await_result, r.wait_on_process)?,
         };
         within(deadline, async {
-            let mut watch = self.watch(r.await_result).await?;
+            let results = [EventType::LabReportCompleted, EventType::LabReportFailed];
+            let mut watch = self.watch(r.await_result, user, results).await?;
             let uploaded = self
                 .spike
                 .upload_lab_report(user, &upload, deadline)
@@ -222,21 +227,29 @@ impl SpikeRecords for RecordsService {
 }
 
 impl RecordsService {
-    /// With `await_result`, a live cursor opened *before* the upload is sent.
-    async fn watch(&self, await_result: bool) -> Result<Option<ResultWatch>, Status> {
+    /// With `await_result`, a live feed of the user's results of `types`, opened *before*
+    /// the upload is sent.
+    async fn watch(
+        &self,
+        await_result: bool,
+        user: &str,
+        types: [EventType; 2],
+    ) -> Result<Option<ResultWatch>, Status> {
         if !await_result {
             return Ok(None);
         }
-        let cursor = Cursor::open(self.log.clone(), Start::Live)
+        let filter = Filter::new(&types.map(|t| t as i32), vec![user.to_owned()], Vec::new())
+            .map_err(Status::internal)?;
+        let feed = subscription::open(self.log.clone(), Start::Live, &filter)
             .await
             .map_err(|e| Status::unavailable(format!("cannot watch the event log: {e}")))?;
-        Ok(Some(ResultWatch { cursor }))
+        Ok(Some(ResultWatch { feed }))
     }
 }
 
 /// Follows the gateway's log for one record's completed/failed webhook.
 struct ResultWatch {
-    cursor: Cursor,
+    feed: Box<dyn Feed>,
 }
 
 impl ResultWatch {
@@ -247,7 +260,7 @@ impl ResultWatch {
         pick: impl Fn(&Event) -> Option<T>,
     ) -> Result<Option<T>, Status> {
         loop {
-            let batch = match tokio::time::timeout_at(until, self.cursor.next_batch()).await {
+            let batch = match tokio::time::timeout_at(until, self.feed.next_batch()).await {
                 Err(_) => return Ok(None),
                 Ok(batch) => batch.map_err(|e| {
                     Status::unavailable(format!("lost the event log while waiting: {e}"))
