@@ -28,6 +28,7 @@ use crate::{
         nats::{NatsLog, NatsSettings},
     },
     grpc::{self, GrpcParts, event_stream::SubscriberCount},
+    metrics::Metrics,
     spike::{SpikeClient, SpikeError},
     webhook::{self, WebhookState, signature::Verifier},
 };
@@ -63,8 +64,8 @@ pub struct Application {
     log: Arc<dyn EventLog>,
     http_listener: TcpListener,
     grpc_listener: TcpListener,
-    subscribers: SubscriberCount,
     spike: Arc<SpikeClient>,
+    metrics: Arc<Metrics>,
 }
 
 impl Application {
@@ -83,8 +84,8 @@ impl Application {
             log,
             http_listener,
             grpc_listener,
-            subscribers: SubscriberCount::default(),
             spike,
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
@@ -107,7 +108,7 @@ impl Application {
 
     /// Open `Subscribe` streams; shared, so it stays readable while [`run`](Self::run) runs.
     pub fn subscribers(&self) -> SubscriberCount {
-        self.subscribers.clone()
+        SubscriberCount::new(self.metrics.subscribers())
     }
 
     /// Serves until `shutdown` completes, then shuts down in order (see the module docs).
@@ -117,8 +118,8 @@ impl Application {
             log,
             http_listener,
             grpc_listener,
-            subscribers,
             spike,
+            metrics,
         } = self;
         let accepting = Arc::new(AtomicBool::new(true));
         let streams_shutdown = CancellationToken::new();
@@ -139,6 +140,7 @@ impl Application {
             verifier: Verifier::new(&config.webhook.signature_keys),
             max_body_bytes: config.webhook.max_body_bytes,
             accepting: accepting.clone(),
+            metrics: metrics.clone(),
         });
         let mut http: JoinHandle<Result<(), RunError>> = tokio::spawn({
             let stop = stop_servers.clone().cancelled_owned();
@@ -154,8 +156,8 @@ impl Application {
                 log: log.clone(),
                 tokens: config.grpc.tokens.clone(),
                 streams_shutdown: streams_shutdown.clone(),
-                subscribers,
                 spike,
+                metrics,
             };
             let stop = stop_servers.clone().cancelled_owned();
             async move {

@@ -14,6 +14,7 @@
 //! - [`app`]: wiring. Binds the listeners, runs both servers and the log's housekeeping,
 //!   and shuts everything down in order within a grace deadline.
 //! - [`spike`]: the client for Spike's REST API (per-user auth, retries, deadlines).
+//! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`proto`]: code generated from `proto/spike/gateway/v1`.
 //! - [`telemetry`]: tracing set-up. Payload bodies and secrets are never logged.
 
@@ -21,6 +22,7 @@ pub mod app;
 pub mod config;
 pub mod events;
 pub mod grpc;
+pub mod metrics;
 pub mod proto;
 pub mod spike;
 pub mod telemetry;

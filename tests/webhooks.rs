@@ -209,6 +209,7 @@ async fn webhooks_during_shutdown_get_503() {
         verifier: Verifier::new(&[Secret::new(KEY)]),
         max_body_bytes: 1 << 20,
         accepting: Arc::new(AtomicBool::new(false)),
+        metrics: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

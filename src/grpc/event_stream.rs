@@ -5,10 +5,9 @@
 //! soon as the client goes away (the channel closes) or the gateway shuts down (the stream
 //! ends with `UNAVAILABLE`, naming the sequence to resume after).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
-};
+use std::sync::Arc;
+
+use prometheus_client::metrics::gauge::Gauge;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,8 +18,9 @@ use crate::{
     events::{
         EventLog,
         subscription::{self, Feed, Filter, Start, SubscriptionError},
-        time::to_micros,
+        time::{now_micros, to_micros},
     },
+    metrics::Metrics,
     proto::{Event, SubscribeRequest, event_stream_server::EventStream, subscribe_request},
 };
 
@@ -34,43 +34,46 @@ pub struct EventStreamService {
     /// Cancelled when the gateway shuts down; every producer watches it.
     shutdown: CancellationToken,
     subscribers: SubscriberCount,
+    metrics: Arc<Metrics>,
 }
 
 impl EventStreamService {
-    pub fn new(
-        log: Arc<dyn EventLog>,
-        shutdown: CancellationToken,
-        subscribers: SubscriberCount,
-    ) -> Self {
+    pub fn new(log: Arc<dyn EventLog>, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Self {
         Self {
             log,
             shutdown,
-            subscribers,
+            subscribers: SubscriberCount(metrics.subscribers()),
+            metrics,
         }
     }
 }
 
-/// Number of live `Subscribe` producers; a producer counts until its task ends.
+/// Number of live `Subscribe` producers (the `subscribers` gauge); a producer counts until
+/// its task ends.
 #[derive(Debug, Clone, Default)]
-pub struct SubscriberCount(Arc<AtomicUsize>);
+pub struct SubscriberCount(Gauge);
 
 impl SubscriberCount {
+    pub fn new(gauge: Gauge) -> Self {
+        Self(gauge)
+    }
+
     pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.0.get().max(0) as usize
     }
 
     fn enter(&self) -> SubscriberGuard {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        SubscriberGuard(self.clone())
+        self.0.inc();
+        SubscriberGuard(self.0.clone())
     }
 }
 
 /// Decrements the count when the producer ends, however it ends.
-struct SubscriberGuard(SubscriberCount);
+struct SubscriberGuard(Gauge);
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        self.0.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -112,6 +115,7 @@ impl EventStream for EventStreamService {
             request.include_raw_json,
             sender,
             self.shutdown.clone(),
+            self.metrics.clone(),
         ));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
@@ -134,6 +138,7 @@ async fn produce(
     include_raw_json: bool,
     sender: mpsc::Sender<Result<Event, Status>>,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 ) {
     let end = loop {
         let batch = tokio::select! {
@@ -149,6 +154,7 @@ async fn produce(
         };
         for event in events.iter().filter(|e| filter.matches(e)) {
             let sequence = event.sequence;
+            let age = now_micros() - event.received_at.as_ref().map_or(0, to_micros);
             let mut event = Event::clone(event);
             if !include_raw_json {
                 event.raw_json = Default::default();
@@ -158,6 +164,10 @@ async fn produce(
                 () = shutdown.cancelled() => return finish(&sender, shutting_down_at(sequence)).await,
                 sent = sender.send(Ok(event)) => if sent.is_err() { return },
             }
+            metrics.delivered(
+                sequence,
+                std::time::Duration::from_micros(age.max(0) as u64),
+            );
         }
     };
     if let Some(status) = end {

@@ -31,8 +31,8 @@ pub struct GrpcParts {
     pub tokens: Vec<crate::config::Secret>,
     /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
-    pub subscribers: event_stream::SubscriberCount,
     pub spike: Arc<SpikeClient>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Serves until `stop` completes, then drains.
@@ -56,12 +56,16 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
     let records = tonic::service::interceptor::InterceptedService::new(
-        SpikeRecordsServer::new(RecordsService::new(parts.spike, parts.log.clone()))
-            .max_decoding_message_size(records::MAX_MESSAGE_BYTES),
+        SpikeRecordsServer::new(RecordsService::new(
+            parts.spike,
+            parts.log.clone(),
+            parts.metrics.clone(),
+        ))
+        .max_decoding_message_size(records::MAX_MESSAGE_BYTES),
         auth.clone(),
     );
     let event_stream = EventStreamServer::with_interceptor(
-        EventStreamService::new(parts.log, parts.streams_shutdown, parts.subscribers),
+        EventStreamService::new(parts.log, parts.streams_shutdown, parts.metrics),
         auth.clone(),
     );
 

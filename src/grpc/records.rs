@@ -19,6 +19,7 @@ use crate::{
         EventLog,
         subscription::{self, Feed, Filter, Start},
     },
+    metrics::Metrics,
     proto::{
         Event, EventType, GetLabReportRequest, GetNutritionRecordRequest, LabReportResult,
         ListLabReportsRequest, ListLabReportsResponse, ListNutritionRecordsRequest,
@@ -43,17 +44,97 @@ pub const LAB_MIME_TYPES: [&str; 5] = [
 pub struct RecordsService {
     spike: Arc<SpikeClient>,
     log: Arc<dyn EventLog>,
+    metrics: Arc<Metrics>,
 }
 
 impl RecordsService {
-    pub fn new(spike: Arc<SpikeClient>, log: Arc<dyn EventLog>) -> Self {
-        Self { spike, log }
+    pub fn new(spike: Arc<SpikeClient>, log: Arc<dyn EventLog>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            spike,
+            log,
+            metrics,
+        }
+    }
+
+    /// Runs one RPC and records its status and latency.
+    async fn observe<T>(
+        &self,
+        rpc: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.metrics.upstream(rpc, code, started.elapsed());
+        result
     }
 }
 
 #[tonic::async_trait]
 impl SpikeRecords for RecordsService {
     async fn upload_nutrition_image(
+        &self,
+        request: Request<UploadNutritionImageRequest>,
+    ) -> Result<Response<NutritionResult>, Status> {
+        self.observe(
+            "UploadNutritionImage",
+            self.upload_nutrition_image_call(request),
+        )
+        .await
+    }
+
+    async fn get_nutrition_record(
+        &self,
+        request: Request<GetNutritionRecordRequest>,
+    ) -> Result<Response<NutritionResult>, Status> {
+        self.observe(
+            "GetNutritionRecord",
+            self.get_nutrition_record_call(request),
+        )
+        .await
+    }
+
+    async fn list_nutrition_records(
+        &self,
+        request: Request<ListNutritionRecordsRequest>,
+    ) -> Result<Response<ListNutritionRecordsResponse>, Status> {
+        self.observe(
+            "ListNutritionRecords",
+            self.list_nutrition_records_call(request),
+        )
+        .await
+    }
+
+    async fn upload_lab_report(
+        &self,
+        request: Request<UploadLabReportRequest>,
+    ) -> Result<Response<LabReportResult>, Status> {
+        self.observe("UploadLabReport", self.upload_lab_report_call(request))
+            .await
+    }
+
+    async fn get_lab_report(
+        &self,
+        request: Request<GetLabReportRequest>,
+    ) -> Result<Response<LabReportResult>, Status> {
+        self.observe("GetLabReport", self.get_lab_report_call(request))
+            .await
+    }
+
+    async fn list_lab_reports(
+        &self,
+        request: Request<ListLabReportsRequest>,
+    ) -> Result<Response<ListLabReportsResponse>, Status> {
+        self.observe("ListLabReports", self.list_lab_reports_call(request))
+            .await
+    }
+}
+
+/// The RPCs' bodies; [`SpikeRecords`] wraps each to record its metrics.
+impl RecordsService {
+    async fn upload_nutrition_image_call(
         &self,
         request: Request<UploadNutritionImageRequest>,
     ) -> Result<Response<NutritionResult>, Status> {
@@ -105,7 +186,7 @@ impl SpikeRecords for RecordsService {
         .await
     }
 
-    async fn get_nutrition_record(
+    async fn get_nutrition_record_call(
         &self,
         request: Request<GetNutritionRecordRequest>,
     ) -> Result<Response<NutritionResult>, Status> {
@@ -123,7 +204,7 @@ impl SpikeRecords for RecordsService {
         .await
     }
 
-    async fn list_nutrition_records(
+    async fn list_nutrition_records_call(
         &self,
         request: Request<ListNutritionRecordsRequest>,
     ) -> Result<Response<ListNutritionRecordsResponse>, Status> {
@@ -141,7 +222,7 @@ impl SpikeRecords for RecordsService {
         .await
     }
 
-    async fn upload_lab_report(
+    async fn upload_lab_report_call(
         &self,
         request: Request<UploadLabReportRequest>,
     ) -> Result<Response<LabReportResult>, Status> {
@@ -189,7 +270,7 @@ impl SpikeRecords for RecordsService {
         .await
     }
 
-    async fn get_lab_report(
+    async fn get_lab_report_call(
         &self,
         request: Request<GetLabReportRequest>,
     ) -> Result<Response<LabReportResult>, Status> {
@@ -207,7 +288,7 @@ impl SpikeRecords for RecordsService {
         .await
     }
 
-    async fn list_lab_reports(
+    async fn list_lab_reports_call(
         &self,
         request: Request<ListLabReportsRequest>,
     ) -> Result<Response<ListLabReportsResponse>, Status> {

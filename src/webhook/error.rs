@@ -45,6 +45,21 @@ impl WebhookError {
     }
 }
 
+impl WebhookError {
+    /// The `outcome` label of `webhooks_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            WebhookError::MissingSignature => "missing_signature",
+            WebhookError::BadSignature(_) => "bad_signature",
+            WebhookError::TooLarge { .. } => "too_large",
+            WebhookError::UnreadableBody => "unreadable_body",
+            WebhookError::NotJson(_) => "not_json",
+            WebhookError::ShuttingDown => "shutting_down",
+            WebhookError::LogUnavailable(_) => "log_unavailable",
+        }
+    }
+}
+
 impl IntoResponse for WebhookError {
     fn into_response(self) -> Response {
         let status = self.status();

@@ -35,6 +35,7 @@ use crate::{
         AppendOutcome, EventLog,
         time::{from_micros, now_micros},
     },
+    metrics::Metrics,
     proto::{DeadLetter, WebhookCategory},
 };
 pub use error::WebhookError;
@@ -55,6 +56,7 @@ pub struct WebhookState {
     pub max_body_bytes: usize,
     /// Cleared when shutdown begins: new webhooks get 503 so Spike retries elsewhere/later.
     pub accepting: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The 200 body. Spike only looks at the status; the counts help whoever replays by hand.
@@ -72,6 +74,7 @@ pub fn router(state: WebhookState) -> Router {
         .route("/webhooks/spike/nutrition", post(nutrition_webhook))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
@@ -85,6 +88,16 @@ async fn ready(State(state): State<WebhookState>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
+}
+
+async fn metrics(State(state): State<WebhookState>) -> impl IntoResponse {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn main_webhook(
@@ -118,7 +131,10 @@ async fn receive(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, WebhookError> {
+    let started = std::time::Instant::now();
     let result = verify_and_append(state, path, headers, body).await;
+    let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "accepted");
+    state.metrics.webhook(path, outcome, started.elapsed());
     match &result {
         Ok(Json(accepted)) => tracing::info!(
             appended = accepted.appended,
@@ -176,6 +192,7 @@ async fn verify_and_append(
     }
 
     let dead_lettered = dead_letters.len();
+    let types: Vec<i32> = events.iter().map(|e| e.r#type).collect();
     for letter in dead_letters {
         state
             .log
@@ -188,10 +205,15 @@ async fn verify_and_append(
         .append(events)
         .await
         .map_err(WebhookError::LogUnavailable)?;
-    let duplicates = outcomes
-        .iter()
-        .filter(|o| matches!(o, AppendOutcome::Duplicate { .. }))
-        .count();
+    let mut duplicates = 0;
+    for (outcome, event_type) in outcomes.iter().zip(types) {
+        match outcome {
+            AppendOutcome::Appended { sequence } => state.metrics.appended(event_type, *sequence),
+            AppendOutcome::Duplicate { .. } => duplicates += 1,
+        }
+    }
+    state.metrics.duplicates(duplicates as u64);
+    state.metrics.dead_letters(path, dead_lettered as u64);
     Ok(Json(Accepted {
         appended: outcomes.len() - duplicates,
         duplicates,

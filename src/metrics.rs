@@ -1,0 +1,255 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text), one registry per gateway.
+//!
+//! Series (all prefixed `spike_gateway_`):
+//! - `webhooks_total{category, outcome}`: every webhook request and how it ended;
+//! - `webhook_ack_seconds{category}`: request received → answered;
+//! - `events_appended_total{event_type}`, `duplicates_total`, `dead_letters_total{category}`;
+//! - `subscribers`: open `Subscribe` streams;
+//! - `subscriber_lag_events`: at each delivery, how far the event is behind the newest
+//!   sequence this replica has seen;
+//! - `delivery_seconds`: event received → sent to a subscriber (end to end);
+//! - `upstream_calls_total{rpc, status}`, `upstream_call_seconds{rpc}`: SpikeRecords calls.
+//!
+//! Labels are closed sets (categories, types, RPC names, status codes): never user ids.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::proto::{EventType, WebhookCategory};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    category: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CategoryLabels {
+    category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    event_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcOnly {
+    rpc: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latencies from 100 µs to ~50 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    webhooks: Family<WebhookLabels, Counter>,
+    webhook_ack: HistogramFamily<CategoryLabels>,
+    appended: Family<TypeLabels, Counter>,
+    duplicates: Counter,
+    dead_letters: Family<CategoryLabels, Counter>,
+    subscribers: Gauge,
+    subscriber_lag: Histogram,
+    delivery: Histogram,
+    upstream_calls: Family<RpcLabels, Counter>,
+    upstream_latency: HistogramFamily<RpcOnly>,
+    /// Newest sequence this replica has appended or delivered, for the lag histogram.
+    head: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("spike_gateway");
+        let metrics = Self {
+            webhooks: Family::default(),
+            webhook_ack: Family::new_with_constructor(latency_histogram),
+            appended: Family::default(),
+            duplicates: Counter::default(),
+            dead_letters: Family::default(),
+            subscribers: Gauge::default(),
+            subscriber_lag: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
+            delivery: latency_histogram(),
+            upstream_calls: Family::default(),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+            head: AtomicU64::new(0),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "webhooks",
+            "Webhook requests by category and outcome",
+            metrics.webhooks.clone(),
+        );
+        registry.register(
+            "webhook_ack_seconds",
+            "Webhook received to answered",
+            metrics.webhook_ack.clone(),
+        );
+        registry.register(
+            "events_appended",
+            "Events appended to the log, by type",
+            metrics.appended.clone(),
+        );
+        registry.register(
+            "duplicates",
+            "Redelivered events acknowledged without a new event",
+            metrics.duplicates.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Signed items kept as dead letters, by path category",
+            metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "subscribers",
+            "Open Subscribe streams",
+            metrics.subscribers.clone(),
+        );
+        registry.register(
+            "subscriber_lag_events",
+            "At delivery, events between the delivered one and the newest seen",
+            metrics.subscriber_lag.clone(),
+        );
+        registry.register(
+            "delivery_seconds",
+            "Event received to sent to a subscriber",
+            metrics.delivery.clone(),
+        );
+        registry.register(
+            "upstream_calls",
+            "Calls to Spike's API by RPC and resulting gRPC status",
+            metrics.upstream_calls.clone(),
+        );
+        registry.register(
+            "upstream_call_seconds",
+            "SpikeRecords call latency, retries included",
+            metrics.upstream_latency.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+fn category(category: WebhookCategory) -> &'static str {
+    match category {
+        WebhookCategory::Main => "main",
+        WebhookCategory::LabReports => "lab_reports",
+        WebhookCategory::NutritionRecords => "nutrition_records",
+        WebhookCategory::Unspecified => "unspecified",
+    }
+}
+
+impl Metrics {
+    /// The registry in OpenMetrics text.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    pub fn webhook(&self, path: WebhookCategory, outcome: &'static str, took: Duration) {
+        let category = category(path);
+        self.webhooks
+            .get_or_create(&WebhookLabels { category, outcome })
+            .inc();
+        self.webhook_ack
+            .get_or_create(&CategoryLabels { category })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn appended(&self, event_type: i32, sequence: u64) {
+        let event_type = EventType::try_from(event_type)
+            .unwrap_or(EventType::Unspecified)
+            .as_str_name();
+        self.appended
+            .get_or_create(&TypeLabels { event_type })
+            .inc();
+        self.head.fetch_max(sequence, Ordering::Relaxed);
+    }
+
+    pub fn duplicates(&self, count: u64) {
+        self.duplicates.inc_by(count);
+    }
+
+    pub fn dead_letters(&self, path: WebhookCategory, count: u64) {
+        self.dead_letters
+            .get_or_create(&CategoryLabels {
+                category: category(path),
+            })
+            .inc_by(count);
+    }
+
+    /// The open-subscriber gauge, shared with the Subscribe service.
+    pub fn subscribers(&self) -> Gauge {
+        self.subscribers.clone()
+    }
+
+    /// One event sent to a subscriber, `age` after the gateway received it.
+    pub fn delivered(&self, sequence: u64, age: Duration) {
+        let head = self
+            .head
+            .fetch_max(sequence, Ordering::Relaxed)
+            .max(sequence);
+        self.subscriber_lag.observe((head - sequence) as f64);
+        self.delivery.observe(age.as_secs_f64());
+    }
+
+    pub fn upstream(&self, rpc: &'static str, status: tonic::Code, took: Duration) {
+        self.upstream_calls
+            .get_or_create(&RpcLabels {
+                rpc,
+                status: code_name(status),
+            })
+            .inc();
+        self.upstream_latency
+            .get_or_create(&RpcOnly { rpc })
+            .observe(took.as_secs_f64());
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

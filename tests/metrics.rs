@@ -1,0 +1,130 @@
+//! `GET /metrics` moves when webhooks, subscriptions and proxy calls happen.
+
+mod support;
+
+use std::time::Duration;
+
+use spike_gateway::proto::{GetNutritionRecordRequest, spike_records_client::SpikeRecordsClient};
+use support::{fake_spike::*, *};
+
+async fn scrape(app: &TestApp) -> String {
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    response.text().await.unwrap()
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn webhook_subscriber_and_upstream_series_move() {
+    let fake = FakeSpike::start().await;
+    fake.script(
+        "GET /nutrition_records/missing",
+        vec![Scripted::problem(404, "no such record")],
+    );
+    let app = spawn_app_with(&[
+        "--spike-api-base-url",
+        &fake.url,
+        "--spike-application-id",
+        "1",
+        "--spike-hmac-key",
+        "k",
+    ])
+    .await;
+    let before = scrape(&app).await;
+    assert_eq!(value(&before, "spike_gateway_subscribers"), Some(0.0));
+    assert_eq!(value(&before, "spike_gateway_duplicates_total"), Some(0.0));
+
+    let mut stream = app.subscribe(from_beginning()).await.unwrap();
+    app.post(MAIN, &fixture("main-batch.json")).await;
+    app.post(MAIN, &fixture("main-batch.json")).await;
+    app.post(LAB, &fixture("lab-report-failed.json")).await;
+    app.post_json(MAIN, &serde_json::json!({"hello": "world"}))
+        .await;
+    app.post_with_signature(MAIN, b"{}", Some(&"0".repeat(64)))
+        .await;
+    take(&mut stream, 3).await;
+
+    let mut client = SpikeRecordsClient::connect(format!("http://{}", app.grpc))
+        .await
+        .unwrap();
+    for id in ["r1", "missing"] {
+        let _ = client
+            .get_nutrition_record(GetNutritionRecordRequest {
+                application_user_id: "u".into(),
+                record_id: id.into(),
+            })
+            .await;
+    }
+
+    let text = scrape(&app).await;
+    let expect = [
+        (
+            r#"spike_gateway_webhooks_total{category="main",outcome="accepted"}"#,
+            3.0,
+        ),
+        (
+            r#"spike_gateway_webhooks_total{category="main",outcome="bad_signature"}"#,
+            1.0,
+        ),
+        (
+            r#"spike_gateway_webhooks_total{category="lab_reports",outcome="accepted"}"#,
+            1.0,
+        ),
+        (
+            r#"spike_gateway_events_appended_total{event_type="EVENT_TYPE_RECORD_CHANGE"}"#,
+            2.0,
+        ),
+        (
+            r#"spike_gateway_events_appended_total{event_type="EVENT_TYPE_LAB_REPORT_FAILED"}"#,
+            1.0,
+        ),
+        ("spike_gateway_duplicates_total", 2.0),
+        (r#"spike_gateway_dead_letters_total{category="main"}"#, 1.0),
+        ("spike_gateway_subscribers", 1.0),
+        ("spike_gateway_delivery_seconds_count", 3.0),
+        ("spike_gateway_subscriber_lag_events_count", 3.0),
+        (
+            r#"spike_gateway_webhook_ack_seconds_count{category="main"}"#,
+            4.0,
+        ),
+        (
+            r#"spike_gateway_upstream_calls_total{rpc="GetNutritionRecord",status="OK"}"#,
+            1.0,
+        ),
+        (
+            r#"spike_gateway_upstream_calls_total{rpc="GetNutritionRecord",status="NOT_FOUND"}"#,
+            1.0,
+        ),
+        (
+            r#"spike_gateway_upstream_call_seconds_count{rpc="GetNutritionRecord"}"#,
+            2.0,
+        ),
+    ];
+    for (series, expected) in expect {
+        assert_eq!(value(&text, series), Some(expected), "{series}\n{text}");
+    }
+    assert!(!text.contains("User1"), "no user ids in labels");
+
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while value(&scrape(&app).await, "spike_gateway_subscribers") != Some(0.0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gauge falls when the client leaves"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
