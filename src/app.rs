@@ -42,6 +42,8 @@ pub enum StartupError {
     Log(#[from] LogError),
     #[error("cannot set up the Spike client: {0}")]
     Spike(#[from] SpikeError),
+    #[error("gRPC TLS: {0}")]
+    Tls(String),
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -66,12 +68,24 @@ pub struct Application {
     grpc_listener: TcpListener,
     spike: Arc<SpikeClient>,
     metrics: Arc<Metrics>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let log = open_log(&config).await?;
         let spike = Arc::new(SpikeClient::new(&config.spike)?);
+        if !config.grpc_addr.ip().is_loopback() && config.grpc.tls.is_none() {
+            tracing::warn!(
+                grpc = %config.grpc_addr,
+                "gRPC without TLS on a non-loopback address: bearer tokens and health data cross \
+                 the network in cleartext; set GATEWAY_GRPC_TLS_CERT/KEY or terminate TLS in front"
+            );
+        }
+        let tls = match &config.grpc.tls {
+            Some(files) => Some(grpc::tls_config(files).map_err(StartupError::Tls)?),
+            None => None,
+        };
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -86,6 +100,7 @@ impl Application {
             grpc_listener,
             spike,
             metrics: Arc::new(Metrics::default()),
+            tls,
         })
     }
 
@@ -120,6 +135,7 @@ impl Application {
             grpc_listener,
             spike,
             metrics,
+            tls,
         } = self;
         let accepting = Arc::new(AtomicBool::new(true));
         let streams_shutdown = CancellationToken::new();
@@ -158,6 +174,7 @@ impl Application {
                 streams_shutdown: streams_shutdown.clone(),
                 spike,
                 metrics,
+                tls,
             };
             let stop = stop_servers.clone().cancelled_owned();
             async move {

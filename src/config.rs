@@ -66,6 +66,18 @@ pub struct Cli {
     /// File holding the gRPC bearer tokens, comma- or newline-separated.
     #[arg(long, env = "GATEWAY_GRPC_TOKENS_FILE")]
     pub grpc_tokens_file: Option<PathBuf>,
+    /// PEM certificate chain for gRPC over TLS (with --grpc-tls-key).
+    #[arg(long, env = "GATEWAY_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key for gRPC over TLS.
+    #[arg(long, env = "GATEWAY_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "GATEWAY_GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// Serve gRPC on a non-loopback address without tokens or mTLS anyway.
+    #[arg(long, env = "GATEWAY_GRPC_ALLOW_INSECURE")]
+    pub grpc_allow_insecure: bool,
     /// Largest accepted webhook body, in bytes.
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -165,6 +177,16 @@ pub struct StoreConfig {
 pub struct GrpcConfig {
     /// Accepted bearer tokens; empty means the gRPC API is unauthenticated.
     pub tokens: Vec<Secret>,
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where the gRPC server's TLS material lives; read at start-up.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// With a client CA, clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Why the configuration was refused; printed as one line before a non-zero exit.
@@ -286,6 +308,43 @@ impl Config {
             ));
         }
 
+        let tls = match (cli.grpc_tls_cert, cli.grpc_tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: cli.grpc_tls_client_ca,
+            }),
+            (None, None) if cli.grpc_tls_client_ca.is_some() => {
+                return Err(invalid(
+                    "GATEWAY_GRPC_TLS_CLIENT_CA",
+                    "needs GATEWAY_GRPC_TLS_CERT and GATEWAY_GRPC_TLS_KEY",
+                ));
+            }
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "GATEWAY_GRPC_TLS_CERT",
+                    "set both GATEWAY_GRPC_TLS_CERT and GATEWAY_GRPC_TLS_KEY",
+                ));
+            }
+        };
+        let mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if !cli.grpc_addr.ip().is_loopback()
+            && tokens.is_empty()
+            && !mutual_tls
+            && !cli.grpc_allow_insecure
+        {
+            return Err(invalid(
+                "GATEWAY_GRPC_ADDR",
+                &format!(
+                    "refusing to serve health data on {} without authentication: set \
+                     GATEWAY_GRPC_TOKENS or GATEWAY_GRPC_TLS_CLIENT_CA, or pass \
+                     --grpc-allow-insecure",
+                    cli.grpc_addr
+                ),
+            ));
+        }
+
         Ok(Config {
             http_addr: cli.http_addr,
             grpc_addr: cli.grpc_addr,
@@ -308,7 +367,7 @@ impl Config {
                 retention: cli.retention,
                 memory_capacity: cli.memory_capacity,
             },
-            grpc: GrpcConfig { tokens },
+            grpc: GrpcConfig { tokens, tls },
             shutdown_grace: cli.shutdown_grace,
             log_format: cli.log_format,
         })
@@ -440,6 +499,48 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("NATS_URL"));
+    }
+
+    #[test]
+    fn a_non_loopback_grpc_address_needs_auth_or_an_explicit_opt_out() {
+        let open = [
+            "--webhook-signature-key",
+            "k",
+            "--grpc-addr",
+            "0.0.0.0:50051",
+        ];
+        let err = parse(&open).unwrap_err().to_string();
+        assert!(
+            err.contains("refusing") && err.contains("--grpc-allow-insecure"),
+            "{err}"
+        );
+        assert!(parse(&[&open[..], &["--grpc-tokens", "t"]].concat()).is_ok());
+        assert!(parse(&[&open[..], &["--grpc-allow-insecure"]].concat()).is_ok());
+        let mtls = [
+            "--grpc-tls-cert",
+            "c.pem",
+            "--grpc-tls-key",
+            "k.pem",
+            "--grpc-tls-client-ca",
+            "ca.pem",
+        ];
+        assert!(parse(&[&open[..], &mtls[..]].concat()).is_ok());
+        // TLS alone authenticates the server, not the client.
+        assert!(parse(&[&open[..], &mtls[..4]].concat()).is_err());
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let err = parse(&["--webhook-signature-key", "k", "--grpc-tls-cert", "c.pem"]).unwrap_err();
+        assert!(err.to_string().contains("GATEWAY_GRPC_TLS_KEY"), "{err}");
+        let err = parse(&[
+            "--webhook-signature-key",
+            "k",
+            "--grpc-tls-client-ca",
+            "ca.pem",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("GATEWAY_GRPC_TLS_CERT"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,24 @@ pub struct GrpcParts {
     pub streams_shutdown: CancellationToken,
     pub spike: Arc<SpikeClient>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// TLS (and with a client CA, mTLS) for the whole gRPC server.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// Reads the configured certificate, key and client CA into a TLS configuration.
+pub fn tls_config(
+    files: &crate::config::TlsFiles,
+) -> Result<tonic::transport::ServerTlsConfig, String> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
 }
 
 /// Serves until `stop` completes, then drains.
@@ -69,7 +87,11 @@ pub async fn serve(
         auth.clone(),
     );
 
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = parts.tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection_v1,
