@@ -286,3 +286,31 @@ async fn the_memory_log_is_bounded() {
         .collect();
     assert_eq!(kept, [3, 4, 5]);
 }
+
+#[tokio::test]
+async fn reads_after_an_erasure_skip_the_holes() {
+    for (name, log, _dir) in backends(HOUR, HOUR) {
+        let mut batch = events(&["a1", "b1", "b2", "a2", "a3"]);
+        for event in &mut batch {
+            event.application_user_id = event.event_id[..1].to_owned();
+        }
+        log.append(batch).await.unwrap();
+        let erased = log.erase_user("b").await.unwrap();
+        assert_eq!((erased.events, erased.dedup_entries), (2, 2), "{name}");
+        for (from, expected) in [
+            (1, vec![1, 4, 5]),
+            (2, vec![4, 5]),
+            (4, vec![4, 5]),
+            (5, vec![5]),
+        ] {
+            let read: Vec<u64> = log
+                .read(from, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.sequence)
+                .collect();
+            assert_eq!(read, expected, "{name}: from {from}");
+        }
+    }
+}

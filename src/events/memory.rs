@@ -13,11 +13,14 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
-    AppendOutcome, EventLog, LogBounds, LogError,
+    AppendOutcome, Erased, EventLog, LogBounds, LogError,
     fanout::Fanout,
     time::{Micros, from_micros, now_micros, to_micros},
 };
-use crate::proto::{DeadLetter, Event};
+use crate::{
+    proto::{DeadLetter, Event},
+    webhook::payload::user_named_in,
+};
 
 /// Dead letters kept at most; older ones are dropped first.
 const DEAD_LETTER_CAPACITY: usize = 10_000;
@@ -163,14 +166,9 @@ impl EventLog for MemoryLog {
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<Event>>, LogError> {
         let state = self.lock();
-        let skip = from.saturating_sub(state.oldest()) as usize;
-        Ok(state
-            .events
-            .iter()
-            .skip(skip)
-            .take(limit)
-            .cloned()
-            .collect())
+        // By sequence, not by index: erasure leaves holes in the sequence.
+        let start = state.events.partition_point(|e| e.sequence < from);
+        Ok(state.events.range(start..).take(limit).cloned().collect())
     }
 
     async fn bounds(&self) -> Result<LogBounds, LogError> {
@@ -213,6 +211,31 @@ impl EventLog for MemoryLog {
 
     async fn dead_letter_count(&self) -> Result<u64, LogError> {
         Ok(self.lock().dead_letters.len() as u64)
+    }
+
+    async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
+        let mut state = self.lock();
+        let mut erased = Erased::default();
+        let mut ids = Vec::new();
+        state.events.retain(|event| {
+            let keep = event.application_user_id != user;
+            if !keep {
+                ids.push(event.event_id.clone());
+            }
+            keep
+        });
+        erased.events = ids.len() as u64;
+        for id in ids {
+            if state.dedup.remove(&id).is_some() {
+                erased.dedup_entries += 1;
+            }
+        }
+        let before = state.dead_letters.len();
+        state
+            .dead_letters
+            .retain(|letter| user_named_in(&letter.raw_json).as_deref() != Some(user));
+        erased.dead_letters = (before - state.dead_letters.len()) as u64;
+        Ok(erased)
     }
 
     fn is_ready(&self) -> bool {
