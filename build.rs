@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/spike/gateway/v1/events.proto",
     "proto/spike/gateway/v1/event_stream.proto",
     "proto/spike/gateway/v1/records.proto",
+    "proto/spike/gateway/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -171,6 +171,7 @@ impl Application {
             let parts = GrpcParts {
                 log: log.clone(),
                 tokens: config.grpc.tokens.clone(),
+                admin_tokens: config.grpc.admin_tokens.clone(),
                 streams_shutdown: streams_shutdown.clone(),
                 spike,
                 metrics,

@@ -66,6 +66,12 @@ pub struct Cli {
     /// File holding the gRPC bearer tokens, comma- or newline-separated.
     #[arg(long, env = "GATEWAY_GRPC_TOKENS_FILE")]
     pub grpc_tokens_file: Option<PathBuf>,
+    /// Bearer tokens for the Admin service (erasure), comma-separated. Unset = Admin disabled.
+    #[arg(long, env = "GATEWAY_ADMIN_TOKENS", hide_env_values = true)]
+    pub admin_tokens: Option<String>,
+    /// File holding the Admin tokens.
+    #[arg(long, env = "GATEWAY_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<PathBuf>,
     /// PEM certificate chain for gRPC over TLS (with --grpc-tls-key).
     #[arg(long, env = "GATEWAY_GRPC_TLS_CERT")]
     pub grpc_tls_cert: Option<PathBuf>,
@@ -177,6 +183,8 @@ pub struct StoreConfig {
 pub struct GrpcConfig {
     /// Accepted bearer tokens; empty means the gRPC API is unauthenticated.
     pub tokens: Vec<Secret>,
+    /// Tokens for the Admin service; empty means it refuses every call.
+    pub admin_tokens: Vec<Secret>,
     pub tls: Option<TlsFiles>,
 }
 
@@ -308,6 +316,12 @@ impl Config {
             ));
         }
 
+        let admin_tokens = secret_list(
+            "GATEWAY_ADMIN_TOKENS",
+            cli.admin_tokens,
+            "GATEWAY_ADMIN_TOKENS_FILE",
+            cli.admin_tokens_file,
+        )?;
         let tls = match (cli.grpc_tls_cert, cli.grpc_tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -367,7 +381,11 @@ impl Config {
                 retention: cli.retention,
                 memory_capacity: cli.memory_capacity,
             },
-            grpc: GrpcConfig { tokens, tls },
+            grpc: GrpcConfig {
+                tokens,
+                admin_tokens,
+                tls,
+            },
             shutdown_grace: cli.shutdown_grace,
             log_format: cli.log_format,
         })

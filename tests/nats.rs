@@ -361,3 +361,53 @@ async fn await_result_works_across_replicas() {
     let result = call.await.unwrap().unwrap().into_inner();
     assert_eq!(result.dish_name, "via-replica-b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_purges_the_users_subjects() {
+    use spike_gateway::proto::{EraseUserRequest, admin_client::AdminClient};
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let stream = unique_stream();
+    let flags = [
+        "--store",
+        "nats",
+        "--nats-url",
+        &url,
+        "--nats-stream",
+        &stream.0,
+        "--nats-subject-prefix",
+        &stream.1,
+        "--admin-tokens",
+        "root",
+    ];
+    let app = spawn_app_with(&flags).await;
+    for (n, user) in ["keep.me", "erase.me", "keep.me", "erase.me"]
+        .iter()
+        .enumerate()
+    {
+        app.post_json(MAIN, &record_change(user, n as u64)).await;
+    }
+    let mut request = tonic::Request::new(EraseUserRequest {
+        application_user_id: "erase.me".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer root".parse().unwrap());
+    let erased = AdminClient::connect(format!("http://{}", app.grpc))
+        .await
+        .unwrap()
+        .erase_user(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(erased.events_removed, 2);
+    let mut replay = app.subscribe(from_beginning()).await.unwrap();
+    let kept: Vec<_> = take(&mut replay, 2)
+        .await
+        .into_iter()
+        .map(|e| (e.sequence, e.application_user_id))
+        .collect();
+    assert_eq!(kept, [(1, "keep.me".to_owned()), (3, "keep.me".to_owned())]);
+    assert_quiet(&mut replay).await;
+}

@@ -33,11 +33,14 @@ use redb::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    AppendOutcome, EventLog, LogBounds, LogError,
+    AppendOutcome, Erased, EventLog, LogBounds, LogError,
     fanout::Fanout,
     time::{Micros, from_micros, now_micros, to_micros},
 };
-use crate::proto::{DeadLetter, Event};
+use crate::{
+    proto::{DeadLetter, Event},
+    webhook::payload::user_named_in,
+};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const DEDUP: TableDefinition<&str, (u64, i64)> = TableDefinition::new("dedup");
@@ -84,6 +87,10 @@ enum Command {
     },
     Housekeeping {
         reply: oneshot::Sender<Result<(), LogError>>,
+    },
+    Erase {
+        user: String,
+        reply: oneshot::Sender<Result<Erased, LogError>>,
     },
     Shutdown,
 }
@@ -250,16 +257,22 @@ impl Writer {
 
     fn handle_group(&mut self, group: &mut Vec<Command>) {
         let mut housekeeping = Vec::new();
+        let mut erasures = Vec::new();
         let mut writes = Vec::with_capacity(group.len());
         for command in group.drain(..) {
             match command {
                 Command::Housekeeping { reply } => housekeeping.push(reply),
+                Command::Erase { user, reply } => erasures.push((user, reply)),
                 Command::Shutdown => {}
                 write => writes.push(write),
             }
         }
         if !writes.is_empty() {
             self.commit_writes(writes);
+        }
+        for (user, reply) in erasures {
+            let result = self.erase(&user).map_err(storage);
+            let _ = reply.send(result);
         }
         if !housekeeping.is_empty() {
             let result = self.housekeeping();
@@ -296,7 +309,9 @@ impl Writer {
                         Command::DeadLetter { reply, .. } => {
                             let _ = reply.send(Ok(()));
                         }
-                        Command::Housekeeping { .. } | Command::Shutdown => {}
+                        Command::Housekeeping { .. }
+                        | Command::Erase { .. }
+                        | Command::Shutdown => {}
                     }
                 }
                 // Only now, committed and readable, do subscribers see them.
@@ -314,7 +329,9 @@ impl Writer {
                         Command::DeadLetter { reply, .. } => {
                             let _ = reply.send(Err(LogError::Storage(message.clone())));
                         }
-                        Command::Housekeeping { .. } | Command::Shutdown => {}
+                        Command::Housekeeping { .. }
+                        | Command::Erase { .. }
+                        | Command::Shutdown => {}
                     }
                 }
             }
@@ -383,7 +400,7 @@ impl Writer {
                             .insert(next_dead_letter, stored_value(received, letter).as_slice())?;
                         next_dead_letter += 1;
                     }
-                    Command::Housekeeping { .. } | Command::Shutdown => {}
+                    Command::Housekeeping { .. } | Command::Erase { .. } | Command::Shutdown => {}
                 }
             }
             meta.insert(META_NEXT_SEQUENCE, next)?;
@@ -391,6 +408,51 @@ impl Writer {
         }
         txn.commit()?;
         Ok((outcomes, appended, next, last_received))
+    }
+
+    /// Removes one user's events, their dedup entries and attributable dead letters, in one
+    /// transaction. Scans the whole log: erasure is rare, and events are keyed by sequence.
+    fn erase(&self, user: &str) -> Result<Erased, redb::Error> {
+        let txn = self.db.begin_write()?;
+        let mut erased = Erased::default();
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut dedup = txn.open_table(DEDUP)?;
+            let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+            let mut dead_letters = txn.open_table(DEAD_LETTERS)?;
+            let mut doomed = Vec::new();
+            for entry in events.iter()? {
+                let (key, value) = entry?;
+                let event = decode_event(value.value())?;
+                if event.application_user_id == user {
+                    doomed.push((key.value(), event.event_id));
+                }
+            }
+            for (sequence, event_id) in &doomed {
+                events.remove(*sequence)?;
+                let first_seen = dedup.remove(event_id.as_str())?.map(|v| v.value().1);
+                if let Some(first_seen) = first_seen {
+                    expiry.remove((first_seen, event_id.as_str()))?;
+                    erased.dedup_entries += 1;
+                }
+            }
+            erased.events = doomed.len() as u64;
+            let mut letters = Vec::new();
+            for entry in dead_letters.iter()? {
+                let (key, value) = entry?;
+                let letter = DeadLetter::decode(value.value().get(8..).unwrap_or_default())
+                    .map_err(|e| redb::Error::Corrupted(format!("undecodable dead letter: {e}")))?;
+                if user_named_in(&letter.raw_json).as_deref() == Some(user) {
+                    letters.push(key.value());
+                }
+            }
+            for key in &letters {
+                dead_letters.remove(*key)?;
+            }
+            erased.dead_letters = letters.len() as u64;
+        }
+        txn.commit()?;
+        Ok(erased)
     }
 
     /// Applies retention to events and dead letters and expires the dedup index, in chunks.
@@ -544,6 +606,11 @@ impl EventLog for EmbeddedLog {
 
     async fn housekeeping(&self) -> Result<(), LogError> {
         self.send(|reply| Command::Housekeeping { reply }).await
+    }
+
+    async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
+        let user = user.to_owned();
+        self.send(|reply| Command::Erase { user, reply }).await
     }
 
     async fn dead_letter_count(&self) -> Result<u64, LogError> {

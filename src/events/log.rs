@@ -20,6 +20,14 @@ pub enum AppendOutcome {
     Duplicate { sequence: u64 },
 }
 
+/// What [`EventLog::erase_user`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Erased {
+    pub events: u64,
+    pub dedup_entries: u64,
+    pub dead_letters: u64,
+}
+
 /// What the log retains right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogBounds {
@@ -82,6 +90,10 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Applies retention and forgets expired dedup entries.
     async fn housekeeping(&self) -> Result<(), LogError>;
+
+    /// Removes every event of `user`, their dedup entries, and the dead letters whose
+    /// JSON names the user (right to erasure).
+    async fn erase_user(&self, user: &str) -> Result<Erased, LogError>;
 
     /// Number of dead letters kept.
     async fn dead_letter_count(&self) -> Result<u64, LogError>;

@@ -17,4 +17,4 @@ pub mod nats;
 pub mod subscription;
 pub mod time;
 
-pub use log::{AppendOutcome, EventLog, LogBounds, LogError};
+pub use log::{AppendOutcome, Erased, EventLog, LogBounds, LogError};

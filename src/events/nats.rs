@@ -43,7 +43,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AppendOutcome, EventLog, LogBounds, LogError,
+    AppendOutcome, Erased, EventLog, LogBounds, LogError,
     fanout::Fanout,
     subscription::{Feed, Filter, Start, SubscriptionError, first_position},
     time::{Micros, from_micros, now_micros, to_micros},
@@ -557,6 +557,28 @@ impl EventLog for NatsLog {
     async fn housekeeping(&self) -> Result<(), LogError> {
         // JetStream applies max_age and the duplicate window itself.
         Ok(())
+    }
+
+    /// Purges the user's subjects. JetStream keeps its duplicate-window message ids (event
+    /// ids, which are hashes) until the window passes, and dead-letter subjects carry no
+    /// user, so neither can be erased here: see the README's Security section.
+    async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
+        self.connected()?;
+        let subject = format!(
+            "{}.event.*.{}",
+            self.settings.subject_prefix,
+            subject_token(user)
+        );
+        let purged = self
+            .events
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|e| unavailable("NATS purge failed", e))?;
+        Ok(Erased {
+            events: purged.purged,
+            ..Erased::default()
+        })
     }
 
     async fn dead_letter_count(&self) -> Result<u64, LogError> {

@@ -7,17 +7,28 @@ use tonic::{Request, Status, service::Interceptor};
 
 use crate::config::Secret;
 
-/// Accepts a request whose `authorization` is `Bearer <one of the tokens>`. With no tokens
-/// configured every request passes.
+/// Accepts a request whose `authorization` is `Bearer <one of the tokens>`.
 #[derive(Clone)]
 pub struct BearerAuth {
     tokens: Arc<Vec<Secret>>,
+    /// Why every request is refused when no token is configured; `None` lets them pass.
+    closed_without_tokens: Option<&'static str>,
 }
 
 impl BearerAuth {
+    /// With no tokens configured every request passes.
     pub fn new(tokens: Vec<Secret>) -> Self {
         Self {
             tokens: Arc::new(tokens),
+            closed_without_tokens: None,
+        }
+    }
+
+    /// With no tokens configured every request is refused with `why`.
+    pub fn required(tokens: Vec<Secret>, why: &'static str) -> Self {
+        Self {
+            tokens: Arc::new(tokens),
+            closed_without_tokens: Some(why),
         }
     }
 }
@@ -25,7 +36,10 @@ impl BearerAuth {
 impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         if self.tokens.is_empty() {
-            return Ok(request);
+            return match self.closed_without_tokens {
+                None => Ok(request),
+                Some(why) => Err(Status::permission_denied(why)),
+            };
         }
         let presented = request
             .metadata()

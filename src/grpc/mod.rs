@@ -1,6 +1,7 @@
-//! The gRPC server: `EventStream`, `SpikeRecords`, `grpc.health.v1.Health`, and server reflection v1 and
+//! The gRPC server: `EventStream`, `SpikeRecords`, `Admin`, `grpc.health.v1.Health`, and server reflection v1 and
 //! v1alpha (older grpcurl releases speak only v1alpha).
 
+pub mod admin;
 pub mod auth;
 pub mod deadline;
 pub mod event_stream;
@@ -29,6 +30,7 @@ use records::RecordsService;
 pub struct GrpcParts {
     pub log: Arc<dyn EventLog>,
     pub tokens: Vec<crate::config::Secret>,
+    pub admin_tokens: Vec<crate::config::Secret>,
     /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
     pub spike: Arc<SpikeClient>,
@@ -73,6 +75,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
+    let admin = crate::proto::admin_server::AdminServer::with_interceptor(
+        admin::AdminService::new(parts.log.clone()),
+        BearerAuth::required(
+            parts.admin_tokens,
+            "the Admin service is disabled: set GATEWAY_ADMIN_TOKENS to enable it",
+        ),
+    );
     let records = tonic::service::interceptor::InterceptedService::new(
         SpikeRecordsServer::new(RecordsService::new(
             parts.spike,
@@ -103,6 +112,7 @@ pub async fn serve(
         ))
         .add_service(event_stream)
         .add_service(records)
+        .add_service(admin)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop)
         .await
 }

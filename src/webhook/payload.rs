@@ -203,6 +203,43 @@ fn numbers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, f6
     Ok(Some(kept))
 }
 
+/// The user a stored payload names (`application_user_id`, else `user_id`, also inside an
+/// envelope's `data`), read leniently so that items refused for other reasons still count.
+pub fn user_named_in(raw_json: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Names {
+        #[serde(default, deserialize_with = "id_or_nothing")]
+        application_user_id: Option<String>,
+        #[serde(default, deserialize_with = "id_or_nothing")]
+        user_id: Option<String>,
+        #[serde(default)]
+        data: Option<Lenient<Box<Names>>>,
+    }
+    /// Whatever does not fit is skipped rather than failing the whole lookup.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient<T> {
+        Fits(T),
+        Other(de::IgnoredAny),
+    }
+    fn id_or_nothing<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(match Option::<Lenient<String>>::deserialize(d)? {
+            Some(Lenient::Fits(id)) => Some(id),
+            _ => None,
+        })
+    }
+    fn user(names: Names) -> Option<String> {
+        names
+            .application_user_id
+            .or(names.user_id)
+            .or(match names.data {
+                Some(Lenient::Fits(data)) => user(*data),
+                _ => None,
+            })
+    }
+    user(serde_json::from_slice(raw_json).ok()?)
+}
+
 /// What an item is, decided by its content (and, failing that, by the path it came on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -352,6 +389,28 @@ mod tests {
             Some(NumberOrText::Text("positive".into()))
         );
         assert_eq!(results[1].value, Some(NumberOrText::Number(3.0)));
+    }
+
+    #[test]
+    fn the_user_of_a_stored_payload_is_found_even_in_odd_shapes() {
+        let cases: [(&str, Option<&str>); 6] = [
+            (r#"{"application_user_id":"a","user_id":"b"}"#, Some("a")),
+            (r#"{"user_id":"b","metrics":"wrong type"}"#, Some("b")),
+            (
+                r#"{"event_type":"x","data":{"application_user_id":"c"}}"#,
+                Some("c"),
+            ),
+            (r#"{"application_user_id":["odd"],"data":"text"}"#, None),
+            (r#"{"hello":"world"}"#, None),
+            (r#""not an object""#, None),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(
+                user_named_in(json.as_bytes()).as_deref(),
+                expected,
+                "{json}"
+            );
+        }
     }
 
     #[test]
