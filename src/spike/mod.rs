@@ -25,7 +25,7 @@ use crate::{
     proto::{LabReportResult, NutritionResult},
     webhook::{
         normalize::{lab_report_result, nutrition_result},
-        payload::WireItem,
+        payload::{MAX_NESTING, WireItem},
         signature::sign,
     },
 };
@@ -474,6 +474,10 @@ fn json_body(value: &impl Serialize) -> Result<Bytes, SpikeError> {
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, SpikeError> {
+    // A list holds records, each up to MAX_NESTING deep.
+    if crate::webhook::payload::nested_deeper_than(body, MAX_NESTING + 2) {
+        return Err(SpikeError::UnexpectedAnswer("nested too deeply".into()));
+    }
     serde_json::from_slice(body).map_err(|e| {
         SpikeError::UnexpectedAnswer(format!(
             "not the expected JSON (line {}, column {})",

@@ -44,10 +44,48 @@ impl From<serde_json::Error> for NotJson {
 #[error("{0}")]
 pub struct Unusable(pub String);
 
+/// Deepest nesting an item may have. Spike's shapes are about 6 deep; typed parsing
+/// recurses once per level, and a few hundred levels of it overflow a thread's stack.
+pub const MAX_NESTING: usize = 32;
+
+/// Whether `json` nests arrays/objects deeper than `max`, by a linear scan that needs no
+/// stack (brackets inside strings do not count).
+pub fn nested_deeper_than(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in json {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Parses one item. Wrong types become an [`Unusable`] naming the position only.
 pub fn parse_item(raw: &RawValue) -> Result<WireItem, Unusable> {
     if !raw.get().starts_with('{') {
         return Err(Unusable("item is not a JSON object".into()));
+    }
+    if nested_deeper_than(raw.get().as_bytes(), MAX_NESTING) {
+        return Err(Unusable(format!(
+            "item is nested deeper than {MAX_NESTING} levels"
+        )));
     }
     serde_json::from_str(raw.get()).map_err(|e| {
         Unusable(format!(
@@ -237,6 +275,9 @@ pub fn user_named_in(raw_json: &[u8]) -> Option<String> {
                 _ => None,
             })
     }
+    if nested_deeper_than(raw_json, MAX_NESTING) {
+        return None;
+    }
     user(serde_json::from_slice(raw_json).ok()?)
 }
 
@@ -389,6 +430,14 @@ mod tests {
             Some(NumberOrText::Text("positive".into()))
         );
         assert_eq!(results[1].value, Some(NumberOrText::Number(3.0)));
+    }
+
+    #[test]
+    fn nesting_is_measured_outside_strings() {
+        assert!(!nested_deeper_than(br#"{"a":[{"b":[]}]}"#, 4));
+        assert!(nested_deeper_than(br#"{"a":[{"b":[]}]}"#, 3));
+        assert!(!nested_deeper_than(br#"{"a":"[[[[[[\"{{{{"}"#, 1));
+        assert!(nested_deeper_than(&b"[".repeat(100_000), MAX_NESTING));
     }
 
     #[test]
