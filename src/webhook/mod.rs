@@ -48,6 +48,9 @@ pub const SIGNATURE_HEADER: &str = "x-body-signature";
 /// slow client must not hold a connection and its buffer longer than that.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(25);
 
+/// Beyond this many unusable items in one request, the whole body becomes one dead letter.
+pub const MAX_DEAD_LETTERS_PER_REQUEST: usize = 100;
+
 /// Shared by every webhook request.
 #[derive(Clone)]
 pub struct WebhookState {
@@ -191,6 +194,21 @@ async fn verify_and_append(
         }
     }
 
+    if dead_letters.len() > MAX_DEAD_LETTERS_PER_REQUEST {
+        // Keep everything, but as one record: a body of many tiny unusable items must not
+        // turn into hundreds of thousands of writes.
+        let reason = format!(
+            "{} items could not be used; the whole body is kept. First reason: {}",
+            dead_letters.len(),
+            dead_letters[0].reason
+        );
+        dead_letters = vec![DeadLetter {
+            received_at: Some(received_at),
+            path_category: path as i32,
+            reason,
+            raw_json: body.to_vec(),
+        }];
+    }
     let dead_lettered = dead_letters.len();
     let types: Vec<i32> = events.iter().map(|e| e.r#type).collect();
     for letter in dead_letters {
