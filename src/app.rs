@@ -160,9 +160,9 @@ impl Application {
         });
         let mut http: JoinHandle<Result<(), RunError>> = tokio::spawn({
             let stop = stop_servers.clone().cancelled_owned();
+            let header_timeout = config.webhook.header_timeout;
             async move {
-                axum::serve(http_listener, router)
-                    .with_graceful_shutdown(stop)
+                webhook::server::serve(http_listener, router, header_timeout, stop)
                     .await
                     .map_err(RunError::Http)
             }

@@ -84,6 +84,9 @@ pub struct Cli {
     /// Serve gRPC on a non-loopback address without tokens or mTLS anyway.
     #[arg(long, env = "GATEWAY_GRPC_ALLOW_INSECURE")]
     pub grpc_allow_insecure: bool,
+    /// How long a client may take to send a request's headers (slow-loris bound).
+    #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
     /// Largest accepted webhook body, in bytes.
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -158,6 +161,7 @@ pub struct WebhookConfig {
     /// Every key a valid signature may be made with (more than one during a rotation).
     pub signature_keys: Vec<Secret>,
     pub max_body_bytes: usize,
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +282,7 @@ impl Config {
         for (name, value) in [
             ("GATEWAY_DEDUP_WINDOW", cli.dedup_window),
             ("GATEWAY_RETENTION", cli.retention),
+            ("GATEWAY_HTTP_HEADER_TIMEOUT", cli.http_header_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be longer than zero"));
@@ -365,6 +370,7 @@ impl Config {
             webhook: WebhookConfig {
                 signature_keys,
                 max_body_bytes: cli.max_body_bytes,
+                header_timeout: cli.http_header_timeout,
             },
             spike: SpikeConfig {
                 api_base_url: cli.spike_api_base_url.trim_end_matches('/').to_owned(),

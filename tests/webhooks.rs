@@ -234,3 +234,57 @@ async fn unknown_paths_and_methods_are_refused() {
     let response = app.client.get(app.url(MAIN)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 405);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let app = spawn_app_with(&["--http-header-timeout", "500ms"]).await;
+    let mut stream = tokio::net::TcpStream::connect(app.http).await.unwrap();
+    stream
+        .write_all(b"POST /webhooks/spike HTTP/1.1\r\nHost: test\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut buffer),
+    )
+    .await;
+    assert!(read.is_ok(), "still connected after 5 s");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Other clients are served meanwhile and after.
+    assert_eq!(
+        app.post(MAIN, &fixture("main-batch.json"))
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    let app = spawn_app().await;
+    let body = fixture("main-batch.json");
+    let response = app
+        .client
+        .post(app.url(MAIN))
+        .header("X-Body-Signature", sign(KEY, &body))
+        .header("X-Padding", "a".repeat(100 * 1024))
+        .body(body.clone())
+        .send()
+        .await;
+    match response {
+        Ok(response) => assert_eq!(response.status().as_u16(), 431),
+        Err(e) => assert!(
+            e.is_request() || e.is_connect() || e.to_string().contains("connection"),
+            "{e}"
+        ),
+    }
+    assert_eq!(app.log.bounds().await.unwrap().next, 1, "nothing appended");
+    assert_eq!(app.post(MAIN, &body).await.status().as_u16(), 200);
+}

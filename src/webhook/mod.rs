@@ -9,6 +9,7 @@
 pub mod error;
 pub mod normalize;
 pub mod payload;
+pub mod server;
 pub mod signature;
 
 use std::{
