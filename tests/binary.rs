@@ -244,6 +244,27 @@ async fn debug_logs_contain_no_body_key_or_signature() {
         signatures.push(signature.clone());
         assert_eq!(post(path, body.into_bytes(), signature).await, expected);
     }
+    // A caller-supplied request id shows up on the webhook's log lines.
+    let traced = client
+        .post(format!("http://{}/webhooks/spike", gateway.http))
+        .header("X-Body-Signature", sign(SECRET_KEY, b"[]"))
+        .header("x-request-id", "trace-abc123")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.status().as_u16(), 200);
+    // And every RPC runs in a span with one.
+    let mut stream = EventStreamClient::connect(format!("http://{}", gateway.grpc))
+        .await
+        .unwrap()
+        .subscribe(from_beginning())
+        .await
+        .unwrap()
+        .into_inner();
+    let _ = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    drop(stream);
+
     let forged = sign("another-key", meal.as_bytes());
     assert_eq!(
         post("/webhooks/spike", meal.clone().into_bytes(), forged.clone()).await,
@@ -257,6 +278,19 @@ async fn debug_logs_contain_no_body_key_or_signature() {
     assert!(
         log.contains("webhook acknowledged"),
         "debug logs were captured:\n{log}"
+    );
+    assert!(log.contains("request_id=trace-abc123"), "{log}");
+    assert!(
+        log.lines().any(|l| l
+            .contains("rpc{method=/spike.gateway.v1.EventStream/Subscribe request_id=")
+            && l.contains("subscriber connected")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("webhook acknowledged") || l.contains("webhook refused"))
+            .all(|l| l.contains("request_id=")),
+        "every webhook line carries a request id:\n{log}"
     );
     for secret in [SECRET_KEY, BODY_MARKER]
         .iter()

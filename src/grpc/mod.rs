@@ -96,7 +96,17 @@ pub async fn serve(
         auth.clone(),
     );
 
-    let mut server = Server::builder();
+    let mut server = Server::builder().trace_fn(|request| {
+        let offered = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        tracing::info_span!(
+            "rpc",
+            method = %request.uri().path(),
+            request_id = %crate::telemetry::request_id(offered),
+        )
+    });
     if let Some(tls) = parts.tls {
         server = server.tls_config(tls)?;
     }

@@ -128,7 +128,16 @@ async fn nutrition_webhook(
     receive(&state, WebhookCategory::NutritionRecords, &headers, body).await
 }
 
-#[tracing::instrument(name = "webhook", skip_all, fields(category = path.as_str_name()))]
+#[tracing::instrument(
+    name = "webhook",
+    skip_all,
+    fields(
+        category = path.as_str_name(),
+        request_id = %crate::telemetry::request_id(
+            headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        ),
+    )
+)]
 async fn receive(
     state: &WebhookState,
     path: WebhookCategory,
