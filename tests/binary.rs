@@ -151,7 +151,14 @@ fn bad_configuration_is_one_line_and_a_non_zero_exit() {
         }
         command.output().expect("binary runs")
     };
-    let cases: [(&[(&str, &str)], &str); 5] = [
+    let cases: [(&[(&str, &str)], &str); 6] = [
+        (
+            &[
+                ("SPIKE_WEBHOOK_SIGNATURE_KEY", "k"),
+                ("GATEWAY_GRPC_ADDR", "0.0.0.0:50051"),
+            ],
+            "refusing to serve health data on 0.0.0.0:50051 without authentication",
+        ),
         (
             &[
                 ("SPIKE_WEBHOOK_SIGNATURE_KEY", "k"),
