@@ -157,6 +157,7 @@ impl Application {
             max_body_bytes: config.webhook.max_body_bytes,
             accepting: accepting.clone(),
             metrics: metrics.clone(),
+            request_timeout: config.webhook.request_timeout,
         });
         let mut http: JoinHandle<Result<(), RunError>> = tokio::spawn({
             let stop = stop_servers.clone().cancelled_owned();

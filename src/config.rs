@@ -87,6 +87,9 @@ pub struct Cli {
     /// How long a client may take to send a request's headers (slow-loris bound).
     #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
+    /// Longest a webhook request may take, body included (Spike gives up after 30 s).
+    #[arg(long, env = "GATEWAY_HTTP_REQUEST_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub http_request_timeout: Duration,
     /// Largest accepted webhook body, in bytes.
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -162,6 +165,7 @@ pub struct WebhookConfig {
     pub signature_keys: Vec<Secret>,
     pub max_body_bytes: usize,
     pub header_timeout: Duration,
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +287,7 @@ impl Config {
             ("GATEWAY_DEDUP_WINDOW", cli.dedup_window),
             ("GATEWAY_RETENTION", cli.retention),
             ("GATEWAY_HTTP_HEADER_TIMEOUT", cli.http_header_timeout),
+            ("GATEWAY_HTTP_REQUEST_TIMEOUT", cli.http_request_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be longer than zero"));
@@ -371,6 +376,7 @@ impl Config {
                 signature_keys,
                 max_body_bytes: cli.max_body_bytes,
                 header_timeout: cli.http_header_timeout,
+                request_timeout: cli.http_request_timeout,
             },
             spike: SpikeConfig {
                 api_base_url: cli.spike_api_base_url.trim_end_matches('/').to_owned(),

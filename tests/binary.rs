@@ -307,3 +307,31 @@ async fn debug_logs_contain_no_body_key_or_signature() {
         assert!(!log.contains(secret), "log contains {secret:?}:\n{log}");
     }
 }
+
+#[test]
+fn grpc_without_tls_on_a_routable_address_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
+        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
+        .env("GATEWAY_DATA_DIR", dir.path())
+        .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
+        .env("GATEWAY_GRPC_ADDR", "0.0.0.0:0")
+        .env("GATEWAY_GRPC_TOKENS", "tok-SECRET-77")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.map_while(Result::ok) {
+        log.lock().unwrap().push_str(&line);
+        if line.contains("spike-gateway listening") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = log.lock().unwrap();
+    assert!(log.contains("cleartext"), "{log}");
+    assert!(!log.contains("tok-SECRET-77"), "{log}");
+}

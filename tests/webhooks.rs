@@ -210,6 +210,7 @@ async fn webhooks_during_shutdown_get_503() {
         max_body_bytes: 1 << 20,
         accepting: Arc::new(AtomicBool::new(false)),
         metrics: Arc::default(),
+        request_timeout: std::time::Duration::from_secs(5),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -287,4 +288,24 @@ async fn oversized_headers_are_refused() {
     }
     assert_eq!(app.log.bounds().await.unwrap().next, 1, "nothing appended");
     assert_eq!(app.post(MAIN, &body).await.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_in_is_cut_off_by_the_request_timeout() {
+    let app = spawn_app_with(&["--http-request-timeout", "700ms"]).await;
+    let mut stream = tokio::net::TcpStream::connect(app.http).await.unwrap();
+    let head = format!(
+        "POST {MAIN} HTTP/1.1\r\nHost: test\r\nX-Body-Signature: {}\r\nContent-Length: 1000\r\n\r\n",
+        "0".repeat(64)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(b"[").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0; 1024];
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer)).await;
+    let n = read.expect("answered within 5 s").unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }

@@ -45,10 +45,6 @@ use signature::{Signature, Verifier};
 /// Signature header (HTTP header names are case-insensitive; `HeaderMap` already is).
 pub const SIGNATURE_HEADER: &str = "x-body-signature";
 
-/// Whole-request bound: Spike gives up after 30 s, so answering later is pointless and a
-/// slow client must not hold a connection and its buffer longer than that.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(25);
-
 /// Beyond this many unusable items in one request, the whole body becomes one dead letter.
 pub const MAX_DEAD_LETTERS_PER_REQUEST: usize = 100;
 
@@ -61,6 +57,9 @@ pub struct WebhookState {
     /// Cleared when shutdown begins: new webhooks get 503 so Spike retries elsewhere/later.
     pub accepting: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// Whole-request bound: Spike gives up after 30 s, so answering later is pointless, and
+    /// a slow client must not hold a connection and its buffer longer than that.
+    pub request_timeout: Duration,
 }
 
 /// The 200 body. Spike only looks at the status; the counts help whoever replays by hand.
@@ -81,7 +80,7 @@ pub fn router(state: WebhookState) -> Router {
         .route("/metrics", get(metrics))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
+            state.request_timeout,
         ))
         .with_state(state)
 }
