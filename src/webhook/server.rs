@@ -49,6 +49,8 @@ pub async fn serve(
                 }
             },
         };
+        // Small responses must not wait on delayed ACKs (Nagle).
+        let _ = stream.set_nodelay(true);
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
             .into_owned();
