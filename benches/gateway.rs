@@ -1,0 +1,591 @@
+//! End-to-end benchmarks: `cargo bench --bench gateway` (figures in the README).
+//!
+//! Drives the release `spike-gateway` binary (embedded store, fresh data directory each
+//! time) over real HTTP and gRPC, and compares it in the same run with two baselines this
+//! program also serves (it re-executes itself with BENCH_ROLE): a bare axum handler
+//! answering 200, and a minimal one that verifies the HMAC and parses the JSON. Fan-out is
+//! compared with nats-server core pub/sub when nats-server is on the PATH.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use spike_gateway::{
+    proto::{SubscribeRequest, event_stream_client::EventStreamClient, subscribe_request::Start},
+    webhook::signature::sign,
+};
+use tokio::task::JoinSet;
+
+const KEY: &str = "bench-signature-key";
+const RUNS: usize = 3;
+
+fn main() {
+    match std::env::var("BENCH_ROLE").as_deref() {
+        Ok("bare") => return baseline(false),
+        Ok("verify") => return baseline(true),
+        _ => {}
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(run());
+}
+
+/// A baseline server on an ephemeral port; prints `READY <addr>`.
+fn baseline(verify: bool) {
+    use axum::{Router, body::Bytes, http::HeaderMap, http::StatusCode, routing::post};
+    use hmac::{Hmac, Mac};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async move {
+        let handler = move |headers: HeaderMap, body: Bytes| async move {
+            if !verify {
+                return StatusCode::OK;
+            }
+            let Some(signature) = headers
+                .get("x-body-signature")
+                .and_then(|v| hex::decode(v.as_bytes()).ok())
+            else {
+                return StatusCode::UNAUTHORIZED;
+            };
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(KEY.as_bytes()).unwrap();
+            mac.update(&body);
+            if mac.verify_slice(&signature).is_err() {
+                return StatusCode::UNAUTHORIZED;
+            }
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(_) => StatusCode::OK,
+                Err(_) => StatusCode::BAD_REQUEST,
+            }
+        };
+        let app = Router::new().route("/webhooks/spike", post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("READY {}", listener.local_addr().unwrap());
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+struct Server {
+    child: Child,
+    http: SocketAddr,
+    grpc: Option<SocketAddr>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn gateway() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
+            .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
+            .env("GATEWAY_DATA_DIR", dir.path())
+            .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
+            .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
+            // Per-request info lines would cost more than the work measured.
+            .env("RUST_LOG", "warn,spike_gateway::app=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the release binary runs");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let line = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("spike-gateway listening"))
+            .expect("gateway starts");
+        std::thread::spawn(move || lines.for_each(drop));
+        let field = |name: &str| -> SocketAddr {
+            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        Self {
+            http: field("http"),
+            grpc: Some(field("grpc")),
+            child,
+            _dir: Some(dir),
+        }
+    }
+
+    fn baseline(role: &str) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("BENCH_ROLE", role)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Self {
+            http: line.trim().trim_start_matches("READY ").parse().unwrap(),
+            grpc: None,
+            child,
+            _dir: None,
+        }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/webhooks/spike", self.http)
+    }
+
+    fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc.unwrap())
+    }
+}
+
+/// A distinct, signed record_change; `n` makes it unique.
+fn webhook(run: u64, n: u64) -> (Vec<u8>, String) {
+    let body = format!(
+        r#"{{"application_user_id":"u-{run}-{n}","timestamp":"2025-04-15T13:33:55.{n:09}Z","event_type":"record_change","metrics":["steps","distance"],"activity_types":["walking"],"provider_slug":"garmin","earliest_record_start_at":"2025-04-15T09:30:00Z","latest_record_end_at":"2025-04-15T13:33:00Z"}}"#
+    );
+    let signature = sign(KEY, body.as_bytes());
+    (body.into_bytes(), signature)
+}
+
+fn batch(run: u64, from: u64, count: u64) -> (Vec<u8>, String) {
+    let items: Vec<String> = (from..from + count)
+        .map(|n| String::from_utf8(webhook(run, n).0).unwrap())
+        .collect();
+    let body = format!("[{}]", items.join(","));
+    let signature = sign(KEY, body.as_bytes());
+    (body.into_bytes(), signature)
+}
+
+fn http_client(connections: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .http1_only()
+        .build()
+        .unwrap()
+}
+
+/// Acknowledged (200) webhooks per second from `connections` keep-alive connections.
+async fn ingest(url: &str, connections: usize, duration: Duration, run: u64) -> f64 {
+    let client = http_client(connections);
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for worker in 0..connections as u64 {
+        let (client, url, acknowledged) = (client.clone(), url.to_owned(), acknowledged.clone());
+        tasks.spawn(async move {
+            let mut n = worker << 32;
+            while started.elapsed() < duration {
+                let (body, signature) = webhook(run, n);
+                n += 1;
+                let response = client
+                    .post(&url)
+                    .header("X-Body-Signature", signature)
+                    .body(body)
+                    .send()
+                    .await;
+                if response.is_ok_and(|r| r.status().as_u16() == 200) {
+                    acknowledged.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    acknowledged.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn subscribe(
+    url: &str,
+    start: Option<Start>,
+) -> tonic::Streaming<spike_gateway::proto::Event> {
+    let mut client = EventStreamClient::connect(url.to_owned()).await.unwrap();
+    client
+        .subscribe(SubscribeRequest {
+            start,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A subscriber that counts what it receives, until `stop`.
+fn count_events(
+    mut stream: tonic::Streaming<spike_gateway::proto::Event>,
+    counter: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(Some(_)) = stream.message().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+}
+
+/// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
+/// `subscribers` live subscribers, and the gateway's RSS growth over the run.
+async fn latency(rate: u64, seconds: u64, subscribers: usize) -> (f64, f64, i64) {
+    let gateway = Server::gateway();
+    let base = Instant::now();
+    let total = rate * seconds;
+    let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let mut receivers = JoinSet::new();
+    for _ in 0..subscribers {
+        let mut stream = subscribe(&gateway.grpc_url(), None).await;
+        let sent_at = sent_at.clone();
+        receivers.spawn(async move {
+            let mut latencies = Vec::with_capacity(total as usize);
+            while (latencies.len() as u64) < total {
+                let Ok(Ok(Some(event))) =
+                    tokio::time::timeout(Duration::from_secs(20), stream.message()).await
+                else {
+                    break;
+                };
+                let n: u64 = event
+                    .application_user_id
+                    .rsplit('-')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let now = base.elapsed().as_micros() as u64;
+                latencies.push(now.saturating_sub(sent_at[n as usize].load(Ordering::Relaxed)));
+            }
+            latencies
+        });
+    }
+    let client = http_client(16);
+    let rss_start = gateway.rss_kib() as i64;
+    let mut senders = JoinSet::new();
+    let per_sender = 16u64;
+    for s in 0..per_sender {
+        let (client, url, sent_at) = (client.clone(), gateway.url(), sent_at.clone());
+        senders.spawn(async move {
+            let mut ticks =
+                tokio::time::interval(Duration::from_micros(1_000_000 * per_sender / rate));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for n in (s..total).step_by(per_sender as usize) {
+                ticks.tick().await;
+                let (body, signature) = webhook(0, n);
+                sent_at[n as usize].store(base.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let _ = client
+                    .post(&url)
+                    .header("X-Body-Signature", signature)
+                    .body(body)
+                    .send()
+                    .await;
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+    let rss_end = gateway.rss_kib() as i64;
+    let mut all = Vec::new();
+    while let Some(latencies) = receivers.join_next().await {
+        all.extend(latencies.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all.len() as u64,
+        total * subscribers as u64,
+        "every subscriber got every event"
+    );
+    (
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+        rss_end - rss_start,
+    )
+}
+
+/// Deliveries per second to `subscribers` subscribers of `events` events posted in batches.
+async fn fanout(subscribers: usize, events: u64) -> f64 {
+    let gateway = Server::gateway();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..subscribers {
+        readers.push(count_events(
+            subscribe(&gateway.grpc_url(), None).await,
+            received.clone(),
+        ));
+    }
+    let client = http_client(4);
+    let started = Instant::now();
+    for from in (0..events).step_by(100) {
+        let (body, signature) = batch(0, from, 100);
+        client
+            .post(gateway.url())
+            .header("X-Body-Signature", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+    let expected = events * subscribers as u64;
+    while received.load(Ordering::Relaxed) < expected {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = expected as f64 / started.elapsed().as_secs_f64();
+    readers.iter().for_each(|r| r.abort());
+    rate
+}
+
+/// The same fan-out through nats-server core pub/sub (no persistence), same payload size.
+async fn nats_fanout(subscribers: usize, events: u64, payload: usize) -> Option<f64> {
+    use futures_util::StreamExt;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let mut server = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = async_nats::connect(&url).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let publisher = client?;
+    let received = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..subscribers {
+        let client = async_nats::connect(&url).await.ok()?;
+        let mut subscription = client.subscribe("bench.fanout").await.ok()?;
+        client.flush().await.ok()?;
+        let received = received.clone();
+        readers.push(tokio::spawn(async move {
+            let _client = client;
+            while subscription.next().await.is_some() {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let body = bytes::Bytes::from(vec![b'x'; payload]);
+    let started = Instant::now();
+    for _ in 0..events {
+        publisher.publish("bench.fanout", body.clone()).await.ok()?;
+    }
+    publisher.flush().await.ok()?;
+    let expected = events * subscribers as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = received.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    readers.iter().for_each(|r| r.abort());
+    let _ = server.kill();
+    let _ = server.wait();
+    Some(rate)
+}
+
+/// Whether a section runs: all by default, or those named in BENCH_ONLY (comma-separated:
+/// ingest, latency, fanout, replay, idle).
+fn enabled(section: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == section))
+}
+
+async fn run() {
+    println!(
+        "spike-gateway benchmarks: {} cores, {RUNS} runs per figure where noted\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let duration = Duration::from_secs(5);
+
+    // 1. Ingest at 64 keep-alive connections.
+    if enabled("ingest") {
+        let mut figures = Vec::new();
+        for (name, role) in [
+            ("bare axum 200", Some("bare")),
+            ("verify + parse", Some("verify")),
+            ("spike-gateway (embedded, 1 subscriber)", None),
+        ] {
+            let mut rates = Vec::new();
+            for run in 0..RUNS as u64 {
+                let server = match role {
+                    Some(role) => Server::baseline(role),
+                    None => Server::gateway(),
+                };
+                let subscriber = match role {
+                    None => Some(count_events(
+                        subscribe(&server.grpc_url(), None).await,
+                        Arc::default(),
+                    )),
+                    Some(_) => None,
+                };
+                rates.push(ingest(&server.url(), 64, duration, run).await);
+                if let Some(s) = subscriber {
+                    s.abort();
+                }
+            }
+            println!(
+                "ingest {name:<42} median {:>9.0}/s  runs {:?}",
+                median(rates.clone()),
+                rates.iter().map(|r| r.round()).collect::<Vec<_>>()
+            );
+            figures.push(median(rates));
+        }
+        println!(
+            "ingest ratio: {:.2}x verify+parse, {:.2}x bare\n",
+            figures[2] / figures[1],
+            figures[2] / figures[0]
+        );
+    }
+
+    // 2. Delivery latency at a fixed moderate rate.
+    for subscribers in [1, 100].into_iter().filter(|_| enabled("latency")) {
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            runs.push(latency(5000, 4, subscribers).await);
+        }
+        let p50 = median(runs.iter().map(|r| r.0).collect());
+        let p99 = median(runs.iter().map(|r| r.1).collect());
+        let growth: Vec<i64> = runs.iter().map(|r| r.2).collect();
+        println!(
+            "latency at 5000/s, {subscribers:>3} subscribers: p50 {p50:.2} ms, p99 {p99:.2} ms (medians); RSS change over the run {growth:?} KiB"
+        );
+    }
+    println!();
+
+    // 3. Fan-out to 100 subscribers.
+    if enabled("fanout") {
+        let events = 10_000;
+        let mut rates = Vec::new();
+        for _ in 0..RUNS {
+            rates.push(fanout(100, events).await);
+        }
+        let ours = median(rates.clone());
+        println!(
+            "fan-out spike-gateway, 100 subscribers: median {ours:>10.0} deliveries/s  runs {:?}",
+            rates.iter().map(|r| r.round()).collect::<Vec<_>>()
+        );
+        let mut nats = Vec::new();
+        for _ in 0..RUNS {
+            if let Some(rate) = nats_fanout(100, events, 300).await {
+                nats.push(rate);
+            }
+        }
+        if nats.is_empty() {
+            println!("fan-out nats-server: skipped (nats-server not on the PATH)\n");
+        } else {
+            let theirs = median(nats.clone());
+            println!(
+                "fan-out nats-server core, 100 subscribers: median {theirs:>10.0} deliveries/s  runs {:?}",
+                nats.iter().map(|r| r.round()).collect::<Vec<_>>()
+            );
+            println!("fan-out ratio: {:.2}x nats-server\n", ours / theirs);
+        }
+    }
+
+    // 4 and 5. Replay of a 1,000,000-event log, RSS after it, and idle subscribers.
+    if enabled("replay") {
+        let gateway = Server::gateway();
+        let client = http_client(8);
+        let total = 1_000_000u64;
+        let started = Instant::now();
+        let mut posts = JoinSet::new();
+        let next = Arc::new(AtomicU64::new(0));
+        for _ in 0..8 {
+            let (client, url, next) = (client.clone(), gateway.url(), next.clone());
+            posts.spawn(async move {
+                loop {
+                    let from = next.fetch_add(1000, Ordering::Relaxed);
+                    if from >= total {
+                        break;
+                    }
+                    let (body, signature) = batch(0, from, 1000);
+                    let response = client
+                        .post(&url)
+                        .header("X-Body-Signature", signature)
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status().as_u16(), 200);
+                }
+            });
+        }
+        while posts.join_next().await.is_some() {}
+        println!(
+            "bulk ingest of {total} events in batches of 1000: {:.0} events/s",
+            total as f64 / started.elapsed().as_secs_f64()
+        );
+        let received = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let reader = count_events(
+            subscribe(&gateway.grpc_url(), Some(Start::FromBeginning(true))).await,
+            received.clone(),
+        );
+        while received.load(Ordering::Relaxed) < total {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        println!(
+            "replay from_beginning of {total} events: {:.0} events/s",
+            total as f64 / started.elapsed().as_secs_f64()
+        );
+        reader.abort();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!("RSS after {total} events: {} KiB", gateway.rss_kib());
+        drop(gateway);
+    }
+    if !enabled("idle") {
+        return;
+    }
+
+    let gateway = Server::gateway();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = gateway.rss_kib();
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut client = EventStreamClient::connect(gateway.grpc_url())
+            .await
+            .unwrap();
+        for _ in 0..200 {
+            idle.push(
+                client
+                    .subscribe(SubscribeRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = gateway.rss_kib();
+    println!(
+        "idle subscribers: {} open, RSS {before} → {after} KiB, {:.1} KiB per subscriber",
+        idle.len(),
+        (after.saturating_sub(before)) as f64 / idle.len() as f64
+    );
+}
