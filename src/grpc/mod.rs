@@ -6,6 +6,7 @@ pub mod auth;
 pub mod deadline;
 pub mod event_stream;
 pub mod records;
+pub mod validate;
 
 use std::sync::Arc;
 

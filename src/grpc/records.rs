@@ -8,12 +8,15 @@
 
 use std::{sync::Arc, time::Duration};
 
-use base64::Engine;
-use prost_types::Timestamp;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::deadline::{self, within};
+use super::{
+    deadline::{self, within},
+    validate::{
+        LAB_MIME_TYPES, encode_upload, validate_range, validate_record_id, validate_user_id,
+    },
+};
 use crate::{
     events::{
         EventLog,
@@ -26,20 +29,11 @@ use crate::{
         ListNutritionRecordsResponse, NutritionResult, RecordStatus, UploadLabReportRequest,
         UploadNutritionImageRequest, event::Payload, spike_records_server::SpikeRecords,
     },
-    spike::{LabReportUpload, NutritionImageUpload, SpikeClient, rfc3339},
+    spike::{LabReportUpload, NutritionImageUpload, SpikeClient, SpikeError, rfc3339},
 };
 
-/// Largest upload Spike takes, measured after base64 encoding.
-pub const MAX_ENCODED_UPLOAD: usize = 10 * 1024 * 1024;
 /// gRPC message limit for this service: a 10 MiB encoded upload is ~7.5 MiB raw, plus room.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-pub const LAB_MIME_TYPES: [&str; 5] = [
-    "application/pdf",
-    "image/jpeg",
-    "image/png",
-    "image/gif",
-    "image/webp",
-];
 
 pub struct RecordsService {
     spike: Arc<SpikeClient>,
@@ -157,31 +151,16 @@ impl RecordsService {
             wait_on_process,
         };
         within(deadline, async {
-            let results = [
-                EventType::NutritionRecordCompleted,
-                EventType::NutritionRecordFailed,
-            ];
-            let mut watch = self.watch(r.await_result, user, results).await?;
-            let uploaded = self
-                .spike
-                .upload_nutrition_image(user, &upload, deadline)
+            let result = self
+                .upload_and_await(
+                    r.await_result,
+                    user,
+                    deadline,
+                    self.spike.upload_nutrition_image(user, &upload, deadline),
+                    |id| async move { self.spike.nutrition_record(user, &id, deadline).await },
+                )
                 .await?;
-            let Some(watch) = watch.as_mut().filter(|_| !is_final(uploaded.status())) else {
-                return Ok(Response::new(uploaded));
-            };
-            let id = uploaded.record_id.clone();
-            let delivered = watch
-                .wait(fallback_at(deadline), |event| match &event.payload {
-                    Some(Payload::NutritionResult(result)) if result.record_id == id => {
-                        Some(result.clone())
-                    }
-                    _ => None,
-                })
-                .await?;
-            Ok(Response::new(match delivered {
-                Some(result) => result,
-                None => self.spike.nutrition_record(user, &id, deadline).await?,
-            }))
+            Ok(Response::new(result))
         })
         .await
     }
@@ -244,28 +223,16 @@ impl RecordsService {
             wait_on_process: async_when_awaiting(r.await_result, r.wait_on_process)?,
         };
         within(deadline, async {
-            let results = [EventType::LabReportCompleted, EventType::LabReportFailed];
-            let mut watch = self.watch(r.await_result, user, results).await?;
-            let uploaded = self
-                .spike
-                .upload_lab_report(user, &upload, deadline)
+            let result = self
+                .upload_and_await(
+                    r.await_result,
+                    user,
+                    deadline,
+                    self.spike.upload_lab_report(user, &upload, deadline),
+                    |id| async move { self.spike.lab_report(user, &id, deadline).await },
+                )
                 .await?;
-            let Some(watch) = watch.as_mut().filter(|_| !is_final(uploaded.status())) else {
-                return Ok(Response::new(uploaded));
-            };
-            let id = uploaded.record_id.clone();
-            let delivered = watch
-                .wait(fallback_at(deadline), |event| match &event.payload {
-                    Some(Payload::LabReportResult(result)) if result.record_id == id => {
-                        Some(result.clone())
-                    }
-                    _ => None,
-                })
-                .await?;
-            Ok(Response::new(match delivered {
-                Some(result) => result,
-                None => self.spike.lab_report(user, &id, deadline).await?,
-            }))
+            Ok(Response::new(result))
         })
         .await
     }
@@ -308,6 +275,43 @@ impl RecordsService {
 }
 
 impl RecordsService {
+    /// Sends `upload`; with `await_result`, answers with the completed/failed webhook for the
+    /// new record, or, if none has come near the deadline, with one `look_up`.
+    ///
+    /// `upload` is a future that has not run yet: the watch is opened first, so a webhook
+    /// that beats Spike's HTTP answer is still seen.
+    async fn upload_and_await<R, G>(
+        &self,
+        await_result: bool,
+        user: &str,
+        deadline: Instant,
+        upload: impl Future<Output = Result<R, SpikeError>>,
+        look_up: impl FnOnce(String) -> G,
+    ) -> Result<R, Status>
+    where
+        R: Awaited,
+        G: Future<Output = Result<R, SpikeError>>,
+    {
+        let mut watch = self.watch(await_result, user, R::EVENT_TYPES).await?;
+        let uploaded = upload.await?;
+        let Some(watch) = watch
+            .as_mut()
+            .filter(|_| !is_final(uploaded.record_status()))
+        else {
+            return Ok(uploaded);
+        };
+        let id = uploaded.id().to_owned();
+        let delivered = watch
+            .wait(fallback_at(deadline), |event| {
+                R::in_event(event).filter(|r| r.id() == id).cloned()
+            })
+            .await?;
+        match delivered {
+            Some(result) => Ok(result),
+            None => Ok(look_up(id).await?),
+        }
+    }
+
     /// With `await_result`, a live feed of the user's results of `types`, opened *before*
     /// the upload is sent.
     async fn watch(
@@ -325,6 +329,56 @@ impl RecordsService {
             .await
             .map_err(|e| Status::unavailable(format!("cannot watch the event log: {e}")))?;
         Ok(Some(ResultWatch { feed }))
+    }
+}
+
+/// A result an upload can wait for: its id, its status, and where events carry it.
+trait Awaited: Clone {
+    /// The event types that end the wait (completed, failed).
+    const EVENT_TYPES: [EventType; 2];
+    fn id(&self) -> &str;
+    fn record_status(&self) -> RecordStatus;
+    fn in_event(event: &Event) -> Option<&Self>;
+}
+
+impl Awaited for NutritionResult {
+    const EVENT_TYPES: [EventType; 2] = [
+        EventType::NutritionRecordCompleted,
+        EventType::NutritionRecordFailed,
+    ];
+
+    fn id(&self) -> &str {
+        &self.record_id
+    }
+
+    fn record_status(&self) -> RecordStatus {
+        self.status()
+    }
+
+    fn in_event(event: &Event) -> Option<&Self> {
+        match &event.payload {
+            Some(Payload::NutritionResult(result)) => Some(result),
+            _ => None,
+        }
+    }
+}
+
+impl Awaited for LabReportResult {
+    const EVENT_TYPES: [EventType; 2] = [EventType::LabReportCompleted, EventType::LabReportFailed];
+
+    fn id(&self) -> &str {
+        &self.record_id
+    }
+
+    fn record_status(&self) -> RecordStatus {
+        self.status()
+    }
+
+    fn in_event(event: &Event) -> Option<&Self> {
+        match &event.payload {
+            Some(Payload::LabReportResult(result)) => Some(result),
+            _ => None,
+        }
     }
 }
 
@@ -383,91 +437,4 @@ fn async_when_awaiting(
 
 fn non_empty(value: String) -> Option<String> {
     Some(value).filter(|v| !v.is_empty())
-}
-
-fn is_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
-/// Spike's rule: 1–128 characters of `[A-Za-z0-9._-]`.
-pub fn validate_user_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > 128 || !id.chars().all(is_id_char) {
-        return Err(Status::invalid_argument(
-            "application_user_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
-        ));
-    }
-    Ok(())
-}
-
-/// Record ids go into the URL path: same safe alphabet as user ids (UUIDs fit).
-pub fn validate_record_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > 128 || !id.chars().all(is_id_char) {
-        return Err(Status::invalid_argument(
-            "record_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
-        ));
-    }
-    Ok(())
-}
-
-/// Base64 of a non-empty upload whose encoding fits Spike's limit (checked before encoding).
-pub fn encode_upload(field: &str, bytes: &[u8]) -> Result<String, Status> {
-    if bytes.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is empty")));
-    }
-    let encoded_len = bytes.len().div_ceil(3) * 4;
-    if encoded_len > MAX_ENCODED_UPLOAD {
-        return Err(Status::invalid_argument(format!(
-            "{field} is {} bytes, {encoded_len} once base64-encoded; Spike accepts at most {MAX_ENCODED_UPLOAD}",
-            bytes.len()
-        )));
-    }
-    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
-}
-
-pub fn validate_range(
-    from: Option<Timestamp>,
-    to: Option<Timestamp>,
-) -> Result<(Timestamp, Timestamp), Status> {
-    let from = from.ok_or_else(|| Status::invalid_argument("from_timestamp is required"))?;
-    let to = to.ok_or_else(|| Status::invalid_argument("to_timestamp is required"))?;
-    if (from.seconds, from.nanos) > (to.seconds, to.nanos) {
-        return Err(Status::invalid_argument(
-            "from_timestamp is after to_timestamp",
-        ));
-    }
-    Ok((from, to))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn user_ids_follow_spikes_rule() {
-        for good in ["a", "User.1_x-2", &"x".repeat(128)] {
-            assert!(validate_user_id(good).is_ok(), "{good}");
-        }
-        for bad in ["", &"x".repeat(129), "a b", "a/b", "ü", "a\n"] {
-            assert!(validate_user_id(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn uploads_are_bounded_after_encoding() {
-        assert!(encode_upload("image", b"").is_err());
-        assert_eq!(encode_upload("image", b"hi").unwrap(), "aGk=");
-        let largest = MAX_ENCODED_UPLOAD / 4 * 3;
-        assert!(encode_upload("image", &vec![0; largest]).is_ok());
-        assert!(encode_upload("image", &vec![0; largest + 1]).is_err());
-    }
-
-    #[test]
-    fn ranges_must_be_given_and_ordered() {
-        let t = |seconds| Some(Timestamp { seconds, nanos: 0 });
-        assert!(validate_range(t(1), t(2)).is_ok());
-        assert!(validate_range(t(2), t(2)).is_ok());
-        assert!(validate_range(t(3), t(2)).is_err());
-        assert!(validate_range(None, t(2)).is_err());
-        assert!(validate_range(t(1), None).is_err());
-    }
 }
