@@ -7,11 +7,12 @@
 //! - [`webhook`]: the axum HTTP front. Verifies `X-Body-Signature` over the raw bytes,
 //!   parses Spike's payload shapes at the edge into domain types, and answers 200 only once
 //!   the log has made every event durable.
-//! - [`events`]: the event model helpers, the [`events::EventLog`] trait with its `embedded`
-//!   (redb, group commit) and `memory` backends, live fan-out, and the subscription cursor
-//!   that hands over from history to live without gaps or duplicates.
-//! - [`grpc`]: the tonic server: `EventStream/Subscribe`, health and reflection.
-//! - [`app`]: wiring. Binds the listeners, runs both servers and the log's housekeeping,
+//! - [`events`]: the [`events::EventLog`] trait with its `embedded` (redb, group commit),
+//!   `memory` and `nats` (JetStream) backends, live fan-out, and the subscription feeds that
+//!   hand over from history to live without gaps or duplicates.
+//! - [`grpc`]: the tonic server: `EventStream/Subscribe`, the `SpikeRecords` proxies,
+//!   `Admin` (erasure), bearer-token auth, TLS, health and reflection.
+//! - [`app`]: wiring. Binds the listeners, runs both servers, housekeeping and readiness,
 //!   and shuts everything down in order within a grace deadline.
 //! - [`spike`]: the client for Spike's REST API (per-user auth, retries, deadlines).
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.

@@ -5,8 +5,9 @@
 //! - [`nats`]: NATS JetStream, shared by several replicas.
 //! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
 //! - [`fanout`]: the bounded broadcast that carries freshly committed events to subscribers.
-//! - [`subscription`]: start positions, filters, and the cursor that reads history and
-//!   then live events without a gap or a duplicate.
+//! - [`subscription`]: start positions, filters, the [`subscription::Feed`] a subscriber
+//!   reads, and the generic cursor that reads history and then live events without a gap
+//!   or a duplicate.
 //! - [`time`]: the conversions between wall-clock time and protobuf timestamps.
 
 pub mod embedded;

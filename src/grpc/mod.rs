@@ -1,5 +1,5 @@
-//! The gRPC server: `EventStream`, `SpikeRecords`, `Admin`, `grpc.health.v1.Health`, and server reflection v1 and
-//! v1alpha (older grpcurl releases speak only v1alpha).
+//! The gRPC server: `EventStream`, `SpikeRecords`, `Admin`, `grpc.health.v1.Health`, and
+//! server reflection v1 and v1alpha (older grpcurl releases speak only v1alpha).
 
 pub mod admin;
 pub mod auth;
