@@ -411,3 +411,66 @@ async fn erasure_purges_the_users_subjects() {
     assert_eq!(kept, [(1, "keep.me".to_owned()), (3, "keep.me".to_owned())]);
     assert_quiet(&mut replay).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generic_log_contract_holds_on_nats() {
+    use spike_gateway::{
+        events::{
+            AppendOutcome, EventLog,
+            nats::{NatsLog, NatsSettings},
+        },
+        proto::Event,
+    };
+    let Some((url, _server)) = shared_server() else {
+        return;
+    };
+    let (stream, prefix) = unique_stream();
+    let log = NatsLog::connect(NatsSettings {
+        url,
+        stream,
+        subject_prefix: prefix,
+        dedup_window: Duration::from_secs(60),
+        retention: Duration::from_secs(3600),
+    })
+    .await
+    .unwrap();
+    let event = |id: &str| Event {
+        event_id: id.into(),
+        r#type: EventType::RecordChange as i32,
+        application_user_id: "u.1".into(),
+        ..Default::default()
+    };
+    let mut live = log.live();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the tail starts on first use
+    let outcomes = log
+        .append(vec![event("a"), event("b"), event("a")])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            AppendOutcome::Appended { sequence: 1 },
+            AppendOutcome::Appended { sequence: 2 },
+            AppendOutcome::Duplicate { sequence: 1 },
+        ]
+    );
+    for expected in [1, 2] {
+        let received = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(received.sequence, expected);
+    }
+    let read: Vec<u64> = log
+        .read(1, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(read, [1, 2]);
+    let bounds = log.bounds().await.unwrap();
+    assert_eq!((bounds.oldest, bounds.next), (1, 3));
+    assert_eq!(log.position_at(0).await.unwrap(), 1);
+    assert_eq!(log.position_at(i64::MAX).await.unwrap(), 3);
+}

@@ -79,6 +79,9 @@ pub struct NatsLog {
     closed: AtomicBool,
     // Stops the tail task on close().
     stop_tail: CancellationToken,
+    // The tail feeds only `live()`, which Subscribe does not use here (each subscription has
+    // its own consumer): it starts with the first `live()` call, not at connect.
+    tail_started: std::sync::Once,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> LogError {
@@ -134,16 +137,8 @@ impl NatsLog {
             fanout: Fanout::default(),
             closed: AtomicBool::new(false),
             stop_tail: CancellationToken::new(),
+            tail_started: std::sync::Once::new(),
         };
-        let next = log.bounds().await?.next;
-        tokio::spawn(tail(
-            log.events.clone(),
-            log.client.clone(),
-            log.event_filter(),
-            next,
-            log.fanout.clone(),
-            log.stop_tail.clone(),
-        ));
         Ok(log)
     }
 
@@ -247,15 +242,26 @@ async fn ensure_stream(
     Ok(stream)
 }
 
-/// Follows the stream from `next` on and publishes each event to the local fan-out.
+/// Follows the stream from its current end and publishes each event to the local fan-out.
+/// Anything a receiver misses before the tail starts it reads from the log, as after a lag.
 async fn tail(
-    events: stream::Stream,
+    mut events: stream::Stream,
     client: async_nats::Client,
     filter: String,
-    mut next: u64,
     fanout: Fanout,
     stop: CancellationToken,
 ) {
+    let mut next = loop {
+        match events.info().await {
+            Ok(info) => break info.state.last_sequence + 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stream's end for the tail; retrying");
+                if pause(&stop).await {
+                    return;
+                }
+            }
+        }
+    };
     loop {
         let consumer = events
             .create_consumer(push::OrderedConfig {
@@ -509,7 +515,18 @@ impl EventLog for NatsLog {
     }
 
     fn live(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.fanout.subscribe()
+        // Subscribe before the tail starts, so the first receiver misses nothing it reads.
+        let receiver = self.fanout.subscribe();
+        self.tail_started.call_once(|| {
+            tokio::spawn(tail(
+                self.events.clone(),
+                self.client.clone(),
+                self.event_filter(),
+                self.fanout.clone(),
+                self.stop_tail.clone(),
+            ));
+        });
+        receiver
     }
 
     async fn follow(
