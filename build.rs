@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("spike_gateway_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
+    // prost's `event_stream_server` goes unused: the server is built by
+    // `event_stream_server()` below, with its own codec.
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
@@ -26,5 +28,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Deterministic field order in nutritional_fields, for readable output and stable tests.
         .btree_map(".")
         .compile_fds(descriptors)?;
+    event_stream_server();
     Ok(())
+}
+
+/// The server side of `EventStream` with the stream's own codec: `Subscribe` sends events
+/// the log has already encoded (`grpc::codec`). The route and messages are those of
+/// `event_stream.proto`, so clients, reflection and grpcurl see no difference; clients keep
+/// using the prost-generated `event_stream_client`.
+fn event_stream_server() {
+    let subscribe = tonic_build::manual::Method::builder()
+        .name("subscribe")
+        .route_name("Subscribe")
+        .input_type("crate::proto::SubscribeRequest")
+        .output_type("crate::grpc::codec::EncodedEvent")
+        .codec_path("crate::grpc::codec::SubscribeCodec")
+        .server_streaming()
+        .build();
+    let service = tonic_build::manual::Service::builder()
+        .name("EventStream")
+        .package("spike.gateway.v1")
+        .method(subscribe)
+        .build();
+    // Writes `spike.gateway.v1.EventStream.rs`, next to prost's `spike.gateway.v1.rs`.
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .compile(&[service]);
 }

@@ -1,7 +1,7 @@
 //! Live fan-out of committed events.
 //!
-//! One `tokio::sync::broadcast` ring shared by all subscribers: each event is stored once
-//! (an `Arc`) however many subscribers there are. The ring is bounded, so a subscriber that
+//! One `tokio::sync::broadcast` ring shared by all subscribers: each event, decoded and encoded,
+//! is stored once (an `Arc`) however many subscribers there are. The ring is bounded, so a subscriber that
 //! stops reading never holds memory or slows the writer; it sees `Lagged` and its cursor
 //! re-reads the missed range from the log.
 
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use crate::proto::Event;
+use super::CommittedEvent;
 
 /// Events the ring holds. Large enough to absorb a webhook burst without sending healthy
 /// subscribers to the log, small enough to bound memory (events are a few hundred bytes).
@@ -17,7 +17,7 @@ pub const LIVE_CAPACITY: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct Fanout {
-    sender: broadcast::Sender<Arc<Event>>,
+    sender: broadcast::Sender<Arc<CommittedEvent>>,
 }
 
 impl Default for Fanout {
@@ -29,14 +29,14 @@ impl Default for Fanout {
 
 impl Fanout {
     /// Publishes committed events, in sequence order. Never blocks.
-    pub fn publish(&self, events: impl IntoIterator<Item = Arc<Event>>) {
+    pub fn publish(&self, events: impl IntoIterator<Item = Arc<CommittedEvent>>) {
         for event in events {
             // An error only means nobody is subscribed right now; the log has the event.
             let _ = self.sender.send(event);
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
         self.sender.subscribe()
     }
 }

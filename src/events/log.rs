@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
+    CommittedEvent,
     subscription::{Feed, Filter, Start, SubscriptionError},
     time::Micros,
 };
@@ -66,7 +67,7 @@ pub trait EventLog: Send + Sync + 'static {
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), LogError>;
 
     /// Up to `limit` events with `sequence >= from`, in order.
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<Event>>, LogError>;
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError>;
 
     async fn bounds(&self) -> Result<LogBounds, LogError>;
 
@@ -75,7 +76,7 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Events as they are committed. A receiver that falls behind gets `Lagged` and must
     /// read what it missed from [`EventLog::read`].
-    fn live(&self) -> broadcast::Receiver<Arc<Event>>;
+    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>>;
 
     /// A backend's own way of following the log from `start`, if it has one (NATS uses an
     /// ordered consumer per subscription). `None`: subscriptions use the generic cursor over

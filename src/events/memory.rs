@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
-    AppendOutcome, Erased, EventLog, LogBounds, LogError,
+    AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
     fanout::Fanout,
     time::{Micros, from_micros, now_micros, to_micros},
 };
@@ -41,7 +41,7 @@ pub struct MemoryLog {
 }
 
 struct State {
-    events: VecDeque<Arc<Event>>,
+    events: VecDeque<Arc<CommittedEvent>>,
     next: u64,
     last_received: Micros,
     trimmed_through: Option<Micros>,
@@ -139,7 +139,7 @@ impl EventLog for MemoryLog {
             outcomes.push(AppendOutcome::Appended {
                 sequence: event.sequence,
             });
-            let event = Arc::new(event);
+            let event = Arc::new(CommittedEvent::new(event));
             state.events.push_back(event.clone());
             appended.push(event);
         }
@@ -164,7 +164,7 @@ impl EventLog for MemoryLog {
         Ok(())
     }
 
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<Event>>, LogError> {
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
         let state = self.lock();
         // By sequence, not by index: erasure leaves holes in the sequence.
         let start = state.events.partition_point(|e| e.sequence < from);
@@ -189,7 +189,7 @@ impl EventLog for MemoryLog {
         Ok(state.events.get(index).map_or(state.next, |e| e.sequence))
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<Event>> {
+    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
         self.fanout.subscribe()
     }
 

@@ -1,5 +1,7 @@
 //! Events after the edge: the durable log, live fan-out and subscription cursors.
 //!
+//! - [`committed`]: an event as the log committed it, decoded once and encoded once, so
+//!   every subscriber is sent the same bytes.
 //! - [`log`]: the [`EventLog`] trait every backend implements, and its error type.
 //! - [`embedded`]: the default backend, durable on disk (redb) with group commit.
 //! - [`nats`]: NATS JetStream, shared by several replicas.
@@ -10,6 +12,7 @@
 //!   or a duplicate.
 //! - [`time`]: the conversions between wall-clock time and protobuf timestamps.
 
+pub mod committed;
 pub mod embedded;
 pub mod fanout;
 pub mod log;
@@ -18,4 +21,5 @@ pub mod nats;
 pub mod subscription;
 pub mod time;
 
+pub use committed::CommittedEvent;
 pub use log::{AppendOutcome, Erased, EventLog, LogBounds, LogError};

@@ -43,7 +43,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AppendOutcome, Erased, EventLog, LogBounds, LogError,
+    AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
     fanout::Fanout,
     subscription::{Feed, Filter, Start, SubscriptionError, first_position},
     time::{Micros, from_micros, now_micros, to_micros},
@@ -189,13 +189,13 @@ impl NatsLog {
     }
 
     /// The stored event at or after `sequence`, if any.
-    async fn next_at_or_after(&self, sequence: u64) -> Result<Option<Event>, LogError> {
+    async fn next_at_or_after(&self, sequence: u64) -> Result<Option<CommittedEvent>, LogError> {
         match self
             .events
             .direct_get_next_for_subject(self.event_filter(), Some(sequence))
             .await
         {
-            Ok(message) => decode(message.sequence, &message.payload).map(Some),
+            Ok(message) => decode(message.sequence, message.payload).map(Some),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable("NATS read failed", e)),
         }
@@ -307,7 +307,7 @@ async fn tail(
             };
             let Ok(info) = message.info() else { continue };
             let sequence = info.stream_sequence;
-            match decode(sequence, &message.payload) {
+            match decode(sequence, message.payload.clone()) {
                 Ok(event) => fanout.publish([Arc::new(event)]),
                 Err(e) => tracing::error!(sequence, error = %e, "undecodable event in the stream"),
             }
@@ -343,7 +343,7 @@ struct NatsFeed {
 
 #[async_trait]
 impl Feed for NatsFeed {
-    async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError> {
+    async fn next_batch(&mut self) -> Result<Vec<Arc<CommittedEvent>>, SubscriptionError> {
         loop {
             let message = match self.messages.next().await {
                 Some(Ok(message)) => message,
@@ -352,7 +352,7 @@ impl Feed for NatsFeed {
             };
             let Ok(info) = message.info() else { continue };
             let sequence = info.stream_sequence;
-            let event = decode(sequence, &message.payload)?;
+            let event = decode(sequence, message.payload.clone())?;
             self.position = sequence + 1;
             return Ok(vec![Arc::new(event)]);
         }
@@ -363,11 +363,10 @@ impl Feed for NatsFeed {
     }
 }
 
-fn decode(sequence: u64, payload: &[u8]) -> Result<Event, LogError> {
-    let mut event = Event::decode(payload)
-        .map_err(|e| LogError::Storage(format!("undecodable event at {sequence}: {e}")))?;
-    event.sequence = sequence;
-    Ok(event)
+/// Messages hold the event without its sequence, which is the stream's own.
+fn decode(sequence: u64, payload: bytes::Bytes) -> Result<CommittedEvent, LogError> {
+    CommittedEvent::decode(sequence, payload)
+        .map_err(|e| LogError::Storage(format!("undecodable event at {sequence}: {e}")))
 }
 
 /// A user id as one NATS subject token: `[A-Za-z0-9_-]` kept, every other byte `~XX` (hex).
@@ -405,7 +404,9 @@ impl EventLog for NatsLog {
                 .publish_with_headers(
                     self.subject_of(&event),
                     headers,
-                    event.encode_to_vec().into(),
+                    // The layout subscribers are sent, so reading it back copies nothing
+                    // but the sequence in front.
+                    CommittedEvent::new(event).encoded(true),
                 )
                 .await
                 .map_err(|e| unavailable("NATS publish failed", e))?;
@@ -449,7 +450,7 @@ impl EventLog for NatsLog {
         Ok(())
     }
 
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<Event>>, LogError> {
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
         let mut out = Vec::new();
         let mut at = from;
         while out.len() < limit {
@@ -514,7 +515,7 @@ impl EventLog for NatsLog {
         Ok(low)
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<Event>> {
+    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
         // Subscribe before the tail starts, so the first receiver misses nothing it reads.
         let receiver = self.fanout.subscribe();
         self.tail_started.call_once(|| {

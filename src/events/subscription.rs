@@ -13,7 +13,7 @@ use std::{collections::HashSet, sync::Arc};
 use async_trait::async_trait;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{EventLog, LogError, time::Micros};
+use super::{CommittedEvent, EventLog, LogError, time::Micros};
 use crate::proto::{Event, EventType, WebhookCategory};
 
 /// Events read from the log per page while catching up. Bounds a cursor's memory.
@@ -104,7 +104,7 @@ fn provider_of(event: &Event) -> Option<&str> {
 #[async_trait]
 pub trait Feed: Send {
     /// The next events in sequence order; waits when there are none yet.
-    async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError>;
+    async fn next_batch(&mut self) -> Result<Vec<Arc<CommittedEvent>>, SubscriptionError>;
     /// Sequence of the next event this feed will return (one past the last returned).
     fn position(&self) -> u64;
 }
@@ -168,7 +168,7 @@ pub fn first_position(
 /// A position in the log plus the live receiver that continues it.
 pub struct Cursor {
     log: Arc<dyn EventLog>,
-    live: broadcast::Receiver<Arc<Event>>,
+    live: broadcast::Receiver<Arc<CommittedEvent>>,
     /// Sequence of the next event to deliver.
     next: u64,
     catching_up: bool,
@@ -200,7 +200,7 @@ impl Feed for Cursor {
     }
 
     /// The next events in order; waits for live events when caught up.
-    async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, SubscriptionError> {
+    async fn next_batch(&mut self) -> Result<Vec<Arc<CommittedEvent>>, SubscriptionError> {
         loop {
             if self.catching_up {
                 let page = self.log.read(self.next, CATCH_UP_PAGE).await?;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod codec;
 pub mod deadline;
 pub mod event_stream;
 pub mod records;
@@ -17,14 +18,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::{
     events::EventLog,
-    proto::{
-        FILE_DESCRIPTOR_SET, event_stream_server::EventStreamServer,
-        spike_records_server::SpikeRecordsServer,
-    },
+    proto::{FILE_DESCRIPTOR_SET, spike_records_server::SpikeRecordsServer},
     spike::SpikeClient,
 };
 use auth::BearerAuth;
-use event_stream::EventStreamService;
+use event_stream::{EventStreamServer, EventStreamService};
 use records::RecordsService;
 
 /// Everything the gRPC server needs.

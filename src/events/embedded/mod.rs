@@ -29,7 +29,10 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{AppendOutcome, Erased, EventLog, LogBounds, LogError, fanout::Fanout, time::Micros};
+use super::{
+    AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError, fanout::Fanout,
+    time::Micros,
+};
 use crate::proto::{DeadLetter, Event};
 
 mod writer;
@@ -204,6 +207,16 @@ fn stored_value(received: Micros, message: &impl Message) -> Vec<u8> {
     buf
 }
 
+/// An event's stored value: the received time, then the bytes subscribers are sent, so
+/// reading it back re-encodes nothing.
+fn stored_event(received: Micros, event: &CommittedEvent) -> Vec<u8> {
+    let wire = event.encoded(true);
+    let mut buf = Vec::with_capacity(8 + wire.len());
+    buf.extend_from_slice(&received.to_be_bytes());
+    buf.extend_from_slice(&wire);
+    buf
+}
+
 fn received_of(value: &[u8]) -> Micros {
     value
         .get(..8)
@@ -211,9 +224,10 @@ fn received_of(value: &[u8]) -> Micros {
         .map_or(0, Micros::from_be_bytes)
 }
 
-fn decode_event(value: &[u8]) -> Result<Event, redb::Error> {
-    Event::decode(value.get(8..).unwrap_or_default())
-        .map_err(|e| redb::Error::Corrupted(format!("undecodable event: {e}")))
+fn decode_event(sequence: u64, value: &[u8]) -> Result<CommittedEvent, redb::Error> {
+    let wire = bytes::Bytes::copy_from_slice(value.get(8..).unwrap_or_default());
+    CommittedEvent::decode(sequence, wire)
+        .map_err(|e| redb::Error::Corrupted(format!("undecodable event at {sequence}: {e}")))
 }
 
 #[async_trait]
@@ -230,14 +244,14 @@ impl EventLog for EmbeddedLog {
             .await
     }
 
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<Event>>, LogError> {
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
         self.with_reader(move |db| {
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let mut out = Vec::with_capacity(limit.min(1024));
             for entry in events.range(from..)?.take(limit) {
-                let (_, value) = entry?;
-                out.push(Arc::new(decode_event(value.value())?));
+                let (key, value) = entry?;
+                out.push(Arc::new(decode_event(key.value(), value.value())?));
             }
             Ok(out)
         })
@@ -288,7 +302,7 @@ impl EventLog for EmbeddedLog {
         .await
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<Event>> {
+    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
         self.fanout.subscribe()
     }
 

@@ -15,15 +15,15 @@ use tokio::sync::mpsc;
 use super::{
     Command, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, HOUSEKEEPING_CHUNK, MAX_GROUP, META,
     META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, decode_event, received_of,
-    storage, stored_value,
+    storage, stored_event, stored_value,
 };
 use crate::{
     events::{
-        AppendOutcome, Erased, LogError,
+        AppendOutcome, CommittedEvent, Erased, LogError,
         fanout::Fanout,
         time::{Micros, from_micros, now_micros, to_micros},
     },
-    proto::{DeadLetter, Event},
+    proto::DeadLetter,
     webhook::payload::user_named_in,
 };
 
@@ -152,7 +152,15 @@ impl Writer {
         &self,
         writes: &[Command],
         now: Micros,
-    ) -> Result<(Vec<Vec<AppendOutcome>>, Vec<Arc<Event>>, u64, Micros), redb::Error> {
+    ) -> Result<
+        (
+            Vec<Vec<AppendOutcome>>,
+            Vec<Arc<CommittedEvent>>,
+            u64,
+            Micros,
+        ),
+        redb::Error,
+    > {
         let txn = self.db.begin_write()?;
         let mut next = self.next;
         let mut last_received = self.last_received;
@@ -190,9 +198,10 @@ impl Writer {
                             event.received_at = Some(from_micros(received));
                             event.sequence = next;
                             next += 1;
+                            let event = CommittedEvent::new(event);
                             events.insert(
                                 event.sequence,
-                                stored_value(received, &event).as_slice(),
+                                stored_event(received, &event).as_slice(),
                             )?;
                             dedup.insert(event.event_id.as_str(), (event.sequence, now))?;
                             expiry.insert((now, event.event_id.as_str()), ())?;
@@ -232,9 +241,9 @@ impl Writer {
             let mut doomed = Vec::new();
             for entry in events.iter()? {
                 let (key, value) = entry?;
-                let event = decode_event(value.value())?;
+                let event = decode_event(key.value(), value.value())?;
                 if event.application_user_id == user {
-                    doomed.push((key.value(), event.event_id));
+                    doomed.push((key.value(), event.event_id.clone()));
                 }
             }
             for (sequence, event_id) in &doomed {
