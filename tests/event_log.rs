@@ -82,7 +82,7 @@ async fn sequences_are_contiguous_and_duplicates_point_at_the_original() {
             .await
             .unwrap()
             .iter()
-            .map(|e| e.event_id.clone())
+            .map(|e| e.event().event_id.clone())
             .collect();
         assert_eq!(stored, ["a", "b", "c"], "{name}");
         let bounds = log.bounds().await.unwrap();
@@ -106,7 +106,7 @@ async fn reads_honour_position_and_limit() {
             .await
             .unwrap()
             .iter()
-            .map(|e| e.sequence)
+            .map(|e| e.sequence())
             .collect();
         assert_eq!(page, [4, 5, 6], "{name}");
         assert!(log.read(11, 5).await.unwrap().is_empty(), "{name}");
@@ -128,7 +128,7 @@ async fn received_at_never_decreases_and_position_at_finds_the_first_at_or_after
             .await
             .unwrap()
             .iter()
-            .map(|e| to_micros(e.received_at.as_ref().unwrap()))
+            .map(|e| to_micros(e.event().received_at.as_ref().unwrap()))
             .collect();
         assert_eq!(times, [now - 3_000, now - 3_000, now - 1_000], "{name}");
         assert_eq!(log.position_at(now - 10_000).await.unwrap(), 1, "{name}");
@@ -148,10 +148,11 @@ async fn live_receivers_get_events_in_order_once_readable() {
         log.append(events(&["x", "y"])).await.unwrap();
         for expected in [1, 2] {
             let event = live.recv().await.unwrap();
-            assert_eq!(event.sequence, expected, "{name}");
-            let stored = log.read(event.sequence, 1).await.unwrap();
+            assert_eq!(event.sequence(), expected, "{name}");
+            let stored = log.read(event.sequence(), 1).await.unwrap();
             assert_eq!(
-                stored[0].event_id, event.event_id,
+                stored[0].event().event_id,
+                event.event().event_id,
                 "{name}: readable before published"
             );
         }
@@ -173,7 +174,7 @@ async fn retention_removes_old_events_and_records_how_far() {
             .await
             .unwrap()
             .iter()
-            .map(|e| e.event_id.clone())
+            .map(|e| e.event().event_id.clone())
             .collect();
         assert_eq!(left, ["new"], "{name}");
     }
@@ -282,7 +283,7 @@ async fn the_memory_log_is_bounded() {
         .await
         .unwrap()
         .iter()
-        .map(|e| e.sequence)
+        .map(|e| e.sequence())
         .collect();
     assert_eq!(kept, [3, 4, 5]);
 }
@@ -308,9 +309,52 @@ async fn reads_after_an_erasure_skip_the_holes() {
                 .await
                 .unwrap()
                 .iter()
-                .map(|e| e.sequence)
+                .map(|e| e.sequence())
                 .collect();
             assert_eq!(read, expected, "{name}: from {from}");
         }
     }
+}
+
+#[tokio::test]
+async fn sequences_never_go_back_after_the_newest_events_are_removed_and_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(dir.path(), HOUR, Duration::from_millis(300)).unwrap();
+        log.append(events(&["a", "b", "c"])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        log.housekeeping().await.unwrap();
+        let bounds = log.bounds().await.unwrap();
+        assert_eq!(
+            (bounds.oldest, bounds.next),
+            (4, 4),
+            "retention emptied the log"
+        );
+        log.close().await;
+    }
+    {
+        let log = EmbeddedLog::open(dir.path(), HOUR, HOUR).unwrap();
+        assert_eq!(log.bounds().await.unwrap().next, 4, "after reopening");
+        let mut last = event("d");
+        last.application_user_id = "leaving".into();
+        assert_eq!(
+            log.append(vec![last]).await.unwrap(),
+            [AppendOutcome::Appended { sequence: 4 }]
+        );
+        assert_eq!(log.erase_user("leaving").await.unwrap().events, 1);
+        assert_eq!(
+            log.bounds().await.unwrap().next,
+            5,
+            "after erasing the newest"
+        );
+        log.close().await;
+    }
+    let log = EmbeddedLog::open(dir.path(), HOUR, HOUR).unwrap();
+    assert_eq!(
+        log.append(events(&["e"])).await.unwrap(),
+        [AppendOutcome::Appended { sequence: 5 }]
+    );
+    let stored = log.read(1, 10).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].event().event_id, "e");
 }

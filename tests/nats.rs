@@ -459,14 +459,14 @@ async fn the_generic_log_contract_holds_on_nats() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(received.sequence, expected);
+        assert_eq!(received.sequence(), expected);
     }
     let read: Vec<u64> = log
         .read(1, 10)
         .await
         .unwrap()
         .iter()
-        .map(|e| e.sequence)
+        .map(|e| e.sequence())
         .collect();
     assert_eq!(read, [1, 2]);
     let bounds = log.bounds().await.unwrap();

@@ -1,5 +1,5 @@
-//! A committed event as subscribers receive it: decoded once for filters and cursors, and
-//! encoded once for the wire.
+//! A committed event as subscribers receive it: encoded once for the wire, decoded at most
+//! once, and only when something reads its fields.
 //!
 //! Every subscriber of an event is sent the same bytes. The `Subscribe` stream copies them
 //! into its HTTP/2 frame as they are, so fanning an event out to N subscribers costs N
@@ -7,15 +7,20 @@
 //! (field 20) last, so the bytes for a subscriber that did not ask for it are a prefix of
 //! the same buffer. Protobuf lets fields come in any order, so this is still a valid
 //! `Event` for every decoder.
+//!
+//! Events read back from the embedded store are not decoded up front: a subscriber without
+//! filters (replay, most consumers) needs only the sequence, the receive time and the
+//! bytes, all known without decoding.
 
-use std::ops::Deref;
+use std::sync::OnceLock;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use prost::{
     Message,
     encoding::{self, WireType},
 };
 
+use super::time::{Micros, to_micros};
 use crate::proto::Event;
 
 /// `Event.raw_json`'s field number in `events.proto`.
@@ -23,17 +28,20 @@ const RAW_JSON_FIELD: u32 = 20;
 /// `Event.sequence`'s field number in `events.proto`.
 const SEQUENCE_FIELD: u32 = 1;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct CommittedEvent {
-    event: Event,
+    sequence: u64,
+    received_at: Micros,
     /// The `Event` encoded with `raw_json` last.
     wire: Bytes,
     /// Length of the prefix of `wire` that leaves `raw_json` out.
     without_raw_json: usize,
+    /// `wire` decoded, on first use of [`CommittedEvent::event`].
+    decoded: OnceLock<Event>,
 }
 
 impl CommittedEvent {
-    /// Encodes an event the log has just committed (its sequence already assigned).
+    /// Encodes an event the log has just committed (sequence and `received_at` assigned).
     pub fn new(mut event: Event) -> Self {
         let raw_json = std::mem::take(&mut event.raw_json);
         let head = event.encoded_len();
@@ -47,28 +55,26 @@ impl CommittedEvent {
         }
         event.raw_json = raw_json;
         Self {
-            event,
+            sequence: event.sequence,
+            received_at: event.received_at.as_ref().map_or(0, to_micros),
             wire: wire.freeze(),
             without_raw_json: head,
+            decoded: OnceLock::from(event),
         }
     }
 
     /// Rebuilds an event from the bytes a backend stored, under the sequence it was stored
-    /// at. Bytes in this type's own layout are kept as they are, with nothing re-encoded.
-    /// Bytes stored without the sequence (NATS assigns it on publish) get it prepended, and
-    /// bytes in another field order (valid protobuf, but `raw_json` not last) are encoded
-    /// again.
+    /// at, decoding it now. Bytes in this type's own layout are kept as they are. Bytes
+    /// stored without the sequence (NATS assigns it on publish) get it prepended, and bytes
+    /// in another field order (valid protobuf, but `raw_json` not last) are encoded again.
     pub fn decode(sequence: u64, stored: Bytes) -> Result<Self, prost::DecodeError> {
         // Decoding from `Bytes` makes `raw_json` a view into `stored`: no copy.
         let mut event = Event::decode(stored.clone())?;
         let wire = match event.sequence {
             stored_sequence if stored_sequence == sequence => stored,
             0 => {
-                let mut wire = BytesMut::with_capacity(11 + stored.len());
-                encoding::uint64::encode(SEQUENCE_FIELD, &sequence, &mut wire);
-                wire.extend_from_slice(&stored);
                 event.sequence = sequence;
-                wire.freeze()
+                with_sequence(sequence, &stored)
             }
             _ => {
                 event.sequence = sequence;
@@ -77,16 +83,62 @@ impl CommittedEvent {
         };
         match raw_json_tail(&wire, &event.raw_json) {
             Some(tail) => Ok(Self {
+                sequence,
+                received_at: event.received_at.as_ref().map_or(0, to_micros),
                 without_raw_json: wire.len() - tail,
                 wire,
-                event,
+                decoded: OnceLock::from(event),
             }),
             None => Ok(Self::new(event)),
         }
     }
 
+    /// Like [`CommittedEvent::decode`] for a backend that stored the receive time beside
+    /// the bytes, but decodes only when the fields are first read. The field framing is
+    /// checked now, so bytes that are not an `Event` are refused here, not later.
+    pub fn stored(
+        sequence: u64,
+        received_at: Micros,
+        stored: Bytes,
+    ) -> Result<Self, prost::DecodeError> {
+        let layout = scan(&stored)?;
+        match layout {
+            Layout {
+                sequence: Some(stored_sequence),
+                raw_json_at: Some(at),
+            } if stored_sequence == sequence => Ok(Self {
+                sequence,
+                received_at,
+                without_raw_json: at,
+                wire: stored,
+                decoded: OnceLock::new(),
+            }),
+            _ => Self::decode(sequence, stored),
+        }
+    }
+
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// When the gateway received it (µs since the epoch).
+    pub fn received_at(&self) -> Micros {
+        self.received_at
+    }
+
+    /// The decoded event. Decodes on first use.
     pub fn event(&self) -> &Event {
-        &self.event
+        self.decoded.get_or_init(|| {
+            Event::decode(self.wire.clone()).unwrap_or_else(|e| {
+                // `stored` checked the framing; only a corrupted string or nested message
+                // gets here. Filters then see an empty event; the bytes are unchanged.
+                tracing::error!(sequence = self.sequence, error = %e, "undecodable stored event");
+                Event {
+                    sequence: self.sequence,
+                    ..Event::default()
+                }
+            })
+        })
     }
 
     /// The encoded `Event`, with or without `raw_json`. A view of shared bytes: cheap to
@@ -100,13 +152,63 @@ impl CommittedEvent {
     }
 }
 
-/// Read access to the decoded event's fields (`sequence`, `application_user_id`, ...).
-impl Deref for CommittedEvent {
-    type Target = Event;
-
-    fn deref(&self) -> &Event {
-        &self.event
+/// Same sequence, same bytes: the decoded form follows from them.
+impl PartialEq for CommittedEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.sequence == other.sequence
+            && self.received_at == other.received_at
+            && self.wire == other.wire
+            && self.without_raw_json == other.without_raw_json
     }
+}
+
+/// `stored` prefixed with the sequence field.
+fn with_sequence(sequence: u64, stored: &[u8]) -> Bytes {
+    let mut wire = BytesMut::with_capacity(11 + stored.len());
+    encoding::uint64::encode(SEQUENCE_FIELD, &sequence, &mut wire);
+    wire.extend_from_slice(stored);
+    wire.freeze()
+}
+
+/// What a walk over an encoded `Event`'s top-level fields found.
+struct Layout {
+    /// The value of field 1, if present.
+    sequence: Option<u64>,
+    /// Where `raw_json` starts, if it is the last field (the end of the bytes if absent).
+    raw_json_at: Option<usize>,
+}
+
+/// Walks the top-level fields without decoding them: checks the framing, reads the
+/// sequence and finds where `raw_json` starts.
+fn scan(wire: &[u8]) -> Result<Layout, prost::DecodeError> {
+    let mut rest = wire;
+    let mut sequence = None;
+    let mut raw_json_at = None;
+    while rest.has_remaining() {
+        let at = wire.len() - rest.len();
+        let (field, wire_type) = encoding::decode_key(&mut rest)?;
+        if raw_json_at.is_some() {
+            // A field after raw_json: not this type's layout.
+            return Ok(Layout {
+                sequence,
+                raw_json_at: None,
+            });
+        }
+        match (field, wire_type) {
+            (SEQUENCE_FIELD, WireType::Varint) => {
+                sequence = Some(encoding::decode_varint(&mut rest)?);
+            }
+            (RAW_JSON_FIELD, WireType::LengthDelimited) => {
+                raw_json_at = Some(at);
+                encoding::skip_field(wire_type, field, &mut rest, Default::default())?;
+            }
+            _ => encoding::skip_field(wire_type, field, &mut rest, Default::default())?,
+        }
+    }
+    Ok(Layout {
+        sequence,
+        raw_json_at: raw_json_at.or(Some(wire.len())),
+    })
 }
 
 /// The length of the encoded `raw_json` field if `wire` ends with it, as [`CommittedEvent::new`]
@@ -222,6 +324,42 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(CommittedEvent::decode(1, Bytes::from_static(&[0xff, 0xff, 0xff])).is_err());
+        let garbage = Bytes::from_static(&[0xff, 0xff, 0xff]);
+        assert!(CommittedEvent::decode(1, garbage.clone()).is_err());
+        assert!(CommittedEvent::stored(1, 0, garbage).is_err());
+        // A length running past the end.
+        let truncated = CommittedEvent::new(sample()).encoded(true).slice(..30);
+        assert!(CommittedEvent::stored(42, 0, truncated).is_err());
+    }
+
+    #[test]
+    fn stored_bytes_are_decoded_only_when_read() {
+        let committed = CommittedEvent::new(sample());
+        let stored = CommittedEvent::stored(42, 7, committed.encoded(true)).unwrap();
+        assert!(stored.decoded.get().is_none(), "not decoded up front");
+        assert_eq!(stored.sequence(), 42);
+        assert_eq!(stored.received_at(), 7);
+        assert_eq!(stored.encoded(false), committed.encoded(false));
+        assert_eq!(stored.event(), &sample());
+    }
+
+    #[test]
+    fn stored_bytes_in_another_layout_are_decoded_and_laid_out_again() {
+        // Sequence missing, then another sequence: both go through a full decode.
+        let without = CommittedEvent::new(Event {
+            sequence: 0,
+            ..sample()
+        })
+        .encoded(true);
+        let stored = CommittedEvent::stored(42, 0, without).unwrap();
+        assert_eq!(Event::decode(stored.encoded(true)).unwrap(), sample());
+        let other = CommittedEvent::new(Event {
+            sequence: 7,
+            ..sample()
+        })
+        .encoded(true);
+        let stored = CommittedEvent::stored(42, 0, other).unwrap();
+        assert_eq!(stored.event(), &sample());
+        assert_eq!(Event::decode(stored.encoded(true)).unwrap(), sample());
     }
 }

@@ -80,13 +80,12 @@ impl MemoryLog {
 
 impl State {
     fn oldest(&self) -> u64 {
-        self.events.front().map_or(self.next, |e| e.sequence)
+        self.events.front().map_or(self.next, |e| e.sequence())
     }
 
     fn drop_oldest_event(&mut self) {
         if let Some(event) = self.events.pop_front() {
-            let received = event.received_at.as_ref().map_or(0, to_micros);
-            self.trimmed_through = Some(received);
+            self.trimmed_through = Some(event.received_at());
         }
     }
 
@@ -167,7 +166,7 @@ impl EventLog for MemoryLog {
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
         let state = self.lock();
         // By sequence, not by index: erasure leaves holes in the sequence.
-        let start = state.events.partition_point(|e| e.sequence < from);
+        let start = state.events.partition_point(|e| e.sequence() < from);
         Ok(state.events.range(start..).take(limit).cloned().collect())
     }
 
@@ -183,10 +182,8 @@ impl EventLog for MemoryLog {
     async fn position_at(&self, since: Micros) -> Result<u64, LogError> {
         let state = self.lock();
         // received_at never decreases along the log, so this is a binary search.
-        let index = state
-            .events
-            .partition_point(|e| e.received_at.as_ref().map_or(0, to_micros) < since);
-        Ok(state.events.get(index).map_or(state.next, |e| e.sequence))
+        let index = state.events.partition_point(|e| e.received_at() < since);
+        Ok(state.events.get(index).map_or(state.next, |e| e.sequence()))
     }
 
     fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
@@ -200,7 +197,7 @@ impl EventLog for MemoryLog {
         while state
             .events
             .front()
-            .is_some_and(|e| e.received_at.as_ref().map_or(0, to_micros) < cutoff)
+            .is_some_and(|e| e.received_at() < cutoff)
         {
             state.drop_oldest_event();
         }
@@ -218,9 +215,9 @@ impl EventLog for MemoryLog {
         let mut erased = Erased::default();
         let mut ids = Vec::new();
         state.events.retain(|event| {
-            let keep = event.application_user_id != user;
+            let keep = event.event().application_user_id != user;
             if !keep {
-                ids.push(event.event_id.clone());
+                ids.push(event.event().event_id.clone());
             }
             keep
         });

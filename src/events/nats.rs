@@ -46,7 +46,7 @@ use super::{
     AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
     fanout::Fanout,
     subscription::{Feed, Filter, Start, SubscriptionError, first_position},
-    time::{Micros, from_micros, now_micros, to_micros},
+    time::{Micros, from_micros, now_micros},
 };
 use crate::proto::{DeadLetter, Event, EventType, WebhookCategory};
 
@@ -456,7 +456,7 @@ impl EventLog for NatsLog {
         while out.len() < limit {
             match self.next_at_or_after(at).await? {
                 Some(event) => {
-                    at = event.sequence + 1;
+                    at = event.sequence() + 1;
                     out.push(Arc::new(event));
                 }
                 None => break,
@@ -482,7 +482,7 @@ impl EventLog for NatsLog {
         // everything before the oldest retained event as gone.
         let trimmed_through = if oldest > 1 {
             match self.next_at_or_after(oldest).await? {
-                Some(event) => event.received_at.as_ref().map(|t| to_micros(t) - 1),
+                Some(event) => Some(event.received_at() - 1),
                 None => Some(now_micros()),
             }
         } else {
@@ -503,7 +503,7 @@ impl EventLog for NatsLog {
         while low < high {
             let mid = low + (high - low) / 2;
             let at_or_after = match self.next_at_or_after(mid).await? {
-                Some(event) => event.received_at.as_ref().map_or(0, to_micros) >= since,
+                Some(event) => event.received_at() >= since,
                 None => true,
             };
             if at_or_after {

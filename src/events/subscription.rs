@@ -56,7 +56,18 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn matches(&self, event: &Event) -> bool {
+    /// Whether the subscriber wants `event`. An empty filter never decodes the event.
+    pub fn matches(&self, event: &CommittedEvent) -> bool {
+        self.is_empty() || self.matches_decoded(event.event())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.event_types.is_empty()
+            && self.application_user_ids.is_empty()
+            && self.provider_slugs.is_empty()
+    }
+
+    fn matches_decoded(&self, event: &Event) -> bool {
         (self.event_types.is_empty() || self.event_types.contains(&event.r#type))
             && (self.application_user_ids.is_empty()
                 || self
@@ -204,7 +215,7 @@ impl Feed for Cursor {
         loop {
             if self.catching_up {
                 let page = self.log.read(self.next, CATCH_UP_PAGE).await?;
-                if page.first().is_some_and(|e| e.sequence > self.next) || page.is_empty() {
+                if page.first().is_some_and(|e| e.sequence() > self.next) || page.is_empty() {
                     // Nothing at our position: either caught up, or retention removed it.
                     let oldest = self.log.bounds().await?.oldest;
                     if self.next < oldest {
@@ -215,14 +226,14 @@ impl Feed for Cursor {
                     }
                 }
                 if let Some(last) = page.last() {
-                    self.next = last.sequence + 1;
+                    self.next = last.sequence() + 1;
                     return Ok(page);
                 }
                 self.catching_up = false;
             }
             match self.live.recv().await {
-                Ok(event) if event.sequence < self.next => continue,
-                Ok(event) if event.sequence == self.next => {
+                Ok(event) if event.sequence() < self.next => continue,
+                Ok(event) if event.sequence() == self.next => {
                     self.next += 1;
                     return Ok(vec![event]);
                 }

@@ -162,8 +162,8 @@ async fn produce(
             Err(e) => break Some(status_of(e)),
         };
         for event in events.iter().filter(|e| filter.matches(e)) {
-            let sequence = event.sequence;
-            let age = now_micros() - event.received_at.as_ref().map_or(0, to_micros);
+            let sequence = event.sequence();
+            let age = now_micros() - event.received_at();
             let event = EncodedEvent(event.encoded(include_raw_json));
             tokio::select! {
                 biased;

@@ -401,7 +401,7 @@ impl ResultWatch {
                     Status::unavailable(format!("lost the event log while waiting: {e}"))
                 })?,
             };
-            if let Some(found) = batch.iter().find_map(|event| pick(event)) {
+            if let Some(found) = batch.iter().find_map(|event| pick(event.event())) {
                 return Ok(Some(found));
             }
         }

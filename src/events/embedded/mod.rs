@@ -25,6 +25,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -57,6 +58,8 @@ const MAX_GROUP: usize = 512;
 /// redb's page cache. Its default (1 GiB) let RSS reach ~670 MiB after a million events;
 /// recent events, which subscribers read, fit well within this.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Size of the buffers catch-up reads copy events into: a page of 256 typical events.
+const READ_BUFFER_BYTES: usize = 128 * 1024;
 /// Most rows one housekeeping transaction deletes, so retention never stalls appends long.
 const HOUSEKEEPING_CHUNK: usize = 10_000;
 
@@ -187,11 +190,11 @@ fn initialise(db: &Database) -> Result<(u64, Micros), redb::Error> {
         txn.open_table(DEDUP_EXPIRY)?;
         txn.open_table(DEAD_LETTERS)?;
         let meta = txn.open_table(META)?;
-        let stored_next = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
-        let last = events.last()?;
-        let after_last = last.as_ref().map_or(1, |(k, _)| k.value() + 1);
-        let last_received = last.map_or(Micros::MIN, |(_, v)| received_of(v.value()));
-        (stored_next.max(after_last), last_received)
+        let next = next_sequence(&events, &meta)?;
+        let last_received = events
+            .last()?
+            .map_or(Micros::MIN, |(_, v)| received_of(v.value()));
+        (next, last_received)
     };
     txn.commit()?;
     Ok(state)
@@ -224,10 +227,31 @@ fn received_of(value: &[u8]) -> Micros {
         .map_or(0, Micros::from_be_bytes)
 }
 
+/// The event stored at `sequence` (its value copied out of the database).
 fn decode_event(sequence: u64, value: &[u8]) -> Result<CommittedEvent, redb::Error> {
-    let wire = bytes::Bytes::copy_from_slice(value.get(8..).unwrap_or_default());
-    CommittedEvent::decode(sequence, wire)
+    let wire = Bytes::copy_from_slice(value.get(8..).unwrap_or_default());
+    stored_event_at(sequence, received_of(value), wire)
+}
+
+fn stored_event_at(
+    sequence: u64,
+    received: Micros,
+    wire: Bytes,
+) -> Result<CommittedEvent, redb::Error> {
+    CommittedEvent::stored(sequence, received, wire)
         .map_err(|e| redb::Error::Corrupted(format!("undecodable event at {sequence}: {e}")))
+}
+
+/// The sequence the next event gets: one past the last event, unless retention or erasure
+/// removed events from the end, in which case `meta` recorded it. Appends do not write
+/// `meta`, so that a commit touches as few tables as it can.
+fn next_sequence(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, u64>,
+) -> Result<u64, redb::StorageError> {
+    let recorded = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+    let after_last = events.last()?.map_or(1, |(k, _)| k.value() + 1);
+    Ok(recorded.max(after_last))
 }
 
 #[async_trait]
@@ -249,9 +273,19 @@ impl EventLog for EmbeddedLog {
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let mut out = Vec::with_capacity(limit.min(1024));
+            // One allocation for many events: each event's bytes are a view into `page`.
+            let mut page = BytesMut::new();
             for entry in events.range(from..)?.take(limit) {
                 let (key, value) = entry?;
-                out.push(Arc::new(decode_event(key.value(), value.value())?));
+                let value = value.value();
+                let wire = value.get(8..).unwrap_or_default();
+                if page.capacity() < wire.len() {
+                    page = BytesMut::with_capacity(READ_BUFFER_BYTES.max(wire.len()));
+                }
+                page.extend_from_slice(wire);
+                let event =
+                    stored_event_at(key.value(), received_of(value), page.split().freeze())?;
+                out.push(Arc::new(event));
             }
             Ok(out)
         })
@@ -264,7 +298,7 @@ impl EventLog for EmbeddedLog {
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let meta = txn.open_table(META)?;
-            let next = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+            let next = next_sequence(&events, &meta)?;
             let oldest = events.first()?.map_or(next, |(k, _)| k.value());
             let trimmed_through = meta.get(META_TRIMMED_THROUGH)?.map(|v| v.value() as Micros);
             Ok(LogBounds {
@@ -281,7 +315,7 @@ impl EventLog for EmbeddedLog {
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let meta = txn.open_table(META)?;
-            let next = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+            let next = next_sequence(&events, &meta)?;
             // received_at never decreases along the log: binary search on the sequence for
             // the first position whose next stored event was received at or after `since`.
             let (mut low, mut high) = (events.first()?.map_or(next, |(k, _)| k.value()), next);

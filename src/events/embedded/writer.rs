@@ -100,9 +100,9 @@ impl Writer {
     }
 
     /// One transaction, one fsync, for every append and dead letter in the group.
-    fn commit_writes(&mut self, writes: Vec<Command>) {
+    fn commit_writes(&mut self, mut writes: Vec<Command>) {
         let now = now_micros();
-        let result = self.write_group(&writes, now);
+        let result = self.write_group(&mut writes, now);
         match result {
             Ok((outcomes, appended, next, last_received)) => {
                 self.healthy.store(true, Ordering::Release);
@@ -150,7 +150,7 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn write_group(
         &self,
-        writes: &[Command],
+        writes: &mut [Command],
         now: Micros,
     ) -> Result<
         (
@@ -166,62 +166,64 @@ impl Writer {
         let mut last_received = self.last_received;
         let mut outcomes = Vec::new();
         let mut appended = Vec::new();
+        // Every table a commit touches costs copied pages and an fsync'd write, so a group
+        // touches only what it needs: `meta` and `dead_letters` only for dead letters. The
+        // next sequence is not stored per commit: it follows from the last event (see
+        // `next_sequence`).
         {
             let mut events = txn.open_table(EVENTS)?;
             let mut dedup = txn.open_table(DEDUP)?;
             let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+            for command in writes.iter_mut() {
+                let Command::Append { events: batch, .. } = command else {
+                    continue;
+                };
+                let mut request_outcomes = Vec::with_capacity(batch.len());
+                for mut event in std::mem::take(batch) {
+                    let seen = dedup.get(event.event_id.as_str())?.map(|v| v.value());
+                    if let Some((sequence, first_seen)) = seen {
+                        if first_seen + self.dedup_window > now {
+                            request_outcomes.push(AppendOutcome::Duplicate { sequence });
+                            continue;
+                        }
+                        // Expired but not yet swept: forget the old entry first.
+                        expiry.remove((first_seen, event.event_id.as_str()))?;
+                    }
+                    let received = event
+                        .received_at
+                        .as_ref()
+                        .map_or(now, to_micros)
+                        .max(last_received);
+                    last_received = received;
+                    event.received_at = Some(from_micros(received));
+                    event.sequence = next;
+                    next += 1;
+                    dedup.insert(event.event_id.as_str(), (event.sequence, now))?;
+                    expiry.insert((now, event.event_id.as_str()), ())?;
+                    let event = CommittedEvent::new(event);
+                    events.insert(event.sequence(), stored_event(received, &event).as_slice())?;
+                    request_outcomes.push(AppendOutcome::Appended {
+                        sequence: event.sequence(),
+                    });
+                    appended.push(Arc::new(event));
+                }
+                outcomes.push(request_outcomes);
+            }
+        }
+        let letters = writes.iter().filter_map(|command| match command {
+            Command::DeadLetter { letter, .. } => Some(letter),
+            _ => None,
+        });
+        let mut letters = letters.peekable();
+        if letters.peek().is_some() {
             let mut dead_letters = txn.open_table(DEAD_LETTERS)?;
             let mut meta = txn.open_table(META)?;
             let mut next_dead_letter = meta.get(META_NEXT_DEAD_LETTER)?.map_or(1, |v| v.value());
-
-            for command in writes {
-                match command {
-                    Command::Append { events: batch, .. } => {
-                        let mut request_outcomes = Vec::with_capacity(batch.len());
-                        for event in batch {
-                            let seen = dedup.get(event.event_id.as_str())?.map(|v| v.value());
-                            if let Some((sequence, first_seen)) = seen {
-                                if first_seen + self.dedup_window > now {
-                                    request_outcomes.push(AppendOutcome::Duplicate { sequence });
-                                    continue;
-                                }
-                                // Expired but not yet swept: forget the old entry first.
-                                expiry.remove((first_seen, event.event_id.as_str()))?;
-                            }
-                            let mut event = event.clone();
-                            let received = event
-                                .received_at
-                                .as_ref()
-                                .map_or(now, to_micros)
-                                .max(last_received);
-                            last_received = received;
-                            event.received_at = Some(from_micros(received));
-                            event.sequence = next;
-                            next += 1;
-                            let event = CommittedEvent::new(event);
-                            events.insert(
-                                event.sequence,
-                                stored_event(received, &event).as_slice(),
-                            )?;
-                            dedup.insert(event.event_id.as_str(), (event.sequence, now))?;
-                            expiry.insert((now, event.event_id.as_str()), ())?;
-                            request_outcomes.push(AppendOutcome::Appended {
-                                sequence: event.sequence,
-                            });
-                            appended.push(Arc::new(event));
-                        }
-                        outcomes.push(request_outcomes);
-                    }
-                    Command::DeadLetter { letter, .. } => {
-                        let received = letter.received_at.as_ref().map_or(now, to_micros);
-                        dead_letters
-                            .insert(next_dead_letter, stored_value(received, letter).as_slice())?;
-                        next_dead_letter += 1;
-                    }
-                    Command::Housekeeping { .. } | Command::Erase { .. } | Command::Shutdown => {}
-                }
+            for letter in letters {
+                let received = letter.received_at.as_ref().map_or(now, to_micros);
+                dead_letters.insert(next_dead_letter, stored_value(received, letter).as_slice())?;
+                next_dead_letter += 1;
             }
-            meta.insert(META_NEXT_SEQUENCE, next)?;
             meta.insert(META_NEXT_DEAD_LETTER, next_dead_letter)?;
         }
         txn.commit()?;
@@ -242,8 +244,8 @@ impl Writer {
             for entry in events.iter()? {
                 let (key, value) = entry?;
                 let event = decode_event(key.value(), value.value())?;
-                if event.application_user_id == user {
-                    doomed.push((key.value(), event.event_id.clone()));
+                if event.event().application_user_id == user {
+                    doomed.push((key.value(), event.event().event_id.clone()));
                 }
             }
             for (sequence, event_id) in &doomed {
@@ -255,6 +257,11 @@ impl Writer {
                 }
             }
             erased.events = doomed.len() as u64;
+            if !doomed.is_empty() {
+                // The newest event may be gone: keep the next sequence from going back.
+                txn.open_table(META)?
+                    .insert(META_NEXT_SEQUENCE, self.next)?;
+            }
             let mut letters = Vec::new();
             for entry in dead_letters.iter()? {
                 let (key, value) = entry?;
@@ -280,7 +287,7 @@ impl Writer {
         let dedup_cutoff = now.saturating_sub(self.dedup_window);
         loop {
             let txn = self.db.begin_write()?;
-            let removed = trim_events(&txn, retention_cutoff)?
+            let removed = trim_events(&txn, retention_cutoff, self.next)?
                 + trim_dead_letters(&txn, retention_cutoff)?
                 + expire_dedup(&txn, dedup_cutoff)?;
             txn.commit()?;
@@ -291,7 +298,9 @@ impl Writer {
     }
 }
 
-fn trim_events(txn: &WriteTransaction, cutoff: Micros) -> Result<usize, redb::Error> {
+/// Removes events older than `cutoff`. `next` is recorded in `meta` so the next sequence
+/// survives a log that retention emptied.
+fn trim_events(txn: &WriteTransaction, cutoff: Micros, next: u64) -> Result<usize, redb::Error> {
     let mut events = txn.open_table(EVENTS)?;
     let mut meta = txn.open_table(META)?;
     let mut removed = 0;
@@ -309,6 +318,7 @@ fn trim_events(txn: &WriteTransaction, cutoff: Micros) -> Result<usize, redb::Er
     }
     if let Some(received) = trimmed_through {
         meta.insert(META_TRIMMED_THROUGH, received.max(0) as u64)?;
+        meta.insert(META_NEXT_SEQUENCE, next)?;
     }
     Ok(removed)
 }
