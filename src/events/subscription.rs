@@ -11,7 +11,10 @@
 use std::{collections::HashSet, sync::Arc};
 
 use async_trait::async_trait;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 
 use super::{CommittedEvent, EventLog, LogError, time::Micros};
 use crate::proto::{Event, EventType, WebhookCategory};
@@ -204,6 +207,29 @@ impl Cursor {
     }
 }
 
+impl Cursor {
+    /// Adds the live events already waiting to `batch`, without waiting for more: under load
+    /// a subscriber then takes a run of events per wake-up instead of one.
+    fn drain_live(&mut self, batch: &mut Vec<Arc<CommittedEvent>>) {
+        while batch.len() < CATCH_UP_PAGE {
+            match self.live.try_recv() {
+                Ok(event) if event.sequence() < self.next => continue,
+                Ok(event) if event.sequence() == self.next => {
+                    self.next += 1;
+                    batch.push(event);
+                }
+                // A gap: the next call reads it from the log, as `next_batch` does.
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                    self.catching_up = true;
+                    return;
+                }
+                // Closed is reported by the next `recv`, after this batch is delivered.
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Feed for Cursor {
     fn position(&self) -> u64 {
@@ -235,7 +261,9 @@ impl Feed for Cursor {
                 Ok(event) if event.sequence() < self.next => continue,
                 Ok(event) if event.sequence() == self.next => {
                     self.next += 1;
-                    return Ok(vec![event]);
+                    let mut batch = vec![event];
+                    self.drain_live(&mut batch);
+                    return Ok(batch);
                 }
                 // Ahead of us: the range in between is in the log.
                 Ok(_) | Err(RecvError::Lagged(_)) => self.catching_up = true,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::gauge::Gauge;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -164,11 +164,17 @@ async fn produce(
         for event in events.iter().filter(|e| filter.matches(e)) {
             let sequence = event.sequence();
             let age = now_micros() - event.received_at();
-            let event = EncodedEvent(event.encoded(include_raw_json));
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return finish(&sender, shutting_down_at(sequence)).await,
-                sent = sender.send(Ok(event)) => if sent.is_err() { return },
+            let event = Ok(EncodedEvent(event.encoded(include_raw_json)));
+            // Waiting on shutdown costs a lock and a waiter per event, so only when the
+            // subscriber's buffer is full; otherwise shutdown is seen at the next batch.
+            match sender.try_send(event) {
+                Ok(()) => {}
+                Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full(event)) => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return finish(&sender, shutting_down_at(sequence)).await,
+                    sent = sender.send(event) => if sent.is_err() { return },
+                },
             }
             metrics.delivered(
                 sequence,
