@@ -322,6 +322,63 @@ async fn latency(rate: u64, seconds: u64, subscribers: usize) -> (f64, f64, i64)
     )
 }
 
+/// RSS samples (seconds since start, KiB) of a gateway taking `rate` distinct webhooks per
+/// second for `seconds`, with `subscribers` live subscribers: shows whether memory levels
+/// off under steady load (live ring, redb's cache, allocator) or keeps growing.
+async fn steady(rate: u64, seconds: u64, subscribers: usize) -> Vec<(u64, u64)> {
+    let gateway = Server::gateway();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..subscribers {
+        readers.push(count_events(
+            subscribe(&gateway.grpc_url(), None).await,
+            received.clone(),
+        ));
+    }
+    let client = http_client(16);
+    let total = rate * seconds;
+    let per_sender = 16u64;
+    let mut senders = JoinSet::new();
+    for s in 0..per_sender {
+        let (client, url) = (client.clone(), gateway.url());
+        senders.spawn(async move {
+            let mut ticks =
+                tokio::time::interval(Duration::from_micros(1_000_000 * per_sender / rate));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for n in (s..total).step_by(per_sender as usize) {
+                ticks.tick().await;
+                let (body, signature) = webhook(7, n);
+                let _ = client
+                    .post(&url)
+                    .header("X-Body-Signature", signature)
+                    .body(body)
+                    .send()
+                    .await;
+            }
+        });
+    }
+    let mut samples = vec![(0, gateway.rss_kib())];
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    every.tick().await;
+    for at in (10..=seconds).step_by(10) {
+        every.tick().await;
+        samples.push((at, gateway.rss_kib()));
+    }
+    while senders.join_next().await.is_some() {}
+    let expected = total * subscribers as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        expected,
+        "every subscriber got every event"
+    );
+    readers.iter().for_each(|r| r.abort());
+    samples
+}
+
 /// Deliveries per second to `subscribers` subscribers of `events` events posted in batches.
 async fn fanout(subscribers: usize, events: u64) -> f64 {
     let gateway = Server::gateway();
@@ -411,7 +468,7 @@ async fn nats_fanout(subscribers: usize, events: u64, payload: usize) -> Option<
 }
 
 /// Whether a section runs: all by default, or those named in BENCH_ONLY (comma-separated:
-/// ingest, latency, fanout, replay, idle).
+/// ingest, latency, fanout, replay, steady, idle).
 fn enabled(section: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == section))
 }
@@ -558,6 +615,21 @@ async fn run() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         println!("RSS after {total} events: {} KiB", gateway.rss_kib());
         drop(gateway);
+    }
+    // 5b. RSS under steady load: 2,000 webhooks/s with 10 subscribers for 120 s.
+    if enabled("steady") {
+        let samples = steady(2000, 120, 10).await;
+        let series: Vec<String> = samples
+            .iter()
+            .map(|(at, kib)| format!("{at}s {:.1}", *kib as f64 / 1024.0))
+            .collect();
+        let at = |t: u64| samples.iter().find(|s| s.0 == t).map_or(0, |s| s.1) as i64;
+        println!(
+            "steady load 2000/s, 10 subscribers, RSS MiB: {}\nsteady RSS change 60 s -> 120 s: {:+.1} MiB (0 -> 60 s: {:+.1} MiB)\n",
+            series.join(", "),
+            (at(120) - at(60)) as f64 / 1024.0,
+            (at(60) - at(0)) as f64 / 1024.0,
+        );
     }
     if !enabled("idle") {
         return;
