@@ -149,21 +149,27 @@ async fn produce(
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
+    // Created once: each creation registers a waiter under a lock, which per batch (often
+    // one event) was a measurable share of a delivery.
+    let cancelled = shutdown.cancelled();
+    let client_gone = sender.closed();
+    tokio::pin!(cancelled, client_gone);
     let end = loop {
         let batch = tokio::select! {
             // Shutdown first, so a stream that always has events still ends promptly.
             biased;
-            () = shutdown.cancelled() => break shutting_down(cursor.as_ref()),
-            () = sender.closed() => break None,
+            () = &mut cancelled => break shutting_down(cursor.as_ref()),
+            () = &mut client_gone => break None,
             batch = cursor.next_batch() => batch,
         };
         let events = match batch {
             Ok(events) => events,
             Err(e) => break Some(status_of(e)),
         };
+        let now = now_micros();
         for event in events.iter().filter(|e| filter.matches(e)) {
             let sequence = event.sequence();
-            let age = now_micros() - event.received_at();
+            let age = now - event.received_at();
             let event = Ok(EncodedEvent(event.encoded(include_raw_json)));
             // Waiting on shutdown costs a lock and a waiter per event, so only when the
             // subscriber's buffer is full; otherwise shutdown is seen at the next batch.
@@ -172,7 +178,7 @@ async fn produce(
                 Err(TrySendError::Closed(_)) => return,
                 Err(TrySendError::Full(event)) => tokio::select! {
                     biased;
-                    () = shutdown.cancelled() => return finish(&sender, shutting_down_at(sequence)).await,
+                    () = &mut cancelled => return finish(&sender, shutting_down_at(sequence)).await,
                     sent = sender.send(event) => if sent.is_err() { return },
                 },
             }
