@@ -9,8 +9,10 @@
 //!   the log has made every event durable.
 //! - [`events`]: the [`events::EventLog`] trait with its `embedded` (redb, group commit),
 //!   `memory` and `nats` (JetStream) backends, live fan-out, and the subscription feeds that
-//!   hand over from history to live without gaps or duplicates.
-//! - [`grpc`]: the tonic server: `EventStream/Subscribe`, the `SpikeRecords` proxies,
+//!   hand over from history to live without gaps or duplicates. Each committed event is
+//!   encoded once ([`events::CommittedEvent`]) and those bytes go to every subscriber.
+//! - [`grpc`]: the tonic server: `EventStream/Subscribe` (with a codec that sends the
+//!   pre-encoded events), the `SpikeRecords` proxies,
 //!   `Admin` (erasure), bearer-token auth, TLS, health and reflection.
 //! - [`app`]: wiring. Binds the listeners, runs both servers, housekeeping and readiness,
 //!   and shuts everything down in order within a grace deadline.
