@@ -2,9 +2,9 @@
 //!
 //! Each subscription is a spawned producer that drives a [`Feed`] and sends matching
 //! events, as the bytes the log encoded once ([`EncodedEvent`]), into a bounded channel
-//! that tonic drains to the client. The producer stops as
-//! soon as the client goes away (the channel closes) or the gateway shuts down (the stream
-//! ends with `UNAVAILABLE`, naming the sequence to resume after).
+//! that tonic drains to the client. The producer stops as soon as the client goes away (the
+//! channel closes) or the gateway shuts down (the stream ends with `UNAVAILABLE`, naming
+//! the sequence to resume after).
 
 use std::sync::Arc;
 

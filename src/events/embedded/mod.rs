@@ -10,9 +10,11 @@
 //! transaction: a burst of N webhooks pays one fsync, not N (group commit). Readers
 //! (catch-up, `since`, bounds) open their own read transactions and never wait for it.
 //!
-//! Tables: `events` (sequence → received µs ‖ encoded `Event`), `dedup` (event_id →
-//! sequence, first seen µs), `dedup_expiry` ((first seen µs, event_id) → ()) to expire the
-//! dedup index in order, `dead_letters` (id → received µs ‖ encoded `DeadLetter`), `meta`.
+//! Tables: `events` (sequence → received µs ‖ the event as [`CommittedEvent`] encodes it
+//! for subscribers), `dedup` (event_id → sequence, first seen µs), `dedup_expiry` ((first
+//! seen µs, event_id) → ()) to expire the dedup index in order, `dead_letters` (id →
+//! received µs ‖ encoded `DeadLetter`), and `meta` (the next dead-letter id, how far
+//! retention trimmed, and the next sequence once events were removed from the end).
 
 use std::{
     path::Path,
