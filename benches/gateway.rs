@@ -248,6 +248,56 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
 }
 
+/// Posts distinct webhooks `0..total` at `rate` per second from 16 concurrent senders;
+/// `on_send(n)` runs just before webhook `n` goes out. The caller awaits the senders.
+fn post_paced(
+    url: String,
+    rate: u64,
+    total: u64,
+    run: u64,
+    on_send: impl Fn(u64) + Clone + Send + 'static,
+) -> JoinSet<()> {
+    let client = http_client(16);
+    let per_sender = 16u64;
+    let mut senders = JoinSet::new();
+    for s in 0..per_sender {
+        let (client, url, on_send) = (client.clone(), url.clone(), on_send.clone());
+        senders.spawn(async move {
+            let mut ticks =
+                tokio::time::interval(Duration::from_micros(1_000_000 * per_sender / rate));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for n in (s..total).step_by(per_sender as usize) {
+                ticks.tick().await;
+                let (body, signature) = webhook(run, n);
+                on_send(n);
+                let _ = client
+                    .post(&url)
+                    .header("X-Body-Signature", signature)
+                    .body(body)
+                    .send()
+                    .await;
+            }
+        });
+    }
+    senders
+}
+
+/// `subscribers` live subscribers that count what they receive into `received`.
+async fn counting_subscribers(
+    gateway: &Server,
+    subscribers: usize,
+    received: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut readers = Vec::new();
+    for _ in 0..subscribers {
+        readers.push(count_events(
+            subscribe(&gateway.grpc_url(), None).await,
+            received.clone(),
+        ));
+    }
+    readers
+}
+
 /// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
 /// `subscribers` live subscribers, and the gateway's RSS growth over the run.
 async fn latency(rate: u64, seconds: u64, subscribers: usize) -> (f64, f64, i64) {
@@ -280,29 +330,10 @@ async fn latency(rate: u64, seconds: u64, subscribers: usize) -> (f64, f64, i64)
             latencies
         });
     }
-    let client = http_client(16);
     let rss_start = gateway.rss_kib() as i64;
-    let mut senders = JoinSet::new();
-    let per_sender = 16u64;
-    for s in 0..per_sender {
-        let (client, url, sent_at) = (client.clone(), gateway.url(), sent_at.clone());
-        senders.spawn(async move {
-            let mut ticks =
-                tokio::time::interval(Duration::from_micros(1_000_000 * per_sender / rate));
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            for n in (s..total).step_by(per_sender as usize) {
-                ticks.tick().await;
-                let (body, signature) = webhook(0, n);
-                sent_at[n as usize].store(base.elapsed().as_micros() as u64, Ordering::Relaxed);
-                let _ = client
-                    .post(&url)
-                    .header("X-Body-Signature", signature)
-                    .body(body)
-                    .send()
-                    .await;
-            }
-        });
-    }
+    let mut senders = post_paced(gateway.url(), rate, total, 0, move |n| {
+        sent_at[n as usize].store(base.elapsed().as_micros() as u64, Ordering::Relaxed);
+    });
     while senders.join_next().await.is_some() {}
     let rss_end = gateway.rss_kib() as i64;
     let mut all = Vec::new();
@@ -328,35 +359,9 @@ async fn latency(rate: u64, seconds: u64, subscribers: usize) -> (f64, f64, i64)
 async fn steady(rate: u64, seconds: u64, subscribers: usize) -> Vec<(u64, u64)> {
     let gateway = Server::gateway();
     let received = Arc::new(AtomicU64::new(0));
-    let mut readers = Vec::new();
-    for _ in 0..subscribers {
-        readers.push(count_events(
-            subscribe(&gateway.grpc_url(), None).await,
-            received.clone(),
-        ));
-    }
-    let client = http_client(16);
+    let readers = counting_subscribers(&gateway, subscribers, &received).await;
     let total = rate * seconds;
-    let per_sender = 16u64;
-    let mut senders = JoinSet::new();
-    for s in 0..per_sender {
-        let (client, url) = (client.clone(), gateway.url());
-        senders.spawn(async move {
-            let mut ticks =
-                tokio::time::interval(Duration::from_micros(1_000_000 * per_sender / rate));
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            for n in (s..total).step_by(per_sender as usize) {
-                ticks.tick().await;
-                let (body, signature) = webhook(7, n);
-                let _ = client
-                    .post(&url)
-                    .header("X-Body-Signature", signature)
-                    .body(body)
-                    .send()
-                    .await;
-            }
-        });
-    }
+    let mut senders = post_paced(gateway.url(), rate, total, 7, |_| {});
     let mut samples = vec![(0, gateway.rss_kib())];
     let mut every = tokio::time::interval(Duration::from_secs(10));
     every.tick().await;
@@ -383,13 +388,7 @@ async fn steady(rate: u64, seconds: u64, subscribers: usize) -> Vec<(u64, u64)> 
 async fn fanout(subscribers: usize, events: u64) -> f64 {
     let gateway = Server::gateway();
     let received = Arc::new(AtomicU64::new(0));
-    let mut readers = Vec::new();
-    for _ in 0..subscribers {
-        readers.push(count_events(
-            subscribe(&gateway.grpc_url(), None).await,
-            received.clone(),
-        ));
-    }
+    let readers = counting_subscribers(&gateway, subscribers, &received).await;
     let client = http_client(4);
     let started = Instant::now();
     for from in (0..events).step_by(100) {
