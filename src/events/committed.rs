@@ -81,11 +81,11 @@ impl CommittedEvent {
                 return Ok(Self::new(event));
             }
         };
-        match raw_json_tail(&wire, &event.raw_json) {
-            Some(tail) => Ok(Self {
+        match scan(&wire)?.raw_json_at {
+            Some(at) => Ok(Self {
                 sequence,
                 received_at: event.received_at.as_ref().map_or(0, to_micros),
-                without_raw_json: wire.len() - tail,
+                without_raw_json: at,
                 wire,
                 decoded: OnceLock::from(event),
             }),
@@ -211,21 +211,6 @@ fn scan(wire: &[u8]) -> Result<Layout, prost::DecodeError> {
     })
 }
 
-/// The length of the encoded `raw_json` field if `wire` ends with it, as [`CommittedEvent::new`]
-/// writes it; `Some(0)` when there is no `raw_json` to leave out.
-fn raw_json_tail(wire: &[u8], raw_json: &[u8]) -> Option<usize> {
-    if raw_json.is_empty() {
-        return Some(0);
-    }
-    let mut header = BytesMut::with_capacity(12);
-    encoding::encode_key(RAW_JSON_FIELD, WireType::LengthDelimited, &mut header);
-    encoding::encode_varint(raw_json.len() as u64, &mut header);
-    let tail = header.len() + raw_json.len();
-    let start = wire.len().checked_sub(tail)?;
-    let (field_header, field_value) = wire[start..].split_at(header.len());
-    (field_header == &header[..] && field_value == raw_json).then_some(tail)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +273,7 @@ mod tests {
         .encode(&mut stored)
         .unwrap();
         let stored = stored.freeze();
-        assert!(raw_json_tail(&stored, &sample().raw_json).is_none());
+        assert!(scan(&stored).unwrap().raw_json_at.is_none());
         let back = CommittedEvent::decode(42, stored).unwrap();
         assert_eq!(back, CommittedEvent::new(sample()));
         assert_eq!(
