@@ -175,6 +175,20 @@ fn batch(run: u64, from: u64, count: u64) -> (Vec<u8>, String) {
     (body.into_bytes(), signature)
 }
 
+/// Posts a body with its `X-Body-Signature`, as `webhook` and `batch` produce them.
+async fn post_signed(
+    client: &reqwest::Client,
+    url: &str,
+    (body, signature): (Vec<u8>, String),
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(url)
+        .header("X-Body-Signature", signature)
+        .body(body)
+        .send()
+        .await
+}
+
 fn http_client(connections: usize) -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
@@ -194,14 +208,8 @@ async fn ingest(url: &str, connections: usize, duration: Duration, run: u64) -> 
         tasks.spawn(async move {
             let mut n = worker << 32;
             while started.elapsed() < duration {
-                let (body, signature) = webhook(run, n);
+                let response = post_signed(&client, &url, webhook(run, n)).await;
                 n += 1;
-                let response = client
-                    .post(&url)
-                    .header("X-Body-Signature", signature)
-                    .body(body)
-                    .send()
-                    .await;
                 if response.is_ok_and(|r| r.status().as_u16() == 200) {
                     acknowledged.fetch_add(1, Ordering::Relaxed);
                 }
@@ -268,14 +276,9 @@ fn post_paced(
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             for n in (s..total).step_by(per_sender as usize) {
                 ticks.tick().await;
-                let (body, signature) = webhook(run, n);
+                let signed = webhook(run, n);
                 on_send(n);
-                let _ = client
-                    .post(&url)
-                    .header("X-Body-Signature", signature)
-                    .body(body)
-                    .send()
-                    .await;
+                let _ = post_signed(&client, &url, signed).await;
             }
         });
     }
@@ -392,12 +395,7 @@ async fn fanout(subscribers: usize, events: u64) -> f64 {
     let client = http_client(4);
     let started = Instant::now();
     for from in (0..events).step_by(100) {
-        let (body, signature) = batch(0, from, 100);
-        client
-            .post(gateway.url())
-            .header("X-Body-Signature", signature)
-            .body(body)
-            .send()
+        post_signed(&client, &gateway.url(), batch(0, from, 100))
             .await
             .unwrap();
     }
@@ -580,12 +578,7 @@ async fn run() {
                     if from >= total {
                         break;
                     }
-                    let (body, signature) = batch(0, from, 1000);
-                    let response = client
-                        .post(&url)
-                        .header("X-Body-Signature", signature)
-                        .body(body)
-                        .send()
+                    let response = post_signed(&client, &url, batch(0, from, 1000))
                         .await
                         .unwrap();
                     assert_eq!(response.status().as_u16(), 200);
