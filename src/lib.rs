@@ -2,10 +2,13 @@
 //!
 //! Module map, in the order data flows through it:
 //!
+//! - [`wire`]: Spike's wire model at the bottom of the crate: payload shapes,
+//!   classification, the mapping to protobuf, event identity, the user ids a payload names.
+//!   Everything that reads Spike's JSON goes through it.
 //! - [`config`]: typed configuration from flags and the environment (SPEC §7), secrets
 //!   redacted.
 //! - [`webhook`]: the axum HTTP front. Verifies `X-Body-Signature` over the raw bytes,
-//!   parses Spike's payload shapes at the edge into domain types, and answers 200 only once
+//!   parses Spike's payload shapes at the edge (through [`wire`]), and answers 200 only once
 //!   the log has made every event durable.
 //! - [`events`]: the [`events::EventLog`] trait with its `embedded` (redb, group commit),
 //!   `memory` and `nats` (JetStream) backends, live fan-out, and the subscription feeds that
@@ -30,3 +33,4 @@ pub mod proto;
 pub mod spike;
 pub mod telemetry;
 pub mod webhook;
+pub mod wire;

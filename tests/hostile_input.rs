@@ -10,11 +10,8 @@ use serde_json::{Value, json, value::RawValue};
 use spike_gateway::{
     config::Secret,
     proto::WebhookCategory,
-    webhook::{
-        normalize::normalize,
-        payload::{split, user_named_in},
-        signature::{Signature, Verifier},
-    },
+    webhook::signature::{Signature, Verifier},
+    wire::{normalize, payload::user_named_in, split},
 };
 
 const CATEGORIES: [WebhookCategory; 3] = [

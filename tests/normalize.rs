@@ -6,7 +6,7 @@ use prost_types::Timestamp;
 use serde_json::value::RawValue;
 use spike_gateway::{
     proto::{Event, EventType, IntegrationAction, RecordStatus, WebhookCategory, event::Payload},
-    webhook::{normalize::normalize, payload::split},
+    wire::{normalize, split},
 };
 
 fn fixture(name: &str) -> String {

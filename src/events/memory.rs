@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     proto::{DeadLetter, Event},
-    webhook::payload::user_named_in,
+    wire::payload::user_named_in,
 };
 
 /// Dead letters kept at most; older ones are dropped first.

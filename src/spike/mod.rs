@@ -23,11 +23,7 @@ use tokens::TokenCache;
 use crate::{
     config::{Secret, SpikeConfig},
     proto::{LabReportResult, NutritionResult},
-    webhook::{
-        normalize::{lab_report_result, nutrition_result},
-        payload::{MAX_NESTING, WireItem},
-        signature::sign,
-    },
+    wire::{MAX_NESTING, WireItem, lab_report_result, nutrition_result, sign},
 };
 
 /// Attempts per look-up (the first plus retries of transient failures).
@@ -475,7 +471,7 @@ fn json_body(value: &impl Serialize) -> Result<Bytes, SpikeError> {
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, SpikeError> {
     // A list holds records, each up to MAX_NESTING deep.
-    if crate::webhook::payload::nested_deeper_than(body, MAX_NESTING + 2) {
+    if crate::wire::payload::nested_deeper_than(body, MAX_NESTING + 2) {
         return Err(SpikeError::UnexpectedAnswer("nested too deeply".into()));
     }
     serde_json::from_slice(body).map_err(|e| {

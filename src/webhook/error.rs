@@ -6,8 +6,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{payload::NotJson, signature::SignatureError};
+use super::signature::SignatureError;
 use crate::events::LogError;
+use crate::wire::NotJson;
 
 /// Why a webhook request was not acknowledged. Messages never contain the body, the
 /// expected signature or a key.

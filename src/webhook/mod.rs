@@ -1,14 +1,12 @@
 //! The HTTP front: Spike's webhooks in, `/healthz` and `/readyz` for operations.
 //!
 //! A webhook request goes: signature header → body (bounded) → HMAC over the raw bytes →
-//! JSON split into items → each item classified and normalized ([`normalize`]) or kept as a
+//! JSON split into items → each item classified and normalized ([`crate::wire`]) or kept as a
 //! dead letter → one durable append of all the request's events → exactly `200`.
 //!
 //! Logs name the category, counts and reasons; never the body, a key or a signature.
 
 pub mod error;
-pub mod normalize;
-pub mod payload;
 pub mod server;
 pub mod signature;
 
@@ -38,6 +36,7 @@ use crate::{
     },
     metrics::Metrics,
     proto::{DeadLetter, WebhookCategory},
+    wire::{normalize, payload},
 };
 pub use error::WebhookError;
 use signature::{Signature, Verifier};

@@ -74,13 +74,7 @@ impl Verifier {
     }
 }
 
-/// Lower-case hex HMAC-SHA256 of `body` under `key`, as Spike computes it. Used by the
-/// examples and tests to sign payloads.
-pub fn sign(key: &str, body: &[u8]) -> String {
-    let mut mac = HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC accepts any key");
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
-}
+pub use crate::wire::sign;
 
 #[cfg(test)]
 mod tests {

@@ -24,7 +24,7 @@ use crate::{
         time::{Micros, from_micros, now_micros, to_micros},
     },
     proto::DeadLetter,
-    webhook::payload::user_named_in,
+    wire::payload::user_named_in,
 };
 
 pub(super) struct Writer {

@@ -22,6 +22,9 @@ pub struct Normalized {
     pub event: Event,
     /// Whether the content named another category than the path it arrived on.
     pub reclassified: bool,
+    /// The id the previous release's identity rule gave this item, so a redelivery of an
+    /// event stored before the upgrade is still recognised as a duplicate (SPEC §2.4).
+    pub legacy_event_id: String,
 }
 
 /// Normalizes one raw item that arrived on the path of `path_category`.
@@ -44,6 +47,7 @@ pub fn normalize(
     event.received_at = Some(received_at);
     event.raw_json = Bytes::copy_from_slice(raw.get().as_bytes());
     Ok(Normalized {
+        legacy_event_id: event.event_id.clone(),
         event,
         reclassified: path_category != WebhookCategory::Main && kind.category() != path_category,
     })
