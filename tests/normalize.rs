@@ -404,6 +404,6 @@ fn unusable_items_say_why() {
         ),
     ] {
         let err = normalize(&raw(json), path, RECEIVED).unwrap_err();
-        assert!(!err.0.is_empty(), "{json}");
+        assert!(!err.detail.is_empty(), "{json}");
     }
 }

@@ -489,11 +489,11 @@ fn problem_detail(body: &[u8]) -> Option<String> {
 }
 
 fn nutrition_from(item: &WireItem) -> Result<NutritionResult, SpikeError> {
-    nutrition_result(item).map_err(|e| SpikeError::UnexpectedAnswer(e.0))
+    nutrition_result(item).map_err(|e| SpikeError::UnexpectedAnswer(e.detail))
 }
 
 fn lab_from(item: &WireItem) -> Result<LabReportResult, SpikeError> {
-    lab_report_result(item).map_err(|e| SpikeError::UnexpectedAnswer(e.0))
+    lab_report_result(item).map_err(|e| SpikeError::UnexpectedAnswer(e.detail))
 }
 
 fn range_query(from: &Timestamp, to: &Timestamp) -> [(&'static str, String); 2] {

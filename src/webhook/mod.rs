@@ -36,16 +36,13 @@ use crate::{
     },
     metrics::Metrics,
     proto::{DeadLetter, WebhookCategory},
-    wire::{normalize, payload},
+    wire,
 };
 pub use error::WebhookError;
 use signature::{Signature, Verifier};
 
 /// Signature header (HTTP header names are case-insensitive; `HeaderMap` already is).
 pub const SIGNATURE_HEADER: &str = "x-body-signature";
-
-/// Beyond this many unusable items in one request, the whole body becomes one dead letter.
-pub const MAX_DEAD_LETTERS_PER_REQUEST: usize = 100;
 
 /// Shared by every webhook request.
 #[derive(Clone)]
@@ -175,48 +172,31 @@ async fn verify_and_append(
     state.verifier.verify(&body, &signature)?;
 
     let received_at = from_micros(now_micros());
-    let items = payload::split(&body)?;
-    let mut events = Vec::with_capacity(items.len());
-    let mut dead_letters = Vec::new();
-    for raw in items {
-        match normalize::normalize(raw, path, received_at) {
-            Ok(normalized) => {
-                if normalized.reclassified {
-                    tracing::info!(
-                        content = WebhookCategory::try_from(normalized.event.category)
-                            .map_or("?", |c| c.as_str_name()),
-                        "item classified by its content, not its path"
-                    );
-                }
-                events.push(normalized.event);
-            }
-            Err(unusable) => {
-                tracing::warn!(reason = %unusable, "signed item kept as a dead letter");
-                dead_letters.push(DeadLetter {
-                    received_at: Some(received_at),
-                    path_category: path as i32,
-                    reason: unusable.0,
-                    raw_json: raw.get().as_bytes().to_vec(),
-                });
-            }
+    let parsed = wire::parse_body(&body, path, received_at)?;
+    let mut events = Vec::with_capacity(parsed.events.len());
+    for normalized in parsed.events {
+        if normalized.reclassified {
+            tracing::info!(
+                content = WebhookCategory::try_from(normalized.event.category)
+                    .map_or("?", |c| c.as_str_name()),
+                "item classified by its content, not its path"
+            );
         }
+        events.push(normalized.event);
     }
-
-    if dead_letters.len() > MAX_DEAD_LETTERS_PER_REQUEST {
-        // Keep everything, but as one record: a body of many tiny unusable items must not
-        // turn into hundreds of thousands of writes.
-        let reason = format!(
-            "{} items could not be used; the whole body is kept. First reason: {}",
-            dead_letters.len(),
-            dead_letters[0].reason
-        );
-        dead_letters = vec![DeadLetter {
-            received_at: Some(received_at),
-            path_category: path as i32,
-            reason,
-            raw_json: body.to_vec(),
-        }];
-    }
+    let dead_letters: Vec<DeadLetter> = parsed
+        .rejected
+        .into_iter()
+        .map(|rejected| {
+            tracing::warn!(reason = %rejected.unusable, "signed item kept as a dead letter");
+            DeadLetter {
+                received_at: Some(received_at),
+                path_category: path as i32,
+                reason: rejected.unusable.detail,
+                raw_json: rejected.raw_json.to_vec(),
+            }
+        })
+        .collect();
     let dead_lettered = dead_letters.len();
     let types: Vec<i32> = events.iter().map(|e| e.r#type).collect();
     for letter in dead_letters {

@@ -15,8 +15,76 @@ pub mod payload;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use bytes::Bytes;
+use prost_types::Timestamp;
+
+use crate::proto::WebhookCategory;
 pub use normalize::{Normalized, lab_report_result, normalize, nutrition_result};
-pub use payload::{MAX_NESTING, NotJson, Unusable, WireItem, split};
+pub use payload::{MAX_NESTING, NotJson, Reason, Unusable, WireItem, split};
+
+/// Beyond this many unusable items in one request, the whole body becomes one dead letter.
+pub const MAX_DEAD_LETTERS_PER_REQUEST: usize = 100;
+
+/// A signed body read item by item: what became events and what did not.
+#[derive(Debug, Default)]
+pub struct ParsedBody {
+    pub events: Vec<Normalized>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// JSON that could not become an event, to be kept as a dead letter.
+#[derive(Debug)]
+pub struct Rejected {
+    pub unusable: Unusable,
+    /// The item (or, for a [`Reason::Merged`] letter, the whole body) exactly as received.
+    pub raw_json: Bytes,
+    /// Every user id the JSON names, found now so that erasure never parses JSON.
+    pub application_user_ids: Vec<String>,
+}
+
+impl Rejected {
+    fn new(unusable: Unusable, raw_json: Bytes) -> Self {
+        let application_user_ids = payload::user_named_in(&raw_json).into_iter().collect();
+        Self {
+            unusable,
+            raw_json,
+            application_user_ids,
+        }
+    }
+}
+
+/// Splits `body` into items and normalizes each one that arrived on the path of `path`.
+/// The one reading of a body, shared by the webhook front and dead-letter redrive.
+pub fn parse_body(
+    body: &[u8],
+    path: WebhookCategory,
+    received_at: Timestamp,
+) -> Result<ParsedBody, NotJson> {
+    let mut parsed = ParsedBody::default();
+    for raw in split(body)? {
+        match normalize(raw, path, received_at) {
+            Ok(normalized) => parsed.events.push(normalized),
+            Err(unusable) => parsed.rejected.push(Rejected::new(
+                unusable,
+                Bytes::copy_from_slice(raw.get().as_bytes()),
+            )),
+        }
+    }
+    if parsed.rejected.len() > MAX_DEAD_LETTERS_PER_REQUEST {
+        // Keep everything, but as one record: a body of many tiny unusable items must not
+        // turn into hundreds of thousands of writes.
+        let detail = format!(
+            "{} items could not be used; the whole body is kept. First reason: {}",
+            parsed.rejected.len(),
+            parsed.rejected[0].unusable
+        );
+        parsed.rejected = vec![Rejected::new(
+            Unusable::new(Reason::Merged, detail),
+            Bytes::copy_from_slice(body),
+        )];
+    }
+    Ok(parsed)
+}
 
 /// Lower-case hex HMAC-SHA256 of `body` under `key`, as Spike computes it: the webhook
 /// `X-Body-Signature` and the `signature` of Spike's `POST /auth/hmac`.

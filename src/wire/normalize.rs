@@ -7,8 +7,8 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::payload::{
-    Kind, NumberOrText, Unusable, WireIngredient, WireItem, WireSection, WireTestResult, classify,
-    parse_item,
+    Kind, NumberOrText, Reason, Unusable, WireIngredient, WireItem, WireSection, WireTestResult,
+    classify, parse_item,
 };
 use crate::proto::{
     Event, EventType, Ingredient, IntegrationAction, LabReportResult, LabReportSection,
@@ -55,8 +55,12 @@ pub fn normalize(
 
 fn main_event(item: &WireItem) -> Result<Event, Unusable> {
     let event_type = item.event_type.as_deref().unwrap_or_default();
-    let user = user_of(item, None)
-        .ok_or_else(|| Unusable("main event has no application_user_id or user_id".into()))?;
+    let user = user_of(item, None).ok_or_else(|| {
+        Unusable::new(
+            Reason::MissingUserId,
+            "main event has no application_user_id or user_id",
+        )
+    })?;
     let provider = item.provider_slug.clone().unwrap_or_default();
     let earliest = item
         .earliest_record_start_at
@@ -109,7 +113,12 @@ fn main_event(item: &WireItem) -> Result<Event, Unusable> {
                 }),
             )
         }
-        other => return Err(Unusable(format!("unknown main event_type {other:?}"))),
+        other => {
+            return Err(Unusable::new(
+                Reason::UnknownEventType,
+                format!("unknown main event_type {other:?}"),
+            ));
+        }
     };
     Ok(Event {
         event_id,
@@ -148,7 +157,10 @@ fn result_status(item: &WireItem, prefix: &str, has_error: bool) -> Result<Recor
         // Spike omits status on some deliveries; an error text means it failed.
         None if has_error => Ok(RecordStatus::Failed),
         None => Ok(RecordStatus::Completed),
-        Some(_) => Err(Unusable("unknown result status".into())),
+        Some(_) => Err(Unusable::new(
+            Reason::UnknownStatus,
+            "unknown result status",
+        )),
     }
 }
 
@@ -170,7 +182,12 @@ fn result_id(
 pub fn lab_report_result(item: &WireItem) -> Result<LabReportResult, Unusable> {
     let record_id = pick(item, |i| i.record_id.as_ref().or(i.report_id.as_ref()))
         .cloned()
-        .ok_or_else(|| Unusable("lab report has no record_id or report_id".into()))?;
+        .ok_or_else(|| {
+            Unusable::new(
+                Reason::MissingRecordId,
+                "lab report has no record_id or report_id",
+            )
+        })?;
     let parsing_error = pick(item, |i| i.parsing_error.as_ref().or(i.error.as_ref())).cloned();
     let status = result_status(item, "lab_report_", parsing_error.is_some())?;
     Ok(LabReportResult {
@@ -221,10 +238,13 @@ fn lab_report(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
 }
 
 fn not_notified(what: &str, status: RecordStatus) -> Unusable {
-    Unusable(format!(
-        "{what} status {} has no event type; Spike only notifies completed or failed",
-        status.as_str_name()
-    ))
+    Unusable::new(
+        Reason::NotNotified,
+        format!(
+            "{what} status {} has no event type; Spike only notifies completed or failed",
+            status.as_str_name()
+        ),
+    )
 }
 
 fn section(wire: &WireSection) -> LabReportSection {
@@ -270,7 +290,9 @@ fn test_result(wire: &WireTestResult) -> LabTestResult {
 pub fn nutrition_result(item: &WireItem) -> Result<NutritionResult, Unusable> {
     let record_id = pick(item, |i| i.record_id.as_ref())
         .cloned()
-        .ok_or_else(|| Unusable("nutrition record has no record_id".into()))?;
+        .ok_or_else(|| {
+            Unusable::new(Reason::MissingRecordId, "nutrition record has no record_id")
+        })?;
     let failure_reason = pick(item, |i| i.failure_reason.as_ref().or(i.error.as_ref())).cloned();
     let status = result_status(item, "nutrition_record_", failure_reason.is_some())?;
     Ok(NutritionResult {

@@ -39,10 +39,56 @@ impl From<serde_json::Error> for NotJson {
     }
 }
 
-/// Why an item could not become an event. Safe to log: never contains payload values.
+/// Why an item could not become an event: a closed [`Reason`] (a metrics label) and a
+/// sentence for operators. Safe to log: never contains payload values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Unusable(pub String);
+#[error("{detail}")]
+pub struct Unusable {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Unusable {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The closed set of reasons an item becomes a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    NotAnObject,
+    TooDeep,
+    WrongType,
+    UnknownEventType,
+    Unclassifiable,
+    MissingUserId,
+    MissingRecordId,
+    UnknownStatus,
+    NotNotified,
+    /// Many unusable items of one request, kept as one letter.
+    Merged,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotAnObject => "not_an_object",
+            Reason::TooDeep => "too_deep",
+            Reason::WrongType => "wrong_type",
+            Reason::UnknownEventType => "unknown_event_type",
+            Reason::Unclassifiable => "unclassifiable",
+            Reason::MissingUserId => "missing_user_id",
+            Reason::MissingRecordId => "missing_record_id",
+            Reason::UnknownStatus => "unknown_status",
+            Reason::NotNotified => "not_notified",
+            Reason::Merged => "merged",
+        }
+    }
+}
 
 /// Deepest nesting an item may have. Spike's shapes are about 6 deep; typed parsing
 /// recurses once per level, and a few hundred levels of it overflow a thread's stack.
@@ -80,19 +126,26 @@ pub fn nested_deeper_than(json: &[u8], max: usize) -> bool {
 /// Parses one item. Wrong types become an [`Unusable`] naming the position only.
 pub fn parse_item(raw: &RawValue) -> Result<WireItem, Unusable> {
     if !raw.get().starts_with('{') {
-        return Err(Unusable("item is not a JSON object".into()));
+        return Err(Unusable::new(
+            Reason::NotAnObject,
+            "item is not a JSON object",
+        ));
     }
     if nested_deeper_than(raw.get().as_bytes(), MAX_NESTING) {
-        return Err(Unusable(format!(
-            "item is nested deeper than {MAX_NESTING} levels"
-        )));
+        return Err(Unusable::new(
+            Reason::TooDeep,
+            format!("item is nested deeper than {MAX_NESTING} levels"),
+        ));
     }
     serde_json::from_str(raw.get()).map_err(|e| {
-        Unusable(format!(
-            "item has a field of an unexpected type (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
+        Unusable::new(
+            Reason::WrongType,
+            format!(
+                "item has a field of an unexpected type (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
     })
 }
 
@@ -314,10 +367,10 @@ pub fn classify(item: &WireItem, path: WebhookCategory) -> Result<Kind, Unusable
         } else if event_type.starts_with("nutrition_record_") {
             Ok(Kind::NutritionRecord)
         } else {
-            Err(Unusable(format!(
-                "unknown event_type {:?}",
-                truncate(event_type, 64)
-            )))
+            Err(Unusable::new(
+                Reason::UnknownEventType,
+                format!("unknown event_type {:?}", truncate(event_type, 64)),
+            ))
         };
     }
     let looks_like_lab = item.sections.is_some()
@@ -333,14 +386,15 @@ pub fn classify(item: &WireItem, path: WebhookCategory) -> Result<Kind, Unusable
         (false, true, _) => Ok(Kind::NutritionRecord),
         (true, true, WebhookCategory::LabReports) => Ok(Kind::LabReport),
         (true, true, WebhookCategory::NutritionRecords) => Ok(Kind::NutritionRecord),
-        (true, true, _) => Err(Unusable(
-            "item has both lab-report and nutrition fields".into(),
+        (true, true, _) => Err(Unusable::new(
+            Reason::Unclassifiable,
+            "item has both lab-report and nutrition fields",
         )),
         (false, false, WebhookCategory::LabReports) => Ok(Kind::LabReport),
         (false, false, WebhookCategory::NutritionRecords) => Ok(Kind::NutritionRecord),
-        (false, false, _) => Err(Unusable(
-            "cannot tell which kind of event this is: no event_type and no lab-report or nutrition fields"
-                .into(),
+        (false, false, _) => Err(Unusable::new(
+            Reason::Unclassifiable,
+            "cannot tell which kind of event this is: no event_type and no lab-report or nutrition fields",
         )),
     }
 }
@@ -466,7 +520,7 @@ mod tests {
     fn wrong_types_are_unusable_without_quoting_values() {
         let raw: &RawValue = serde_json::from_str(r#"{"metrics": "secret-value"}"#).unwrap();
         let err = parse_item(raw).unwrap_err();
-        assert!(!err.0.contains("secret-value"), "{err}");
+        assert!(!err.detail.contains("secret-value"), "{err}");
         let raw: &RawValue = serde_json::from_str("42").unwrap();
         assert!(parse_item(raw).is_err());
     }
