@@ -267,6 +267,9 @@ async fn start_positions_and_filters_map_onto_consumers() {
 
     let status = app.subscribe(after_sequence(99)).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange);
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(reason, "START_AHEAD_OF_LOG");
+    assert_eq!(metadata["oldest_sequence"], "1", "{metadata:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

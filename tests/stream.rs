@@ -276,6 +276,9 @@ async fn a_position_the_log_no_longer_retains_is_out_of_range() {
         "{}",
         status.message()
     );
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(reason, "START_NOT_RETAINED");
+    assert_eq!(metadata["oldest_sequence"], "3", "{metadata:?}");
 
     let long_ago = SubscribeRequest {
         start: Some(Start::Since(Timestamp {
@@ -286,6 +289,9 @@ async fn a_position_the_log_no_longer_retains_is_out_of_range() {
     };
     let status = app.subscribe(long_ago).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange);
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(reason, "START_NOT_RETAINED");
+    assert_eq!(metadata["oldest_sequence"], "3", "{metadata:?}");
 
     // What is retained still streams.
     let mut stream = app.subscribe(after_sequence(2)).await.unwrap();
@@ -300,6 +306,11 @@ async fn after_sequence_ahead_of_the_log_is_out_of_range() {
     app.post(MAIN, &fixture("main-batch.json")).await;
     let status = app.subscribe(after_sequence(10)).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange);
+    assert!(status.message().contains("ahead of the log"), "{status:?}");
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(reason, "START_AHEAD_OF_LOG");
+    assert_eq!(metadata["oldest_sequence"], "1", "{metadata:?}");
+    assert_eq!(metadata["last_sequence"], "2", "{metadata:?}");
     // The newest sequence itself is a valid resume point: live from there.
     let mut stream = app.subscribe(after_sequence(2)).await.unwrap();
     app.post(LAB, &fixture("lab-report-failed.json")).await;
@@ -334,14 +345,36 @@ async fn shutdown_ends_open_streams_with_unavailable_and_the_resume_position() {
     app.post(MAIN, &fixture("main-batch.json")).await;
     let mut stream = app.subscribe(from_beginning()).await.unwrap();
     take(&mut stream, 2).await;
+    // Live from now, so nothing is delivered: it resumes after the position it started at.
+    let mut idle = app.subscribe(SubscribeRequest::default()).await.unwrap();
+    app.stop().await;
+    for stream in [&mut stream, &mut idle] {
+        let status = next(stream).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("after_sequence=2"),
+            "{}",
+            status.message()
+        );
+        let (reason, metadata) = error_info(&status);
+        assert_eq!(reason, "SHUTTING_DOWN");
+        assert_eq!(metadata["after_sequence"], "2", "{metadata:?}");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_names_the_last_delivered_sequence_not_the_start() {
+    let mut app = spawn_app().await;
+    app.post(MAIN, &fixture("main-batch.json")).await;
+    app.post(LAB, &fixture("lab-report-failed.json")).await;
+    let mut stream = app.subscribe(after_sequence(1)).await.unwrap();
+    assert_eq!(next(&mut stream).await.unwrap().sequence, 2);
+    assert_eq!(next(&mut stream).await.unwrap().sequence, 3);
     app.stop().await;
     let status = next(&mut stream).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(
-        status.message().contains("after_sequence=2"),
-        "{}",
-        status.message()
-    );
+    let (_, metadata) = error_info(&status);
+    assert_eq!(metadata["after_sequence"], "3", "{metadata:?}");
 }
 
 #[tokio::test]

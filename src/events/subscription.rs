@@ -42,7 +42,12 @@ pub enum SubscriptionError {
     #[error(
         "after_sequence {requested} is ahead of the log, whose last sequence is {last}; was the log reset?"
     )]
-    AheadOfLog { requested: u64, last: u64 },
+    AheadOfLog {
+        requested: u64,
+        last: u64,
+        /// The oldest retained sequence: where a client that accepts the reset restarts.
+        oldest: u64,
+    },
     #[error("the event log's live feed closed")]
     LiveClosed,
     #[error(transparent)]
@@ -152,6 +157,7 @@ pub fn first_position(
                 return Err(SubscriptionError::AheadOfLog {
                     requested: after,
                     last: bounds.next.saturating_sub(1),
+                    oldest: bounds.oldest,
                 });
             }
             let position = after.saturating_add(1);

@@ -6,14 +6,15 @@
 //! channel closes) or the gateway shuts down (the stream ends with `UNAVAILABLE`, naming
 //! the sequence to resume after).
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use prometheus_client::metrics::gauge::Gauge;
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     events::{
@@ -94,10 +95,10 @@ impl EventStream for EventStreamService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        if self.shutdown.is_cancelled() {
-            return Err(Status::unavailable("the gateway is shutting down"));
-        }
         let request = request.into_inner();
+        if self.shutdown.is_cancelled() {
+            return Err(refused_while_shutting_down(request.start.as_ref()));
+        }
         let filter = Filter::new(
             &request.event_types,
             request.application_user_ids,
@@ -130,13 +131,93 @@ impl EventStream for EventStreamService {
     }
 }
 
+/// `google.rpc.ErrorInfo.domain` of the details on a stream's end (SPEC §4.1).
+pub const ERROR_DOMAIN: &str = "spike-gateway";
+
+/// `ErrorInfo.reason` values: constant, machine-readable causes within [`ERROR_DOMAIN`].
+mod reason {
+    /// The start position is older than the log retains.
+    pub const START_NOT_RETAINED: &str = "START_NOT_RETAINED";
+    /// `after_sequence` is past the newest event: the log was reset or replaced.
+    pub const START_AHEAD_OF_LOG: &str = "START_AHEAD_OF_LOG";
+    /// Retention removed events this stream had not read yet.
+    pub const FELL_BEHIND_RETENTION: &str = "FELL_BEHIND_RETENTION";
+    /// The gateway is shutting down; reconnect with `after_sequence`.
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+}
+
+/// A status carrying an `ErrorInfo` in [`ERROR_DOMAIN`], keeping the human message.
+fn detailed(code: Code, message: String, reason: &str, metadata: &[(&str, u64)]) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), value.to_string()))
+        .collect();
+    let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+    Status::with_error_details(code, message, details)
+}
+
+/// The status for a subscription that could not open.
 fn status_of(error: SubscriptionError) -> Status {
+    let message = error.to_string();
     match error {
-        SubscriptionError::TooOld { .. } | SubscriptionError::AheadOfLog { .. } => {
-            Status::out_of_range(error.to_string())
-        }
-        SubscriptionError::LiveClosed => Status::unavailable(error.to_string()),
-        SubscriptionError::Log(e) => Status::unavailable(e.to_string()),
+        SubscriptionError::TooOld { oldest, .. } => detailed(
+            Code::OutOfRange,
+            message,
+            reason::START_NOT_RETAINED,
+            &[("oldest_sequence", oldest)],
+        ),
+        SubscriptionError::AheadOfLog { last, oldest, .. } => detailed(
+            Code::OutOfRange,
+            message,
+            reason::START_AHEAD_OF_LOG,
+            &[("oldest_sequence", oldest), ("last_sequence", last)],
+        ),
+        SubscriptionError::LiveClosed | SubscriptionError::Log(_) => Status::unavailable(message),
+    }
+}
+
+/// The status for a stream that fails after it opened; `position` is the next sequence
+/// the subscriber has not received.
+fn status_mid_stream(error: SubscriptionError, position: u64) -> Status {
+    match error {
+        SubscriptionError::TooOld { oldest, .. } => detailed(
+            Code::OutOfRange,
+            error.to_string(),
+            reason::FELL_BEHIND_RETENTION,
+            &[
+                ("oldest_sequence", oldest),
+                ("after_sequence", position.saturating_sub(1)),
+            ],
+        ),
+        error => status_of(error),
+    }
+}
+
+/// The end of a stream on shutdown. `position` is the next sequence the subscriber has not
+/// received, so `after_sequence` is the last one delivered (or the resolved start when
+/// nothing was).
+fn shutting_down_at(position: u64) -> Status {
+    let after = position.saturating_sub(1);
+    detailed(
+        Code::Unavailable,
+        format!("the gateway is shutting down; reconnect with after_sequence={after}"),
+        reason::SHUTTING_DOWN,
+        &[("after_sequence", after)],
+    )
+}
+
+/// The refusal of a new subscription during shutdown. Only a request that named its
+/// position gets `after_sequence`: any other start has not been resolved to one.
+fn refused_while_shutting_down(start: Option<&subscribe_request::Start>) -> Status {
+    let message = "the gateway is shutting down".to_owned();
+    match start {
+        Some(subscribe_request::Start::AfterSequence(after)) => detailed(
+            Code::Unavailable,
+            message,
+            reason::SHUTTING_DOWN,
+            &[("after_sequence", *after)],
+        ),
+        _ => detailed(Code::Unavailable, message, reason::SHUTTING_DOWN, &[]),
     }
 }
 
@@ -158,13 +239,13 @@ async fn produce(
         let batch = tokio::select! {
             // Shutdown first, so a stream that always has events still ends promptly.
             biased;
-            () = &mut cancelled => break shutting_down(cursor.as_ref()),
+            () = &mut cancelled => break Some(shutting_down_at(cursor.position())),
             () = &mut client_gone => break None,
             batch = cursor.next_batch() => batch,
         };
         let events = match batch {
             Ok(events) => events,
-            Err(e) => break Some(status_of(e)),
+            Err(e) => break Some(status_mid_stream(e, cursor.position())),
         };
         let now = now_micros();
         for event in events.iter().filter(|e| filter.matches(e)) {
@@ -178,7 +259,7 @@ async fn produce(
                 Err(TrySendError::Closed(_)) => return,
                 Err(TrySendError::Full(event)) => tokio::select! {
                     biased;
-                    () = &mut cancelled => return finish(&sender, shutting_down_at(sequence)).await,
+                    () = &mut cancelled => return finish(&sender, Some(shutting_down_at(sequence))).await,
                     sent = sender.send(event) => if sent.is_err() { return },
                 },
             }
@@ -194,21 +275,46 @@ async fn produce(
     tracing::debug!("subscriber gone");
 }
 
-fn shutting_down(cursor: &dyn Feed) -> Option<Status> {
-    shutting_down_at(cursor.position())
-}
-
-/// `position` is the next sequence the subscriber has not received.
-fn shutting_down_at(position: u64) -> Option<Status> {
-    Some(Status::unavailable(format!(
-        "the gateway is shutting down; reconnect with after_sequence={}",
-        position.saturating_sub(1)
-    )))
-}
-
 async fn finish(sender: &mpsc::Sender<Result<EncodedEvent, Status>>, status: Option<Status>) {
     if let Some(status) = status {
         // The client may already be gone; nothing more to do then.
         let _ = sender.send(Err(status)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(status: &Status) -> (String, HashMap<String, String>) {
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        (info.reason, info.metadata)
+    }
+
+    #[test]
+    fn falling_behind_retention_names_both_ends_of_the_loss() {
+        let error = SubscriptionError::TooOld {
+            requested: "position 5".into(),
+            oldest: 9,
+        };
+        let status = status_mid_stream(error, 5);
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert!(status.message().contains("oldest retained sequence is 9"));
+        let (reason, metadata) = info(&status);
+        assert_eq!(reason, "FELL_BEHIND_RETENTION");
+        assert_eq!(metadata["oldest_sequence"], "9");
+        assert_eq!(metadata["after_sequence"], "4");
+    }
+
+    #[test]
+    fn a_refusal_during_shutdown_names_after_sequence_only_when_asked_for_one() {
+        let named = refused_while_shutting_down(Some(&subscribe_request::Start::AfterSequence(7)));
+        assert_eq!(named.code(), Code::Unavailable);
+        assert_eq!(info(&named).1["after_sequence"], "7");
+        let live = refused_while_shutting_down(None);
+        let (reason, metadata) = info(&live);
+        assert_eq!(reason, "SHUTTING_DOWN");
+        assert!(metadata.is_empty(), "{metadata:?}");
     }
 }

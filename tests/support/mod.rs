@@ -180,6 +180,17 @@ impl TestApp {
     }
 }
 
+/// The `google.rpc.ErrorInfo` in `status`'s details, checked to be in the gateway's domain,
+/// as `(reason, metadata)`.
+pub fn error_info(status: &Status) -> (String, std::collections::HashMap<String, String>) {
+    use tonic_types::StatusExt;
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in the details of {status:?}"));
+    assert_eq!(info.domain, "spike-gateway", "{info:?}");
+    (info.reason, info.metadata)
+}
+
 /// The next stream item, failing the test if none arrives within 5 s.
 pub async fn next(stream: &mut Streaming<Event>) -> Result<Event, Status> {
     tokio::time::timeout(Duration::from_secs(5), stream.message())
