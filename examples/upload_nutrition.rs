@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --example upload_nutrition -- --user user-1 meal.jpg --await-result --timeout 60s
+//! cargo run --example upload_nutrition -- --user user-1 meal.jpg --field energy_kcal --field protein_g
 //! ```
 
 use std::{path::PathBuf, time::Duration};
@@ -21,6 +22,10 @@ struct Args {
     /// Answer only once Spike has analysed the image (delivered by its webhook).
     #[arg(long)]
     await_result: bool,
+    /// A nutritional field key to report, e.g. energy_kcal (repeatable). None: Spike's
+    /// default carbohydrate_g, energy_kcal, fat_total_g and protein_g.
+    #[arg(long = "field")]
+    fields: Vec<String>,
     /// The call's deadline.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -40,6 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         image,
         include_ingredients: Some(true),
         include_nutri_score: Some(true),
+        include_nutrition_fields: args.fields,
         await_result: args.await_result,
         ..Default::default()
     });

@@ -381,6 +381,27 @@ async fn invalid_requests_never_reach_spike() {
             .await
             .unwrap_err(),
     ];
+    for (keys, names) in [
+        (
+            vec!["Energy_kcal".to_owned()],
+            "include_nutrition_fields[0]",
+        ),
+        (
+            vec!["protein_g".to_owned(), String::new()],
+            "include_nutrition_fields[1]",
+        ),
+        (vec!["protein_g".to_owned(); 65], "at most 64"),
+    ] {
+        let status = client
+            .upload_nutrition_image(UploadNutritionImageRequest {
+                include_nutrition_fields: keys,
+                ..image(b"x")
+            })
+            .await
+            .unwrap_err();
+        assert!(status.message().contains(names), "{status:?}");
+        failures.push(status);
+    }
     failures.push(
         client
             .upload_lab_report(UploadLabReportRequest {
@@ -455,6 +476,32 @@ async fn the_upload_body_is_the_exact_bytes_in_base64_with_the_options() {
     assert!(
         upload.body.get("include_dish_description").is_none(),
         "unset options are omitted"
+    );
+}
+
+#[tokio::test]
+async fn include_nutrition_fields_reach_spike_as_an_array_only_when_given() {
+    let fake = FakeSpike::start().await;
+    let app = gateway_for(&fake).await;
+    let mut client = records(&app).await;
+    client
+        .upload_nutrition_image(UploadNutritionImageRequest {
+            include_nutrition_fields: vec!["energy_kcal".into(), "protein_g".into()],
+            ..image(b"meal")
+        })
+        .await
+        .unwrap();
+    client.upload_nutrition_image(image(b"meal")).await.unwrap();
+
+    let uploads = fake.data_requests();
+    assert_eq!(
+        uploads[0].body["include_nutrition_fields"],
+        json!(["energy_kcal", "protein_g"])
+    );
+    assert!(
+        uploads[1].body.get("include_nutrition_fields").is_none(),
+        "empty is omitted, so Spike applies its default fields: {}",
+        uploads[1].body
     );
 }
 

@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 use super::{
     deadline::{self, within},
     validate::{
-        LAB_MIME_TYPES, encode_upload, validate_range, validate_record_id, validate_user_id,
+        LAB_MIME_TYPES, encode_upload, validate_nutrition_fields, validate_range,
+        validate_record_id, validate_user_id,
     },
 };
 use crate::{
@@ -137,6 +138,7 @@ impl RecordsService {
         let user = r.application_user_id.as_str();
         validate_user_id(user)?;
         let body = encode_upload("image", &r.image)?;
+        validate_nutrition_fields(&r.include_nutrition_fields)?;
         let wait_on_process = async_when_awaiting(r.await_result, r.wait_on_process)?;
         let upload = NutritionImageUpload {
             body,

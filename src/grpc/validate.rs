@@ -15,6 +15,11 @@ pub const LAB_MIME_TYPES: [&str; 5] = [
     "image/webp",
 ];
 
+/// Bounds on `include_nutrition_fields`. Spike defines a few dozen keys, each a short
+/// snake_case name; anything past these bounds is not a list of keys.
+pub const MAX_NUTRITION_FIELDS: usize = 64;
+pub const MAX_NUTRITION_FIELD_LEN: usize = 64;
+
 fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
@@ -34,6 +39,26 @@ fn validate_id(field: &str, id: &str) -> Result<(), Status> {
         return Err(Status::invalid_argument(format!(
             "{field} must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
         )));
+    }
+    Ok(())
+}
+
+/// `include_nutrition_fields`: at most [`MAX_NUTRITION_FIELDS`] keys, each 1 to
+/// [`MAX_NUTRITION_FIELD_LEN`] characters of `[a-z0-9_]`. Empty is valid (Spike's default).
+pub fn validate_nutrition_fields(keys: &[String]) -> Result<(), Status> {
+    if keys.len() > MAX_NUTRITION_FIELDS {
+        return Err(Status::invalid_argument(format!(
+            "include_nutrition_fields has {} keys; at most {MAX_NUTRITION_FIELDS} are accepted",
+            keys.len()
+        )));
+    }
+    let is_key_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    for (index, key) in keys.iter().enumerate() {
+        if key.is_empty() || key.len() > MAX_NUTRITION_FIELD_LEN || !key.chars().all(is_key_char) {
+            return Err(Status::invalid_argument(format!(
+                "include_nutrition_fields[{index}] must be 1-{MAX_NUTRITION_FIELD_LEN} characters of a-z, 0-9 or '_'"
+            )));
+        }
     }
     Ok(())
 }
@@ -88,6 +113,35 @@ mod tests {
         let largest = MAX_ENCODED_UPLOAD / 4 * 3;
         assert!(encode_upload("image", &vec![0; largest]).is_ok());
         assert!(encode_upload("image", &vec![0; largest + 1]).is_err());
+    }
+
+    #[test]
+    fn nutrition_field_keys_are_bounded_snake_case() {
+        let keys = |list: &[&str]| list.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+        assert!(validate_nutrition_fields(&[]).is_ok());
+        let longest = "a".repeat(MAX_NUTRITION_FIELD_LEN);
+        assert!(
+            validate_nutrition_fields(&keys(&["energy_kcal", "vitamin_b12_mcg", &longest])).is_ok()
+        );
+        let too_long = "a".repeat(MAX_NUTRITION_FIELD_LEN + 1);
+        for bad in [
+            "",
+            "Energy_kcal",
+            "energy kcal",
+            "energy-kcal",
+            "ü",
+            &too_long,
+        ] {
+            let status = validate_nutrition_fields(&keys(&["protein_g", bad])).unwrap_err();
+            assert!(
+                status.message().contains("include_nutrition_fields[1]"),
+                "{bad:?}: {status:?}"
+            );
+        }
+        let many = vec!["protein_g".to_owned(); MAX_NUTRITION_FIELDS + 1];
+        let status = validate_nutrition_fields(&many).unwrap_err();
+        assert!(status.message().contains("at most 64"), "{status:?}");
+        assert!(validate_nutrition_fields(&many[1..]).is_ok());
     }
 
     #[test]

@@ -53,8 +53,9 @@ pub struct NutritionImageUpload {
     pub include_nutri_score: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub include_dish_description: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub include_nutrition_fields: Option<bool>,
+    /// Nutritional field keys; omitted when empty, so Spike applies its default set.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub include_nutrition_fields: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub analysis_mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
