@@ -119,11 +119,19 @@ async fn with_tokens_configured_every_rpc_but_health_needs_one() {
         }
         request
     };
-    for bad in [None, Some("Bearer gamma"), Some("alpha"), Some("Bearer ")] {
+    for bad in [
+        None,
+        Some("Bearer gamma"),
+        Some("alpha"),
+        Some("Bearer "),
+        Some("Basic alpha"),
+        Some("bearer ALPHA"),
+    ] {
         let status = client.subscribe(with(bad)).await.unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated, "{bad:?}");
     }
-    for good in ["Bearer alpha", "Bearer beta"] {
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+    for good in ["Bearer alpha", "Bearer beta", "bearer alpha", "BEARER beta"] {
         assert!(client.subscribe(with(Some(good))).await.is_ok(), "{good}");
     }
     let mut health = HealthClient::new(channel(&app).await);

@@ -33,6 +33,14 @@ impl BearerAuth {
     }
 }
 
+/// The token of an `authorization` value `Bearer <token>`. The scheme is matched without
+/// regard to case and may be followed by several spaces (RFC 9110 §11.1, RFC 6750 §2.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         if self.tokens.is_empty() {
@@ -45,7 +53,7 @@ impl Interceptor for BearerAuth {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
         // Compare against every token, so timing tells nothing about which (if any) matched.
         let matched = self.tokens.iter().fold(0u8, |acc, t| {
@@ -58,6 +66,35 @@ impl Interceptor for BearerAuth {
             Ok(request)
         } else {
             Err(Status::unauthenticated("invalid bearer token"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_the_token_exact() {
+        for (value, token) in [
+            ("Bearer abc", "abc"),
+            ("bearer abc", "abc"),
+            ("BEARER abc", "abc"),
+            ("bEaReR  abc", "abc"),
+            ("Bearer AbC", "AbC"),
+        ] {
+            assert_eq!(bearer_token(value), Some(token), "{value:?}");
+        }
+        for value in [
+            "",
+            "Bearer",
+            "Bearer ",
+            "Bearerabc",
+            "Basic abc",
+            " Bearer abc",
+            "Bear abc",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
         }
     }
 }
