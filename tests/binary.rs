@@ -14,7 +14,7 @@ use std::{
 };
 
 use spike_gateway::{proto::event_stream_client::EventStreamClient, webhook::signature::sign};
-use support::{KEY, MAIN, from_beginning, record_change};
+use support::{KEY, MAIN, from_beginning, record_change, wait_until, wait_until_blocking};
 
 struct Gateway {
     child: Child,
@@ -104,9 +104,12 @@ async fn sigkill_loses_no_acknowledged_event() {
         .collect();
 
     // Kill mid-burst, with requests in flight.
-    while acknowledged.lock().unwrap().len() < 300 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(
+        Duration::from_secs(60),
+        "300 webhooks are acknowledged before the kill",
+        async || acknowledged.lock().unwrap().len() >= 300,
+    )
+    .await;
     gateway.child.kill().expect("SIGKILL");
     gateway.child.wait().unwrap();
     for poster in posters {
@@ -205,18 +208,16 @@ fn sigterm_shuts_down_cleanly() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = gateway.child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status:?}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running 10 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut exit = None;
+    wait_until_blocking(
+        Duration::from_secs(10),
+        "the gateway exits after SIGTERM",
+        || {
+            exit = gateway.child.try_wait().unwrap();
+            exit.is_some()
+        },
+    );
+    assert!(exit.unwrap().success(), "exit status {exit:?}");
 }
 
 #[tokio::test]

@@ -630,9 +630,12 @@ async fn await_result_answers_with_the_webhooks_result() {
         })
     };
     // Wait for the upload to reach Spike, then deliver the webhook as Spike would.
-    while fake.data_requests().is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "the upload reaches Spike",
+        async || !fake.data_requests().is_empty(),
+    )
+    .await;
     let (url, body, signature) = completed_meal_webhook(&app, "meal-1", "from-webhook");
     let status = app
         .client

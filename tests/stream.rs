@@ -387,14 +387,12 @@ async fn a_client_that_disconnects_frees_its_subscription() {
     ];
     assert_eq!(app.subscribers.get(), 3);
     drop(streams);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while app.subscribers.get() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "producers still running"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        Duration::from_secs(2),
+        "every producer has stopped",
+        async || app.subscribers.get() == 0,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -180,6 +180,48 @@ impl TestApp {
     }
 }
 
+/// How often the polling helpers re-check their condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Polls `check` until it yields `Some`, failing the test with `what` if `within` passes
+/// first. A check that itself hangs counts against the same deadline.
+pub async fn eventually<T>(
+    within: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    let timed_out = || -> ! { panic!("timed out after {within:?} waiting until {what}") };
+    loop {
+        match tokio::time::timeout_at(deadline, check()).await {
+            Ok(Some(value)) => return value,
+            Ok(None) => {}
+            Err(_) => timed_out(),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            timed_out();
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// [`eventually`] for a condition without a value.
+pub async fn wait_until(within: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    eventually(within, what, async || condition().await.then_some(())).await
+}
+
+/// [`wait_until`] for blocking code (no runtime): the condition is checked on this thread.
+pub fn wait_until_blocking(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
 /// The `google.rpc.ErrorInfo` in `status`'s details, checked to be in the gateway's domain,
 /// as `(reason, metadata)`.
 pub fn error_info(status: &Status) -> (String, std::collections::HashMap<String, String>) {

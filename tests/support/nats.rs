@@ -1,14 +1,15 @@
 //! Real `nats-server` processes for the NATS backend tests.
 //!
 //! Tests use the server at `NATS_URL` when set (`.ci/run` starts one), or start their own
-//! from `nats-server` on the PATH. Without either they are skipped with a printed notice.
+//! from `nats-server` on the PATH. They are `#[ignore]`d, because they need one of the two:
+//! `.ci/test` runs them when either is there and prints a SKIPPED line otherwise.
 
 use std::{
     net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 pub struct NatsServer {
@@ -17,28 +18,47 @@ pub struct NatsServer {
     store: tempfile::TempDir,
 }
 
-/// Whether a nats-server can be started here; prints why not otherwise.
-pub fn available() -> bool {
-    let found = Command::new("nats-server")
+/// Whether `nats-server` is on the PATH.
+pub fn installed() -> bool {
+    Command::new("nats-server")
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        // Written to the stderr handle, not with eprintln!, which the test harness captures
-        // for passing tests: the skip must be visible in a plain `cargo test`.
-        static NOTICE: std::sync::Once = std::sync::Once::new();
-        NOTICE.call_once(|| {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: NATS tests need nats-server on the PATH (Debian package nats-server) \
-                 or NATS_URL; `bash .ci/run` installs and starts one"
-            );
-        });
-    }
-    found
+        .is_ok_and(|s| s.success())
+}
+
+/// Fails the test unless a nats-server can be started. The NATS tests are `#[ignore]`d, so
+/// this only runs when they were asked for: then a missing server is an error, not a pass.
+pub fn require_installed() {
+    assert!(
+        installed(),
+        "this test needs nats-server on the PATH (Debian package nats-server); \
+         `bash .ci/run` installs it"
+    );
+}
+
+/// Waits until a push consumer on `stream` has a subscriber bound to it. On a log no one
+/// else follows, that is the log's tail, which `EventLog::live` starts on first use: from
+/// then on every appended event reaches live receivers.
+pub async fn wait_for_bound_consumer(url: &str, stream: &str) {
+    use futures_util::StreamExt;
+    let jetstream = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let stream = jetstream.get_stream(stream).await.unwrap();
+    super::wait_until(
+        Duration::from_secs(10),
+        "the NATS tail consumer has a subscriber",
+        async || {
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                if info.is_ok_and(|info| info.push_bound) {
+                    return true;
+                }
+            }
+            false
+        },
+    )
+    .await;
 }
 
 impl NatsServer {
@@ -88,11 +108,11 @@ impl NatsServer {
             .spawn()
             .expect("nats-server starts");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_until_blocking(
+            Duration::from_secs(10),
+            "nats-server accepts connections",
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+        );
     }
 }
 
