@@ -399,8 +399,12 @@ fn unusable_items_say_why() {
         ),
         (r#"{"record_id":"r"}"#, WebhookCategory::Main),
         (
-            r#"{"record_id":"r","dish_name":["not","text"]}"#,
+            r#"{"record_id":{"not":"an id"},"dish_name":"x"}"#,
             WebhookCategory::NutritionRecords,
+        ),
+        (
+            r#"{"event_type":"record_change","user_id":[1]}"#,
+            WebhookCategory::Main,
         ),
     ] {
         let err = normalize(&raw(json), path, RECEIVED).unwrap_err();

@@ -6,11 +6,23 @@
 //! so below it nothing parses JSON.
 //!
 //! - [`payload`]: request bodies split into items, the permissive [`payload::WireItem`],
-//!   classification by content, nesting limits, user ids named in a payload.
-//! - [`normalize`]: a classified item → [`crate::proto::Event`], with its `event_id`.
+//!   classification by content, nesting limits.
+//! - [`json`]: the lenient JSON reader every item goes through once; [`fields`]: typed,
+//!   lenient reading of its tree, with the paths of the fields that do not fit.
+//! - [`normalize`]: a classified item → [`crate::proto::Event`].
+//! - [`identity`]: the `event_id` from the whole content; [`legacy`]: the 0.1 rule, kept
+//!   to recognise redeliveries of events stored before the upgrade.
+//! - [`answer_record`], [`answer_records`]: Spike's REST answers, read the same way.
+//! - [`users`]: the user ids a stored payload names, for erasure.
 
+mod answer;
+pub mod fields;
+pub mod identity;
+pub mod json;
+mod legacy;
 pub mod normalize;
 pub mod payload;
+pub mod users;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -19,8 +31,10 @@ use bytes::Bytes;
 use prost_types::Timestamp;
 
 use crate::proto::WebhookCategory;
+pub use answer::{answer_record, answer_records};
 pub use normalize::{Normalized, lab_report_result, normalize, nutrition_result};
 pub use payload::{MAX_NESTING, NotJson, Reason, Unusable, WireItem, split};
+pub use users::users_named_in;
 
 /// Beyond this many unusable items in one request, the whole body becomes one dead letter.
 pub const MAX_DEAD_LETTERS_PER_REQUEST: usize = 100;
@@ -38,13 +52,14 @@ pub struct Rejected {
     pub unusable: Unusable,
     /// The item (or, for a [`Reason::Merged`] letter, the whole body) exactly as received.
     pub raw_json: Bytes,
-    /// Every user id the JSON names, found now so that erasure never parses JSON.
+    /// Every user id the JSON names ([`users_named_in`]), found now so that erasure never
+    /// parses JSON.
     pub application_user_ids: Vec<String>,
 }
 
 impl Rejected {
     fn new(unusable: Unusable, raw_json: Bytes) -> Self {
-        let application_user_ids = payload::user_named_in(&raw_json).into_iter().collect();
+        let application_user_ids = users_named_in(&raw_json);
         Self {
             unusable,
             raw_json,
