@@ -36,8 +36,10 @@ pub enum NumberOrText {
 }
 
 impl Reader {
-    /// The paths of the fields that did not fit, in the order they were read.
-    pub fn into_unparsed(self) -> Vec<String> {
+    /// The paths of the fields that did not fit, sorted (so the order does not depend on
+    /// the order this code reads fields in).
+    pub fn into_unparsed(mut self) -> Vec<String> {
+        self.unparsed.sort_unstable();
         self.unparsed
     }
 
@@ -325,7 +327,7 @@ mod tests {
             },
         );
         assert_eq!(n, (None, None, None, None, None, None));
-        assert_eq!(unparsed, ["huge", "nan", "list", "word", "flag", "id"]);
+        assert_eq!(unparsed, ["flag", "huge", "id", "list", "nan", "word"]);
     }
 
     #[test]
