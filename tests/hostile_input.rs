@@ -340,3 +340,31 @@ async fn a_deeply_nested_webhook_is_a_dead_letter_and_the_gateway_lives_on() {
     let alive = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(alive.status().as_u16(), 200);
 }
+
+#[tokio::test]
+async fn a_record_with_unfit_optional_fields_reaches_subscribers_with_their_paths() {
+    let app = support::spawn_app().await;
+    let body = br#"{"record_id":"r","status":"completed","dish_name":"soup \ud800","dish_name":"soup \ud83c\udf72","serving_size":"275","unit":["g"],"nutritional_fields":{"energy_kcal":1e400,"protein_g":"9.5"}}"#;
+    let response = app.post(support::NUTRITION, body).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        (
+            answer["appended"].as_u64(),
+            answer["dead_lettered"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+    let mut stream = app.subscribe(support::from_beginning()).await.unwrap();
+    let event = support::take(&mut stream, 1).await.remove(0);
+    assert_eq!(
+        event.unparsed_fields,
+        ["nutritional_fields.energy_kcal", "unit"]
+    );
+    let Some(spike_gateway::proto::event::Payload::NutritionResult(meal)) = event.payload else {
+        panic!("{event:?}")
+    };
+    assert_eq!(meal.dish_name, "soup 🍲", "the last duplicate");
+    assert_eq!(meal.serving_size, Some(275.0));
+    assert_eq!(meal.nutritional_fields.len(), 1);
+}

@@ -108,3 +108,54 @@ pub fn sign(key: &str, body: &[u8]) -> String {
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> ParsedBody {
+        parse_body(body.as_bytes(), WebhookCategory::Main, Timestamp::default()).unwrap()
+    }
+
+    #[test]
+    fn a_dead_letter_records_every_user_it_names() {
+        let parsed = parse(
+            r#"[{"event_type":"sleep_changed","user_id":4242,"data":{"application_user_id":"in-data"}}]"#,
+        );
+        assert_eq!(parsed.rejected[0].application_user_ids, ["4242", "in-data"]);
+    }
+
+    #[test]
+    fn a_merged_letter_records_the_users_of_all_its_items() {
+        let items: Vec<String> = (0..MAX_DEAD_LETTERS_PER_REQUEST + 50)
+            .map(|i| format!(r#"{{"event_type":"sleep_changed","user_id":{i}}}"#))
+            .collect();
+        let parsed = parse(&format!("[{}]", items.join(",")));
+        assert_eq!(parsed.rejected.len(), 1);
+        assert_eq!(parsed.rejected[0].unusable.reason, Reason::Merged);
+        let users = &parsed.rejected[0].application_user_ids;
+        assert_eq!(users.len(), MAX_DEAD_LETTERS_PER_REQUEST + 50);
+        assert!(users.contains(&"149".to_owned()));
+    }
+
+    #[test]
+    fn an_item_nested_too_deep_still_names_its_user() {
+        let deep = format!(
+            r#"{}{{"application_user_id":"deep"}}{}"#,
+            r#"{"event_type":"lab_report_completed","data":"#.repeat(MAX_NESTING + 8),
+            "}".repeat(MAX_NESTING + 8)
+        );
+        let parsed = parse(&deep);
+        assert_eq!(parsed.rejected[0].unusable.reason, Reason::TooDeep);
+        assert_eq!(parsed.rejected[0].application_user_ids, ["deep"]);
+    }
+
+    #[test]
+    fn events_carry_their_legacy_id_and_their_unparsed_fields() {
+        let parsed = parse(r#"{"event_type":"record_change","user_id":"u","metrics":"steps"}"#);
+        let normalized = &parsed.events[0];
+        assert!(normalized.legacy_event_id.starts_with("main-"));
+        assert_ne!(normalized.legacy_event_id, normalized.event.event_id);
+        assert_eq!(normalized.event.unparsed_fields, ["metrics"]);
+    }
+}
