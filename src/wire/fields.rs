@@ -4,7 +4,7 @@
 //! `nutritional_fields.energy_kcal`) is recorded. A JSON `null` is an absent field, not an
 //! unparsed one.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt::Write};
 
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
 
@@ -65,9 +65,8 @@ impl Reader {
                 self.path.push(']');
             }
             Segment::Index(i) => {
-                self.path.push('[');
-                self.path.push_str(&i.to_string());
-                self.path.push(']');
+                // Writing to a String cannot fail.
+                let _ = write!(self.path, "[{i}]");
             }
         }
         let result = read(self);
@@ -197,7 +196,7 @@ impl Reader {
     /// number `Struct` cannot hold (beyond f64) becomes null and is listed.
     pub fn free_form(&mut self, object: &Object<'_>, key: &str) -> Option<Struct> {
         self.field(object, key, |r, v| {
-            Some(match r.to_value(v).kind {
+            Some(match r.protobuf_value(v).kind {
                 Some(Kind::StructValue(s)) => s,
                 other => Struct {
                     fields: [("value".to_owned(), Value { kind: other })].into(),
@@ -206,7 +205,7 @@ impl Reader {
         })
     }
 
-    fn to_value(&mut self, json: &Json<'_>) -> Value {
+    fn protobuf_value(&mut self, json: &Json<'_>) -> Value {
         let kind = match json {
             Json::Null => Kind::NullValue(0),
             Json::Bool(b) => Kind::BoolValue(*b),
@@ -222,14 +221,14 @@ impl Reader {
                 values: items
                     .iter()
                     .enumerate()
-                    .map(|(i, item)| self.at(Segment::Index(i), |r| r.to_value(item)))
+                    .map(|(i, item)| self.at(Segment::Index(i), |r| r.protobuf_value(item)))
                     .collect(),
             }),
             Json::Object(map) => Kind::StructValue(Struct {
                 fields: map
                     .iter()
                     .map(|(k, v)| {
-                        let value = self.at(Segment::Key(&k.value), |r| r.to_value(v));
+                        let value = self.at(Segment::Key(&k.value), |r| r.protobuf_value(v));
                         (k.value.to_string(), value)
                     })
                     .collect(),
