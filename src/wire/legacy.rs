@@ -182,4 +182,20 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn any_number_or_string_prints_as_0_1_printed_it(
+            number in "-?(0|[1-9][0-9]{0,25})(\\.[0-9]{1,20})?([eE][+-]?[0-9]{1,3})?",
+            text in "\\PC{0,12}|[\\x00-\\x1f\"\\\\]{0,4}",
+        ) {
+            let raw = format!(r#"{{"n":[{number}],{}:{}}}"#,
+                serde_json::to_string(&text).unwrap(), serde_json::to_string(&text).unwrap());
+            proptest::prop_assert_eq!(serde_json_canonical(&parse(&raw, 8).unwrap()), old(&raw));
+        }
+    }
 }
