@@ -214,6 +214,20 @@ mod tests {
             format!("1e-1{}", "0".repeat(50))
         );
         assert_eq!(canon(&huge), huge);
+        // Either side of the switch from i128 to digit-by-digit arithmetic.
+        for nines in [35, 36, 37, 38] {
+            let exponent = "9".repeat(nines);
+            let ten = format!("1e1{}", "0".repeat(nines));
+            assert_eq!(canon(&format!("10e{exponent}")), ten, "{nines}");
+            assert_eq!(
+                canon(&format!("0.1e-{exponent}")),
+                format!("1e-1{}", "0".repeat(nines))
+            );
+            assert_eq!(
+                canon(&format!("0.01e1{}", "0".repeat(nines))),
+                format!("1e{}8", "9".repeat(nines - 1))
+            );
+        }
         assert_eq!(
             canon(&format!("1e-{}0", "1".repeat(40))),
             format!("1e-{}0", "1".repeat(40))
