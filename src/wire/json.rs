@@ -35,8 +35,12 @@ pub struct Text<'a> {
     /// [`write_string`]), in which they appear as `\udxxx`. Keeps it distinct from the same
     /// text with a real U+FFFD, for identity and for telling keys apart. Rare, so behind a
     /// thin pointer: it keeps every [`Json`] node at 32 bytes rather than 40.
-    exact: Option<Box<String>>,
+    exact: Option<Box<Exact>>,
 }
+
+/// The canonical literal body of a string with lone surrogates.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Exact(String);
 
 impl<'a> Text<'a> {
     /// A string without lone surrogates.
@@ -281,7 +285,7 @@ impl<'a> Parser<'a> {
             });
         }
         let (value, lone) = unescape(body.as_bytes(), false);
-        let exact = lone.then(|| Box::new(unescape(body.as_bytes(), true).0));
+        let exact = lone.then(|| Box::new(Exact(unescape(body.as_bytes(), true).0)));
         Ok(Text {
             value: Cow::Owned(value),
             exact,
@@ -418,7 +422,7 @@ fn escape_into(text: &str, out: &mut String) {
 pub(crate) fn write_string(text: &Text<'_>, out: &mut String) {
     out.push('"');
     match &text.exact {
-        Some(exact) => out.push_str(exact),
+        Some(exact) => out.push_str(&exact.0),
         None => escape_into(&text.value, out),
     }
     out.push('"');
