@@ -72,54 +72,54 @@ fn content_id(tag: &str, parts: &[&str]) -> String {
 /// itself. serde_json refused lone surrogates and numbers beyond f64, and 0.1 then printed
 /// `null`.
 fn serde_json_canonical(item: &Json<'_>) -> String {
-    let mut out = String::new();
+    let mut out = Vec::new();
     match write(item, &mut out) {
-        Some(()) => out,
+        // serde_json writes UTF-8, and so do the brackets and commas in between.
+        Some(()) => String::from_utf8(out).unwrap_or_else(|_| "null".to_owned()),
         None => "null".to_owned(),
     }
 }
 
-fn write(value: &Json<'_>, out: &mut String) -> Option<()> {
+fn write(value: &Json<'_>, out: &mut Vec<u8>) -> Option<()> {
     match value {
-        Json::Null => out.push_str("null"),
-        Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Json::Null => out.extend_from_slice(b"null"),
+        Json::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Json::Number(literal) => {
             let number: serde_json::Number = literal.parse().ok()?;
-            out.push_str(&serde_json::to_string(&number).ok()?);
+            serde_json::to_writer(&mut *out, &number).ok()?;
         }
         Json::String(text) => string(text, out)?,
         Json::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write(item, out)?;
             }
-            out.push(']');
+            out.push(b']');
         }
         Json::Object(object) => {
-            out.push('{');
+            out.push(b'{');
             for (i, (key, value)) in object.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 string(key, out)?;
-                out.push(':');
+                out.push(b':');
                 write(value, out)?;
             }
-            out.push('}');
+            out.push(b'}');
         }
     }
     Some(())
 }
 
-fn string(text: &Text<'_>, out: &mut String) -> Option<()> {
+fn string(text: &Text<'_>, out: &mut Vec<u8>) -> Option<()> {
     if text.has_lone_surrogates() {
         return None;
     }
-    out.push_str(&serde_json::to_string(&*text.value).ok()?);
-    Some(())
+    serde_json::to_writer(&mut *out, &*text.value).ok()
 }
 
 #[cfg(test)]
