@@ -506,4 +506,41 @@ mod tests {
     fn lenient_unescape_runs_on_arbitrary_bytes() {
         assert_eq!(unescape(b"a\\q\\u12\xff\\", false).0, "a\\q\\u12\u{fffd}\\");
     }
+
+    /// The tree as serde_json would have read it (numbers through serde_json's own parser).
+    fn to_serde(json: &Json<'_>) -> serde_json::Value {
+        match json {
+            Json::Null => serde_json::Value::Null,
+            Json::Bool(b) => (*b).into(),
+            Json::Number(n) => serde_json::from_str(n).unwrap(),
+            Json::String(t) => t.value.as_ref().into(),
+            Json::Array(items) => items.iter().map(to_serde).collect(),
+            Json::Object(o) => o
+                .iter()
+                .map(|(k, v)| (k.value.to_string(), to_serde(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+
+        /// Without lone surrogates or duplicate keys, this reader accepts exactly the JSON
+        /// serde_json accepts (which split the body before), and reads the same values.
+        #[test]
+        fn agrees_with_serde_json(text in r#"[\[\]{}:,"\\ \n0-9.eE+\-a-z/]{0,24}|\{"[a-c]":[ 0-9.eE+\-\[\]",]{0,16}\}"#) {
+            let ours = parse(&text, 128);
+            let theirs = serde_json::from_str::<serde_json::Value>(&text);
+            match (&ours, &theirs) {
+                (Ok(tree), Ok(value)) => proptest::prop_assert_eq!(&to_serde(tree), value),
+                (Err(_), Err(_)) => {}
+                // serde_json refuses numbers beyond f64, which this reader keeps.
+                (Ok(_), Err(e)) if e.to_string().contains("number out of range") => {}
+                _ => proptest::prop_assert!(false, "{text:?}: {ours:?} vs {theirs:?}"),
+            }
+        }
+    }
 }
