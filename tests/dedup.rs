@@ -92,3 +92,54 @@ async fn dedup_survives_a_restart() {
         .collect();
     assert_eq!(sequences, [1, 2, 3]);
 }
+
+/// Distinct deliveries that an id from selected fields merged (issue 10): each is its own
+/// event, and each redelivered is a duplicate.
+#[tokio::test]
+async fn deliveries_that_differ_in_any_field_are_distinct_events() {
+    let app = spawn_app().await;
+    let same_timestamp = serde_json::json!([
+        {"application_user_id": "u", "event_type": "record_change", "provider_slug": "garmin",
+         "timestamp": "2025-04-15T13:33:55.271331177Z", "metrics": ["steps"]},
+        {"application_user_id": "u", "event_type": "record_change", "provider_slug": "garmin",
+         "timestamp": "2025-04-15T13:33:55.271331177Z", "metrics": ["distance"]},
+    ]);
+    let no_timestamp = serde_json::json!([
+        {"user_id": "u", "event_type": "record_change", "provider_slug": "oura", "data_types": ["sleep"]},
+        {"user_id": "u", "event_type": "record_change", "provider_slug": "oura", "data_types": ["hrv"]},
+    ]);
+    let mut report: serde_json::Value =
+        serde_json::from_slice(&fixture("lab-report-completed.json")).unwrap();
+    let mut corrected = report.clone();
+    corrected["sections"][0]["results"][0]["value"] = 7.3.into();
+    let mut meal: serde_json::Value =
+        serde_json::from_slice(&fixture("nutrition-completed.json")).unwrap();
+    let mut renamed = meal.clone();
+    renamed["dish_name"] = "grilled chicken salad".into();
+    let deliveries = [
+        (MAIN, same_timestamp, 2),
+        (MAIN, no_timestamp, 2),
+        (LAB, report.take(), 1),
+        (LAB, corrected, 1),
+        (NUTRITION, meal.take(), 1),
+        (NUTRITION, renamed, 1),
+    ];
+    for (path, body, events) in &deliveries {
+        assert_eq!(
+            counts(app.post_json(path, body).await).await,
+            (*events, 0),
+            "{body}"
+        );
+    }
+    for (path, body, events) in &deliveries {
+        let pretty = serde_json::to_vec_pretty(body).unwrap();
+        assert_eq!(
+            counts(app.post(path, &pretty).await).await,
+            (0, *events),
+            "again: {body}"
+        );
+    }
+    let mut stream = app.subscribe(from_beginning()).await.unwrap();
+    take(&mut stream, 8).await;
+    assert_quiet(&mut stream).await;
+}

@@ -11,7 +11,7 @@ use spike_gateway::{
     config::Secret,
     proto::WebhookCategory,
     webhook::signature::{Signature, Verifier},
-    wire::{normalize, payload::user_named_in, split},
+    wire::{normalize, split, users_named_in},
 };
 
 const CATEGORIES: [WebhookCategory; 3] = [
@@ -97,7 +97,55 @@ proptest! {
     #[test]
     fn any_bytes_split_or_fail_cleanly(body in prop::collection::vec(any::<u8>(), 0..2000)) {
         let _ = split(&body);
-        let _ = user_named_in(&body);
+    }
+
+    #[test]
+    fn users_named_in_any_bytes_never_panics_and_is_bounded(
+        body in prop::collection::vec(prop_oneof![
+            any::<u8>(),
+            prop::sample::select(&b"\"{}[]:,\\u0123456789-e "[..]),
+        ], 0..2000),
+        key in prop::sample::select(&["user_id", "application_user_id"][..]),
+        junk in prop::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let users = users_named_in(&body);
+        prop_assert!(users.iter().map(String::len).sum::<usize>() <= 3 * body.len());
+        prop_assert!(users.len() <= body.len());
+        // Arbitrary bytes after a well-formed id never hide it.
+        let mut named = format!(r#"{{"{key}":"needle"}}"#).into_bytes();
+        named.extend_from_slice(&junk);
+        prop_assert!(users_named_in(&named).contains(&"needle".to_owned()));
+    }
+
+    #[test]
+    fn a_user_id_is_found_at_any_depth_inside_any_json(value in json_value(), depth in 0usize..80, numeric in any::<bool>()) {
+        let id = if numeric { "4242" } else { r#""needle""# };
+        let inner = format!(r#"{{"x":{},"application_user_id":{id},"y":{}}}"#, value, value);
+        let body = format!("{}{inner}{}", r#"[{"data":"#.repeat(depth), "}]".repeat(depth));
+        let expected = if numeric { "4242" } else { "needle" };
+        prop_assert!(users_named_in(body.as_bytes()).contains(&expected.to_owned()));
+    }
+
+    #[test]
+    fn junk_in_any_optional_field_of_a_valid_record_never_makes_a_dead_letter(
+        sample in prop::sample::select(&SAMPLES[..]),
+        at in any::<prop::sample::Index>(),
+        junk in json_value(),
+    ) {
+        let (name, path) = sample;
+        let mut record: Value = serde_json::from_str(&fixture(name)).unwrap();
+        if let Value::Array(items) = &record {
+            record = items[0].clone();
+        }
+        let places = optional_places(&record);
+        let place = &places[at.index(places.len())];
+        *record.pointer_mut(place).unwrap() = junk;
+        let text = serde_json::to_string(&record).unwrap();
+        let item = &split(text.as_bytes()).unwrap()[0];
+        match normalize(item, path, Timestamp::default()) {
+            Ok(normalized) => prop_assert_eq!(&normalized.event.raw_json[..], text.as_bytes()),
+            Err(e) => prop_assert!(false, "{name}: junk at {place} made a dead letter: {e}"),
+        }
     }
 
     #[test]
@@ -111,6 +159,74 @@ proptest! {
             }
         }
     }
+}
+
+/// The samples and the path each is posted on.
+const SAMPLES: [(&str, WebhookCategory); 10] = [
+    ("main-batch.json", WebhookCategory::Main),
+    ("main-record-change.json", WebhookCategory::Main),
+    (
+        "main-provider-integration-created.json",
+        WebhookCategory::Main,
+    ),
+    (
+        "main-provider-integration-deleted.json",
+        WebhookCategory::Main,
+    ),
+    ("lab-report-completed.json", WebhookCategory::LabReports),
+    ("lab-report-failed.json", WebhookCategory::LabReports),
+    ("lab-report-enveloped.json", WebhookCategory::LabReports),
+    (
+        "nutrition-completed.json",
+        WebhookCategory::NutritionRecords,
+    ),
+    ("nutrition-failed.json", WebhookCategory::NutritionRecords),
+    (
+        "nutrition-enveloped.json",
+        WebhookCategory::NutritionRecords,
+    ),
+];
+
+fn fixture(name: &str) -> String {
+    String::from_utf8(support::fixture(name)).unwrap()
+}
+
+/// Fields an event needs (SPEC §2.3), and `status`, whose unknown values stay refused.
+const REQUIRED: [&str; 6] = [
+    "event_type",
+    "application_user_id",
+    "user_id",
+    "record_id",
+    "report_id",
+    "status",
+];
+
+/// JSON pointers to every value of `record` at any depth but the required fields.
+fn optional_places(record: &Value) -> Vec<String> {
+    let mut places = Vec::new();
+    let mut pending = vec![(String::new(), record)];
+    while let Some((pointer, value)) = pending.pop() {
+        match value {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    if !REQUIRED.contains(&key.as_str()) {
+                        let place = format!("{pointer}/{key}");
+                        places.push(place.clone());
+                        pending.push((place, child));
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    let place = format!("{pointer}/{i}");
+                    places.push(place.clone());
+                    pending.push((place, child));
+                }
+            }
+            _ => {}
+        }
+    }
+    places
 }
 
 #[test]
@@ -133,34 +249,59 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
                     }
                 }
             }
-            assert_eq!(user_named_in(body.as_bytes()), None);
+            assert!(users_named_in(body.as_bytes()).is_empty());
         }
     }
 }
 
 #[test]
-fn huge_numbers_invalid_utf8_and_wrong_types_are_refused() {
-    let cases: [&[u8]; 6] = [
-        br#"{"record_id":"r","serving_size":1e400,"dish_name":"x"}"#,
-        br#"{"application_user_id":123456789012345678901234567890,"event_type":"record_change"}"#,
-        b"{\"record_id\":\"r\",\"dish_name\":\"\xff\xfe\"}",
-        br#"{"event_type":{"nested":true}}"#,
-        br#"{"record_id":"r","nutritional_fields":{"kcal":"lots"}}"#,
-        br#"{"record_id":"r","sections":[{"results":[{"value":[1,2]}]}]}"#,
+fn huge_numbers_and_wrong_types_in_optional_fields_keep_the_event() {
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            r#"{"record_id":"r","serving_size":1e400,"dish_name":"x"}"#,
+            &["serving_size"],
+        ),
+        (
+            r#"{"record_id":"r","nutritional_fields":{"kcal":"lots"}}"#,
+            &["nutritional_fields.kcal"],
+        ),
+        (
+            r#"{"record_id":"r","sections":[{"results":[{"value":[1,2]}]}]}"#,
+            &["sections[0].results[0].value"],
+        ),
+        (
+            r#"{"record_id":"r","dish_name":"\udfff","ingredients":[7,{"serving_size":-1e999}]}"#,
+            &["ingredients[0]", "ingredients[1].serving_size"],
+        ),
+        (r#"{"record_id":123456789012345678901234567890}"#, &[]),
     ];
-    for body in cases {
-        match split(body) {
-            Err(_) => {}
-            Ok(items) => {
-                for item in items {
-                    let result = normalize(
-                        item,
-                        WebhookCategory::NutritionRecords,
-                        Timestamp::default(),
-                    );
-                    assert!(result.is_err(), "{}", String::from_utf8_lossy(body));
-                }
-            }
+    for (body, unparsed) in cases {
+        let item = &split(body.as_bytes()).unwrap()[0];
+        let event = normalize(
+            item,
+            WebhookCategory::NutritionRecords,
+            Timestamp::default(),
+        )
+        .unwrap_or_else(|e| panic!("{body}: {e}"))
+        .event;
+        assert_eq!(event.unparsed_fields, unparsed, "{body}");
+    }
+}
+
+#[test]
+fn unusable_required_fields_and_invalid_utf8_are_still_refused() {
+    assert!(split(b"{\"record_id\":\"r\",\"dish_name\":\"\xff\xfe\"}").is_err());
+    for body in [
+        r#"{"event_type":{"nested":true}}"#,
+        r#"{"application_user_id":[1],"event_type":"record_change"}"#,
+        r#"{"record_id":{"id":1},"dish_name":"x"}"#,
+    ] {
+        let item = &split(body.as_bytes()).unwrap()[0];
+        for path in CATEGORIES {
+            assert!(
+                normalize(item, path, Timestamp::default()).is_err(),
+                "{body} on {path:?}"
+            );
         }
     }
 }
@@ -198,4 +339,32 @@ async fn a_deeply_nested_webhook_is_a_dead_letter_and_the_gateway_lives_on() {
     assert_eq!(answer["dead_lettered"], 1, "{answer}");
     let alive = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(alive.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_record_with_unfit_optional_fields_reaches_subscribers_with_their_paths() {
+    let app = support::spawn_app().await;
+    let body = br#"{"record_id":"r","status":"completed","dish_name":"soup \ud800","dish_name":"soup \ud83c\udf72","serving_size":"275","unit":["g"],"nutritional_fields":{"energy_kcal":1e400,"protein_g":"9.5"}}"#;
+    let response = app.post(support::NUTRITION, body).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        (
+            answer["appended"].as_u64(),
+            answer["dead_lettered"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+    let mut stream = app.subscribe(support::from_beginning()).await.unwrap();
+    let event = support::take(&mut stream, 1).await.remove(0);
+    assert_eq!(
+        event.unparsed_fields,
+        ["nutritional_fields.energy_kcal", "unit"]
+    );
+    let Some(spike_gateway::proto::event::Payload::NutritionResult(meal)) = event.payload else {
+        panic!("{event:?}")
+    };
+    assert_eq!(meal.dish_name, "soup 🍲", "the last duplicate");
+    assert_eq!(meal.serving_size, Some(275.0));
+    assert_eq!(meal.nutritional_fields.len(), 1);
 }

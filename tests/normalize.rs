@@ -399,11 +399,206 @@ fn unusable_items_say_why() {
         ),
         (r#"{"record_id":"r"}"#, WebhookCategory::Main),
         (
-            r#"{"record_id":"r","dish_name":["not","text"]}"#,
+            r#"{"record_id":{"not":"an id"},"dish_name":"x"}"#,
             WebhookCategory::NutritionRecords,
+        ),
+        (
+            r#"{"event_type":"record_change","user_id":[1]}"#,
+            WebhookCategory::Main,
         ),
     ] {
         let err = normalize(&raw(json), path, RECEIVED).unwrap_err();
         assert!(!err.detail.is_empty(), "{json}");
+    }
+}
+
+/// The one event of `json` on `path`, which must not be a dead letter.
+fn lenient(json: &str, path: WebhookCategory) -> Event {
+    let event = normalize(&raw(json), path, RECEIVED)
+        .unwrap_or_else(|e| panic!("a dead letter: {e}: {json}"))
+        .event;
+    assert_eq!(event.raw_json, json.as_bytes(), "raw_json stays as sent");
+    event
+}
+
+fn meal(event: &Event) -> &spike_gateway::proto::NutritionResult {
+    let Some(Payload::NutritionResult(meal)) = &event.payload else {
+        panic!("{event:?}")
+    };
+    meal
+}
+
+fn lab(event: &Event) -> &spike_gateway::proto::LabReportResult {
+    let Some(Payload::LabReportResult(lab)) = &event.payload else {
+        panic!("{event:?}")
+    };
+    lab
+}
+
+#[test]
+fn a_numeric_string_reads_as_the_number() {
+    let event = lenient(
+        r#"{"record_id":"r","dish_name":"soup","serving_size":"275","nutritional_fields":{"energy_kcal":"292.5"}}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    assert_eq!(meal(&event).serving_size, Some(275.0));
+    assert_eq!(meal(&event).nutritional_fields["energy_kcal"], 292.5);
+    assert!(
+        event.unparsed_fields.is_empty(),
+        "{:?}",
+        event.unparsed_fields
+    );
+}
+
+#[test]
+fn a_number_beyond_f64_is_unset_and_listed_by_its_path() {
+    let event = lenient(
+        r#"{"record_id":"r","status":"completed","sections":[{"results":[{"value":1},{"value":2},{"value":1e400,"loinc_code":"x"}]}]}"#,
+        WebhookCategory::LabReports,
+    );
+    let results = &lab(&event).sections[0].results;
+    assert_eq!(results.len(), 3);
+    assert_eq!(
+        (results[2].value, results[2].loinc_code.as_str()),
+        (None, "x")
+    );
+    assert_eq!(event.unparsed_fields, ["sections[0].results[2].value"]);
+}
+
+#[test]
+fn metrics_sent_as_a_string_are_unset_and_listed() {
+    let event = lenient(
+        r#"{"event_type":"record_change","user_id":"u","provider_slug":"oura","metrics":"steps"}"#,
+        WebhookCategory::Main,
+    );
+    let Some(Payload::RecordChange(change)) = &event.payload else {
+        panic!()
+    };
+    assert!(change.metrics.is_empty());
+    assert_eq!(change.provider_slug, "oura");
+    assert_eq!(event.unparsed_fields, ["metrics"]);
+}
+
+#[test]
+fn an_object_where_a_list_belongs_is_unset_and_listed() {
+    let event = lenient(
+        r#"{"record_id":"r","dish_name":"soup","ingredients":{"name":"leek"},"nutritional_fields":[1]}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    assert!(meal(&event).ingredients.is_empty());
+    assert!(meal(&event).nutritional_fields.is_empty());
+    assert_eq!(event.unparsed_fields, ["ingredients", "nutritional_fields"]);
+}
+
+#[test]
+fn an_amount_that_is_not_a_finite_number_is_dropped_and_listed() {
+    let event = lenient(
+        r#"{"record_id":"r","dish_name":"soup","nutritional_fields":{"energy_kcal":1e999,"protein_g":3,"fat_total_g":"lots","fiber_g":null}}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    let fields = &meal(&event).nutritional_fields;
+    assert_eq!(fields.len(), 1);
+    assert_eq!(fields["protein_g"], 3.0);
+    assert_eq!(
+        event.unparsed_fields,
+        [
+            "nutritional_fields.energy_kcal",
+            "nutritional_fields.fat_total_g"
+        ],
+        "null is an unknown amount, not an unparsed one"
+    );
+}
+
+#[test]
+fn an_enveloped_field_is_listed_under_data() {
+    let event = lenient(
+        r#"{"event_type":"nutrition_record_completed","record_id":"r","data":{"dish_name":"soup","serving_size":{"g":3},"totals":{"energy_kcal":5}}}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    assert_eq!(meal(&event).serving_size, None);
+    assert_eq!(meal(&event).nutritional_fields["energy_kcal"], 5.0);
+    assert_eq!(event.unparsed_fields, ["data.serving_size"]);
+}
+
+#[test]
+fn a_lone_surrogate_reads_as_a_replacement_character() {
+    let event = lenient(
+        r#"{"record_id":"r","dish_name":"caf\ud800 au lait","nutri_score":"\u0042"}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    assert_eq!(meal(&event).dish_name, "caf\u{fffd} au lait");
+    assert_eq!(meal(&event).nutri_score, "B");
+    assert!(event.unparsed_fields.is_empty());
+}
+
+#[test]
+fn the_last_duplicated_key_wins() {
+    let event = lenient(
+        r#"{"record_id":"r","dish_name":"first","serving_size":1,"dish_name":"last","serving_size":2}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    assert_eq!(meal(&event).dish_name, "last");
+    assert_eq!(meal(&event).serving_size, Some(2.0));
+}
+
+#[test]
+fn an_unreadable_time_is_unset_and_listed() {
+    let event = lenient(
+        r#"{"record_id":"r","dish_name":"soup","uploaded_at":"2025-09-15T10:30:04Z","modified_at":"last tuesday"}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    assert_eq!(meal(&event).modified_at, None);
+    assert_eq!(
+        event.occurred_at,
+        ts("2025-09-15T10:30:04Z"),
+        "uploaded_at instead"
+    );
+    assert_eq!(event.unparsed_fields, ["modified_at"]);
+}
+
+#[test]
+fn numeric_ids_are_read_as_their_text() {
+    let event = lenient(
+        r#"{"event_type":"record_change","user_id":4242,"customer_id":17}"#,
+        WebhookCategory::Main,
+    );
+    assert_eq!(event.application_user_id, "4242");
+    let event = lenient(
+        r#"{"record_id":12,"application_user_id":"u","dish_name":"soup"}"#,
+        WebhookCategory::NutritionRecords,
+    );
+    assert_eq!(meal(&event).record_id, "12");
+}
+
+#[test]
+fn only_a_missing_or_unusable_required_field_makes_a_dead_letter() {
+    use spike_gateway::wire::Reason;
+    for (json, path, reason) in [
+        (
+            r#"{"event_type":"record_change","user_id":{"id":"u"},"metrics":"x"}"#,
+            WebhookCategory::Main,
+            Reason::MissingUserId,
+        ),
+        (
+            r#"{"record_id":["r"],"dish_name":"soup"}"#,
+            WebhookCategory::NutritionRecords,
+            Reason::MissingRecordId,
+        ),
+        (
+            r#"{"report_id":null,"sections":[]}"#,
+            WebhookCategory::LabReports,
+            Reason::MissingRecordId,
+        ),
+        (
+            r#"{"event_type":7,"user_id":"u"}"#,
+            WebhookCategory::Main,
+            Reason::Unclassifiable,
+        ),
+    ] {
+        assert_eq!(
+            normalize(&raw(json), path, RECEIVED).unwrap_err().reason,
+            reason,
+            "{json}"
+        );
     }
 }

@@ -23,7 +23,10 @@ use tokens::TokenCache;
 use crate::{
     config::{Secret, SpikeConfig},
     proto::{LabReportResult, NutritionResult},
-    wire::{MAX_NESTING, WireItem, lab_report_result, nutrition_result, sign},
+    wire::{
+        MAX_NESTING, WireItem, answer_record, answer_records, lab_report_result, nutrition_result,
+        sign,
+    },
 };
 
 /// Attempts per look-up (the first plus retries of transient failures).
@@ -100,11 +103,6 @@ struct Problem {
     detail: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct LabUploadAnswer {
-    lab_report: WireItem,
-}
-
 /// One HTTP exchange's outcome before any policy is applied.
 enum Exchange {
     Answered {
@@ -163,7 +161,7 @@ impl SpikeClient {
                 deadline,
             )
             .await?;
-        nutrition_from(&parse::<WireItem>(&answer)?)
+        nutrition_from(&record(&answer, None)?)
     }
 
     pub async fn nutrition_record(
@@ -176,7 +174,7 @@ impl SpikeClient {
         let answer = self
             .call(user, Method::GET, &path, &[], None, Retry::Lookup, deadline)
             .await?;
-        nutrition_from(&parse::<WireItem>(&answer)?)
+        nutrition_from(&record(&answer, None)?)
     }
 
     pub async fn nutrition_records(
@@ -198,10 +196,7 @@ impl SpikeClient {
                 deadline,
             )
             .await?;
-        parse::<Vec<WireItem>>(&answer)?
-            .iter()
-            .map(nutrition_from)
-            .collect()
+        records(&answer)?.iter().map(nutrition_from).collect()
     }
 
     pub async fn upload_lab_report(
@@ -222,7 +217,7 @@ impl SpikeClient {
                 deadline,
             )
             .await?;
-        lab_from(&parse::<LabUploadAnswer>(&answer)?.lab_report)
+        lab_from(&record(&answer, Some("lab_report"))?)
     }
 
     pub async fn lab_report(
@@ -235,7 +230,7 @@ impl SpikeClient {
         let answer = self
             .call(user, Method::GET, &path, &[], None, Retry::Lookup, deadline)
             .await?;
-        lab_from(&parse::<WireItem>(&answer)?)
+        lab_from(&record(&answer, None)?)
     }
 
     pub async fn lab_reports(
@@ -257,10 +252,7 @@ impl SpikeClient {
                 deadline,
             )
             .await?;
-        parse::<Vec<WireItem>>(&answer)?
-            .iter()
-            .map(lab_from)
-            .collect()
+        records(&answer)?.iter().map(lab_from).collect()
     }
 
     /// An authenticated call: token from the cache, one refresh on 401/403, retries as
@@ -482,6 +474,15 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, SpikeError> {
             e.column()
         ))
     })
+}
+
+/// One lab report or nutrition record, read as the webhook front reads them.
+fn record(body: &[u8], under: Option<&str>) -> Result<WireItem, SpikeError> {
+    answer_record(body, under).map_err(|e| SpikeError::UnexpectedAnswer(e.detail))
+}
+
+fn records(body: &[u8]) -> Result<Vec<WireItem>, SpikeError> {
+    answer_records(body).map_err(|e| SpikeError::UnexpectedAnswer(e.detail))
 }
 
 fn problem_detail(body: &[u8]) -> Option<String> {

@@ -182,6 +182,13 @@ async fn verify_and_append(
                 "item classified by its content, not its path"
             );
         }
+        if !normalized.event.unparsed_fields.is_empty() {
+            // The count only: paths may carry payload keys.
+            tracing::debug!(
+                unparsed_fields = normalized.event.unparsed_fields.len(),
+                "item kept with fields left unset"
+            );
+        }
         events.push(normalized.event);
     }
     let dead_letters: Vec<DeadLetter> = parsed

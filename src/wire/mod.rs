@@ -6,11 +6,23 @@
 //! so below it nothing parses JSON.
 //!
 //! - [`payload`]: request bodies split into items, the permissive [`payload::WireItem`],
-//!   classification by content, nesting limits, user ids named in a payload.
-//! - [`normalize`]: a classified item → [`crate::proto::Event`], with its `event_id`.
+//!   classification by content, nesting limits.
+//! - [`json`]: the lenient JSON reader every item goes through once; [`fields`]: typed,
+//!   lenient reading of its tree, with the paths of the fields that do not fit.
+//! - [`normalize`]: a classified item → [`crate::proto::Event`].
+//! - [`identity`]: the `event_id` from the whole content; [`legacy`]: the 0.1 rule, kept
+//!   to recognise redeliveries of events stored before the upgrade.
+//! - [`answer_record`], [`answer_records`]: Spike's REST answers, read the same way.
+//! - [`users`]: the user ids a stored payload names, for erasure.
 
+mod answer;
+pub mod fields;
+pub mod identity;
+pub mod json;
+mod legacy;
 pub mod normalize;
 pub mod payload;
+pub mod users;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -19,8 +31,10 @@ use bytes::Bytes;
 use prost_types::Timestamp;
 
 use crate::proto::WebhookCategory;
+pub use answer::{answer_record, answer_records};
 pub use normalize::{Normalized, lab_report_result, normalize, nutrition_result};
 pub use payload::{MAX_NESTING, NotJson, Reason, Unusable, WireItem, split};
+pub use users::users_named_in;
 
 /// Beyond this many unusable items in one request, the whole body becomes one dead letter.
 pub const MAX_DEAD_LETTERS_PER_REQUEST: usize = 100;
@@ -38,13 +52,14 @@ pub struct Rejected {
     pub unusable: Unusable,
     /// The item (or, for a [`Reason::Merged`] letter, the whole body) exactly as received.
     pub raw_json: Bytes,
-    /// Every user id the JSON names, found now so that erasure never parses JSON.
+    /// Every user id the JSON names ([`users_named_in`]), found now so that erasure never
+    /// parses JSON.
     pub application_user_ids: Vec<String>,
 }
 
 impl Rejected {
     fn new(unusable: Unusable, raw_json: Bytes) -> Self {
-        let application_user_ids = payload::user_named_in(&raw_json).into_iter().collect();
+        let application_user_ids = users_named_in(&raw_json);
         Self {
             unusable,
             raw_json,
@@ -92,4 +107,55 @@ pub fn sign(key: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC accepts any key");
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> ParsedBody {
+        parse_body(body.as_bytes(), WebhookCategory::Main, Timestamp::default()).unwrap()
+    }
+
+    #[test]
+    fn a_dead_letter_records_every_user_it_names() {
+        let parsed = parse(
+            r#"[{"event_type":"sleep_changed","user_id":4242,"data":{"application_user_id":"in-data"}}]"#,
+        );
+        assert_eq!(parsed.rejected[0].application_user_ids, ["4242", "in-data"]);
+    }
+
+    #[test]
+    fn a_merged_letter_records_the_users_of_all_its_items() {
+        let items: Vec<String> = (0..MAX_DEAD_LETTERS_PER_REQUEST + 50)
+            .map(|i| format!(r#"{{"event_type":"sleep_changed","user_id":{i}}}"#))
+            .collect();
+        let parsed = parse(&format!("[{}]", items.join(",")));
+        assert_eq!(parsed.rejected.len(), 1);
+        assert_eq!(parsed.rejected[0].unusable.reason, Reason::Merged);
+        let users = &parsed.rejected[0].application_user_ids;
+        assert_eq!(users.len(), MAX_DEAD_LETTERS_PER_REQUEST + 50);
+        assert!(users.contains(&"149".to_owned()));
+    }
+
+    #[test]
+    fn an_item_nested_too_deep_still_names_its_user() {
+        let deep = format!(
+            r#"{}{{"application_user_id":"deep"}}{}"#,
+            r#"{"event_type":"lab_report_completed","data":"#.repeat(MAX_NESTING + 8),
+            "}".repeat(MAX_NESTING + 8)
+        );
+        let parsed = parse(&deep);
+        assert_eq!(parsed.rejected[0].unusable.reason, Reason::TooDeep);
+        assert_eq!(parsed.rejected[0].application_user_ids, ["deep"]);
+    }
+
+    #[test]
+    fn events_carry_their_legacy_id_and_their_unparsed_fields() {
+        let parsed = parse(r#"{"event_type":"record_change","user_id":"u","metrics":"steps"}"#);
+        let normalized = &parsed.events[0];
+        assert!(normalized.legacy_event_id.starts_with("main-"));
+        assert_ne!(normalized.legacy_event_id, normalized.event.event_id);
+        assert_eq!(normalized.event.unparsed_fields, ["metrics"]);
+    }
 }

@@ -1,14 +1,20 @@
-//! Classified wire items → the protobuf event model (SPEC §3), with content-derived ids.
+//! Classified wire items → the protobuf event model (SPEC §3), with their identity
+//! ([`super::identity`]) and the paths of the fields that did not fit.
 
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
-use prost_types::{Struct, Timestamp};
+use prost_types::Timestamp;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 
-use super::payload::{
-    Kind, NumberOrText, Reason, Unusable, WireIngredient, WireItem, WireSection, WireTestResult,
-    classify, parse_item,
+use super::{
+    fields::{NumberOrText, Reader, Stamp},
+    identity,
+    json::Json,
+    legacy,
+    payload::{
+        Kind, Reason, Unusable, WireIngredient, WireItem, WireSection, WireTestResult, classify,
+        read_item,
+    },
 };
 use crate::proto::{
     Event, EventType, Ingredient, IntegrationAction, LabReportResult, LabReportSection,
@@ -27,19 +33,30 @@ pub struct Normalized {
     pub legacy_event_id: String,
 }
 
-/// Normalizes one raw item that arrived on the path of `path_category`.
+/// Normalizes one raw item that arrived on the path of `path_category`. The item is read
+/// once; its fields, its `event_id` (the whole content) and its 0.1 id come from that tree.
 pub fn normalize(
     raw: &RawValue,
     path_category: WebhookCategory,
     received_at: Timestamp,
 ) -> Result<Normalized, Unusable> {
-    let item = parse_item(raw)?;
-    let kind = classify(&item, path_category)?;
-    let mut event = match kind {
-        Kind::Main => main_event(&item)?,
-        Kind::LabReport => lab_report(&item, raw)?,
-        Kind::NutritionRecord => nutrition_record(&item, raw)?,
+    let tree = read_item(raw)?;
+    let Json::Object(object) = &tree else {
+        return Err(Unusable::new(
+            Reason::NotAnObject,
+            "item is not a JSON object",
+        ));
     };
+    let mut reader = Reader::default();
+    let item = WireItem::read(&mut reader, object);
+    let kind = classify(&item, path_category)?;
+    let (mut event, legacy_event_id) = match kind {
+        Kind::Main => main_event(&item)?,
+        Kind::LabReport => lab_report(&item, &tree)?,
+        Kind::NutritionRecord => nutrition_record(&item, &tree)?,
+    };
+    event.event_id = identity::event_id(kind.prefix(), &tree);
+    event.unparsed_fields = reader.into_unparsed();
     event.category = kind.category() as i32;
     if event.occurred_at.is_none() {
         event.occurred_at = Some(received_at);
@@ -47,40 +64,34 @@ pub fn normalize(
     event.received_at = Some(received_at);
     event.raw_json = Bytes::copy_from_slice(raw.get().as_bytes());
     Ok(Normalized {
-        legacy_event_id: event.event_id.clone(),
+        legacy_event_id,
         event,
         reclassified: path_category != WebhookCategory::Main && kind.category() != path_category,
     })
 }
 
-fn main_event(item: &WireItem) -> Result<Event, Unusable> {
+/// An event without its id, and its 0.1 id.
+type Mapped = (Event, String);
+
+fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
     let event_type = item.event_type.as_deref().unwrap_or_default();
     let user = user_of(item, None).ok_or_else(|| {
         Unusable::new(
             Reason::MissingUserId,
-            "main event has no application_user_id or user_id",
+            "main event has no usable application_user_id or user_id",
         )
     })?;
     let provider = item.provider_slug.clone().unwrap_or_default();
-    let earliest = item
+    let at = |stamp: Option<&Stamp>| stamp.and_then(|s| s.at);
+    let earliest = at(item
         .earliest_record_start_at
         .as_ref()
-        .or(item.start_date.as_ref());
-    let latest = item
+        .or(item.start_date.as_ref()));
+    let latest = at(item
         .latest_record_end_at
         .as_ref()
-        .or(item.end_date.as_ref());
-    let event_id = content_id(
-        "main",
-        &[
-            event_type,
-            &user,
-            &provider,
-            item.timestamp.as_deref().unwrap_or_default(),
-            earliest.map_or("", String::as_str),
-            latest.map_or("", String::as_str),
-        ],
-    );
+        .or(item.end_date.as_ref()));
+    let legacy_id = legacy::main_id(item, &user);
     let (r#type, payload) = match event_type {
         "record_change" => (
             EventType::RecordChange,
@@ -89,8 +100,8 @@ fn main_event(item: &WireItem) -> Result<Event, Unusable> {
                 metrics: item.metrics.clone().unwrap_or_default(),
                 activity_types: item.activity_types.clone().unwrap_or_default(),
                 data_types: item.data_types.clone().unwrap_or_default(),
-                earliest_record_start_at: earliest.and_then(|t| timestamp(t)),
-                latest_record_end_at: latest.and_then(|t| timestamp(t)),
+                earliest_record_start_at: earliest,
+                latest_record_end_at: latest,
                 customer_id: item.customer_id.clone().unwrap_or_default(),
             }),
         ),
@@ -120,14 +131,14 @@ fn main_event(item: &WireItem) -> Result<Event, Unusable> {
             ));
         }
     };
-    Ok(Event {
-        event_id,
+    let event = Event {
         r#type: r#type as i32,
         application_user_id: user,
-        occurred_at: item.timestamp.as_deref().and_then(timestamp),
+        occurred_at: at(item.timestamp.as_ref()),
         payload: Some(payload),
         ..Event::default()
-    })
+    };
+    Ok((event, legacy_id))
 }
 
 /// Fields of an enveloped result live under `data`; the envelope itself carries the ids.
@@ -164,20 +175,6 @@ fn result_status(item: &WireItem, prefix: &str, has_error: bool) -> Result<Recor
     }
 }
 
-/// Identity of a result event: an update (new modified_at) is a new event.
-fn result_id(
-    tag: &str,
-    record_id: &str,
-    status: RecordStatus,
-    modified_at: Option<&String>,
-    raw: &RawValue,
-) -> String {
-    match modified_at {
-        Some(modified_at) => content_id(tag, &[record_id, status.as_str_name(), modified_at]),
-        None => content_id(&format!("{tag}-json"), &[&canonical_json(raw)]),
-    }
-}
-
 /// A lab report as Spike describes it, in a webhook or a REST answer.
 pub fn lab_report_result(item: &WireItem) -> Result<LabReportResult, Unusable> {
     let record_id = pick(item, |i| i.record_id.as_ref().or(i.report_id.as_ref()))
@@ -185,7 +182,7 @@ pub fn lab_report_result(item: &WireItem) -> Result<LabReportResult, Unusable> {
         .ok_or_else(|| {
             Unusable::new(
                 Reason::MissingRecordId,
-                "lab report has no record_id or report_id",
+                "lab report has no usable record_id or report_id",
             )
         })?;
     let parsing_error = pick(item, |i| i.parsing_error.as_ref().or(i.error.as_ref())).cloned();
@@ -203,17 +200,17 @@ pub fn lab_report_result(item: &WireItem) -> Result<LabReportResult, Unusable> {
             .map(|s| s.iter().map(section).collect())
             .unwrap_or_default(),
         parsing_error: parsing_error.unwrap_or_default(),
-        uploaded_at: pick(item, |i| i.uploaded_at.as_ref()).and_then(|t| timestamp(t)),
-        modified_at: pick(item, |i| i.modified_at.as_ref()).and_then(|t| timestamp(t)),
-        lab_information: pick(item, |i| i.lab_information.as_ref()).map(to_struct),
-        patient_information: pick(item, |i| i.patient_information.as_ref()).map(to_struct),
+        uploaded_at: stamp(pick(item, |i| i.uploaded_at.as_ref())),
+        modified_at: stamp(pick(item, |i| i.modified_at.as_ref())),
+        lab_information: pick(item, |i| i.lab_information.as_ref()).cloned(),
+        patient_information: pick(item, |i| i.patient_information.as_ref()).cloned(),
         notes: pick(item, |i| i.notes.as_ref())
             .cloned()
             .unwrap_or_default(),
     })
 }
 
-fn lab_report(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+fn lab_report(item: &WireItem, tree: &Json<'_>) -> Result<Mapped, Unusable> {
     let result = lab_report_result(item)?;
     let status = result.status();
     let r#type = match status {
@@ -221,20 +218,21 @@ fn lab_report(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
         RecordStatus::Failed => EventType::LabReportFailed,
         _ => return Err(not_notified("lab report", status)),
     };
-    Ok(Event {
-        event_id: result_id(
-            "lab",
-            &result.record_id,
-            status,
-            pick(item, |i| i.modified_at.as_ref()),
-            raw,
-        ),
+    let legacy_id = legacy::result_id(
+        "lab",
+        &result.record_id,
+        status,
+        pick(item, |i| i.modified_at.as_ref()),
+        tree,
+    );
+    let event = Event {
         r#type: r#type as i32,
         application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
         occurred_at: result.modified_at.or(result.uploaded_at),
         payload: Some(Payload::LabReportResult(result)),
         ..Event::default()
-    })
+    };
+    Ok((event, legacy_id))
 }
 
 fn not_notified(what: &str, status: RecordStatus) -> Unusable {
@@ -291,7 +289,10 @@ pub fn nutrition_result(item: &WireItem) -> Result<NutritionResult, Unusable> {
     let record_id = pick(item, |i| i.record_id.as_ref())
         .cloned()
         .ok_or_else(|| {
-            Unusable::new(Reason::MissingRecordId, "nutrition record has no record_id")
+            Unusable::new(
+                Reason::MissingRecordId,
+                "nutrition record has no usable record_id",
+            )
         })?;
     let failure_reason = pick(item, |i| i.failure_reason.as_ref().or(i.error.as_ref())).cloned();
     let status = result_status(item, "nutrition_record_", failure_reason.is_some())?;
@@ -318,13 +319,13 @@ pub fn nutrition_result(item: &WireItem) -> Result<NutritionResult, Unusable> {
             .map(|list| list.iter().map(ingredient).collect())
             .unwrap_or_default(),
         failure_reason: failure_reason.unwrap_or_default(),
-        uploaded_at: pick(item, |i| i.uploaded_at.as_ref()).and_then(|t| timestamp(t)),
-        modified_at: pick(item, |i| i.modified_at.as_ref()).and_then(|t| timestamp(t)),
-        consumed_at: pick(item, |i| i.consumed_at.as_ref()).and_then(|t| timestamp(t)),
+        uploaded_at: stamp(pick(item, |i| i.uploaded_at.as_ref())),
+        modified_at: stamp(pick(item, |i| i.modified_at.as_ref())),
+        consumed_at: stamp(pick(item, |i| i.consumed_at.as_ref())),
     })
 }
 
-fn nutrition_record(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> {
+fn nutrition_record(item: &WireItem, tree: &Json<'_>) -> Result<Mapped, Unusable> {
     let result = nutrition_result(item)?;
     let status = result.status();
     let r#type = match status {
@@ -332,20 +333,21 @@ fn nutrition_record(item: &WireItem, raw: &RawValue) -> Result<Event, Unusable> 
         RecordStatus::Failed => EventType::NutritionRecordFailed,
         _ => return Err(not_notified("nutrition record", status)),
     };
-    Ok(Event {
-        event_id: result_id(
-            "nutrition",
-            &result.record_id,
-            status,
-            pick(item, |i| i.modified_at.as_ref()),
-            raw,
-        ),
+    let legacy_id = legacy::result_id(
+        "nutrition",
+        &result.record_id,
+        status,
+        pick(item, |i| i.modified_at.as_ref()),
+        tree,
+    );
+    let event = Event {
         r#type: r#type as i32,
         application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
         occurred_at: result.modified_at.or(result.uploaded_at),
         payload: Some(Payload::NutritionResult(result)),
         ..Event::default()
-    })
+    };
+    Ok((event, legacy_id))
 }
 
 fn ingredient(wire: &WireIngredient) -> Ingredient {
@@ -377,79 +379,6 @@ pub fn timestamp(text: &str) -> Option<Timestamp> {
     })
 }
 
-/// `tag-` + the first 128 bits of SHA-256 over the parts, each length-prefixed so that no
-/// two different part lists hash alike.
-fn content_id(tag: &str, parts: &[&str]) -> String {
-    let mut hash = Sha256::new();
-    for part in parts {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    format!("{tag}-{}", hex::encode(&hash.finalize()[..16]))
-}
-
-/// The item's JSON with object keys sorted and no insignificant whitespace, so the same
-/// content re-serialized (or re-batched) by Spike gets the same id.
-fn canonical_json(raw: &RawValue) -> String {
-    fn write(value: &serde_json::Value, out: &mut String) {
-        match value {
-            serde_json::Value::Object(map) => {
-                let mut keys: Vec<_> = map.keys().collect();
-                keys.sort();
-                out.push('{');
-                for (i, key) in keys.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&serde_json::Value::String(key.clone()).to_string());
-                    out.push(':');
-                    write(&map[key], out);
-                }
-                out.push('}');
-            }
-            serde_json::Value::Array(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    write(item, out);
-                }
-                out.push(']');
-            }
-            scalar => out.push_str(&scalar.to_string()),
-        }
-    }
-    let value: serde_json::Value = serde_json::from_str(raw.get()).unwrap_or_default();
-    let mut out = String::with_capacity(raw.get().len());
-    write(&value, &mut out);
-    out
-}
-
-/// A free-form JSON object as a protobuf `Struct`; a non-object is kept under "value".
-fn to_struct(value: &serde_json::Value) -> Struct {
-    use prost_types::{ListValue, Value, value::Kind};
-    fn convert(value: &serde_json::Value) -> Value {
-        let kind = match value {
-            serde_json::Value::Null => Kind::NullValue(0),
-            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-            serde_json::Value::Array(items) => Kind::ListValue(ListValue {
-                values: items.iter().map(convert).collect(),
-            }),
-            serde_json::Value::Object(map) => Kind::StructValue(Struct {
-                fields: map.iter().map(|(k, v)| (k.clone(), convert(v))).collect(),
-            }),
-        };
-        Value { kind: Some(kind) }
-    }
-    match convert(value).kind {
-        Some(Kind::StructValue(s)) => s,
-        other => Struct {
-            fields: [("value".to_owned(), Value { kind: other })]
-                .into_iter()
-                .collect(),
-        },
-    }
+fn stamp(stamp: Option<&Stamp>) -> Option<Timestamp> {
+    stamp.and_then(|s| s.at)
 }

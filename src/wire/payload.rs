@@ -1,14 +1,20 @@
 //! Spike's payloads as they arrive on the wire, and how they are told apart.
 //!
-//! One permissive [`WireItem`] covers every shape of SPEC §2.3 (all fields optional, unknown
-//! fields ignored); [`classify`] decides what an item is from its content. Below this module
-//! nothing handles raw JSON: [`super::normalize`] maps a classified item to the event model.
+//! A body is split into items; each is read once by the lenient reader ([`super::json`])
+//! into a tree, from which one permissive [`WireItem`] covers every shape of SPEC §2.3 (all
+//! fields optional, unknown fields ignored, values that do not fit left unset and listed);
+//! [`classify`] decides what an item is from its content. [`super::normalize`] maps a
+//! classified item to the event model.
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Deserializer, de};
+use prost_types::Struct;
 use serde_json::value::RawValue;
 
+use super::{
+    fields::{NumberOrText, Reader, Stamp},
+    json::{self, Json, Object, ReadError},
+};
 use crate::proto::WebhookCategory;
 
 /// A request body split into its items: a top-level array gives one item per element.
@@ -62,7 +68,9 @@ impl Unusable {
 pub enum Reason {
     NotAnObject,
     TooDeep,
-    WrongType,
+    /// Not JSON the lenient reader accepts (the body's split already checked the syntax,
+    /// so in practice unreachable; kept rather than trusting that).
+    Malformed,
     UnknownEventType,
     Unclassifiable,
     MissingUserId,
@@ -78,7 +86,7 @@ impl Reason {
         match self {
             Reason::NotAnObject => "not_an_object",
             Reason::TooDeep => "too_deep",
-            Reason::WrongType => "wrong_type",
+            Reason::Malformed => "malformed",
             Reason::UnknownEventType => "unknown_event_type",
             Reason::Unclassifiable => "unclassifiable",
             Reason::MissingUserId => "missing_user_id",
@@ -123,69 +131,59 @@ pub fn nested_deeper_than(json: &[u8], max: usize) -> bool {
     false
 }
 
-/// Parses one item. Wrong types become an [`Unusable`] naming the position only.
-pub fn parse_item(raw: &RawValue) -> Result<WireItem, Unusable> {
+/// Reads one item into a tree (once; both its fields and its identity come from it).
+pub fn read_item(raw: &RawValue) -> Result<Json<'_>, Unusable> {
     if !raw.get().starts_with('{') {
         return Err(Unusable::new(
             Reason::NotAnObject,
             "item is not a JSON object",
         ));
     }
-    if nested_deeper_than(raw.get().as_bytes(), MAX_NESTING) {
-        return Err(Unusable::new(
-            Reason::TooDeep,
-            format!("item is nested deeper than {MAX_NESTING} levels"),
-        ));
-    }
-    serde_json::from_str(raw.get()).map_err(|e| {
-        Unusable::new(
-            Reason::WrongType,
-            format!(
-                "item has a field of an unexpected type (line {}, column {})",
-                e.line(),
-                e.column()
-            ),
-        )
-    })
+    json::parse(raw.get(), MAX_NESTING).map_err(unreadable)
 }
 
-/// Union of the fields of every payload shape Spike sends.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+/// An item (or REST answer) the lenient reader refused, saying where, never what.
+pub(super) fn unreadable(error: ReadError) -> Unusable {
+    match error {
+        ReadError::TooDeep(max) => Unusable::new(
+            Reason::TooDeep,
+            format!("item is nested deeper than {max} levels"),
+        ),
+        ReadError::Malformed(_) => Unusable::new(Reason::Malformed, format!("item is {error}")),
+    }
+}
+
+/// Union of the fields of every payload shape Spike sends, read leniently (SPEC §2.3):
+/// all optional, unknown fields ignored, a value that does not fit left unset and its path
+/// recorded by the [`Reader`].
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct WireItem {
     pub event_type: Option<String>,
-    #[serde(deserialize_with = "id")]
     pub application_user_id: Option<String>,
-    #[serde(deserialize_with = "id")]
     pub user_id: Option<String>,
-    #[serde(deserialize_with = "id")]
     pub customer_id: Option<String>,
     pub provider_slug: Option<String>,
-    pub timestamp: Option<String>,
+    pub timestamp: Option<Stamp>,
     pub metrics: Option<Vec<String>>,
     pub activity_types: Option<Vec<String>>,
     pub data_types: Option<Vec<String>>,
-    pub earliest_record_start_at: Option<String>,
-    pub latest_record_end_at: Option<String>,
-    pub start_date: Option<String>,
-    pub end_date: Option<String>,
+    pub earliest_record_start_at: Option<Stamp>,
+    pub latest_record_end_at: Option<Stamp>,
+    pub start_date: Option<Stamp>,
+    pub end_date: Option<Stamp>,
 
-    #[serde(deserialize_with = "id")]
     pub record_id: Option<String>,
-    #[serde(deserialize_with = "id")]
     pub report_id: Option<String>,
     pub status: Option<String>,
-    pub uploaded_at: Option<String>,
-    pub modified_at: Option<String>,
+    pub uploaded_at: Option<Stamp>,
+    pub modified_at: Option<Stamp>,
 
     pub collection_date: Option<String>,
     pub result_date: Option<String>,
     pub sections: Option<Vec<WireSection>>,
-    #[serde(deserialize_with = "text")]
     pub parsing_error: Option<String>,
-    pub lab_information: Option<serde_json::Value>,
-    pub patient_information: Option<serde_json::Value>,
-    #[serde(deserialize_with = "text")]
+    pub lab_information: Option<Struct>,
+    pub patient_information: Option<Struct>,
     pub notes: Option<String>,
 
     pub dish_name: Option<String>,
@@ -193,24 +191,75 @@ pub struct WireItem {
     pub nutri_score: Option<String>,
     pub serving_size: Option<f64>,
     pub unit: Option<String>,
-    #[serde(deserialize_with = "numbers")]
     pub nutritional_fields: Option<BTreeMap<String, f64>>,
-    #[serde(deserialize_with = "numbers")]
     pub totals: Option<BTreeMap<String, f64>>,
     pub ingredients: Option<Vec<WireIngredient>>,
-    #[serde(deserialize_with = "text")]
     pub failure_reason: Option<String>,
-    pub consumed_at: Option<String>,
+    pub consumed_at: Option<Stamp>,
 
     /// The envelope's payload (enveloped lab and nutrition shapes).
     pub data: Option<Box<WireItem>>,
     /// The envelope's failure text.
-    #[serde(deserialize_with = "text")]
     pub error: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+impl WireItem {
+    /// Reads every field Spike's shapes use from `o`.
+    pub fn read(r: &mut Reader, o: &Object<'_>) -> Self {
+        Self {
+            event_type: r.text(o, "event_type"),
+            application_user_id: r.id(o, "application_user_id"),
+            user_id: r.id(o, "user_id"),
+            customer_id: r.id(o, "customer_id"),
+            provider_slug: r.text(o, "provider_slug"),
+            timestamp: r.stamp(o, "timestamp"),
+            metrics: r.strings(o, "metrics"),
+            activity_types: r.strings(o, "activity_types"),
+            data_types: r.strings(o, "data_types"),
+            earliest_record_start_at: r.stamp(o, "earliest_record_start_at"),
+            latest_record_end_at: r.stamp(o, "latest_record_end_at"),
+            start_date: r.stamp(o, "start_date"),
+            end_date: r.stamp(o, "end_date"),
+            record_id: r.id(o, "record_id"),
+            report_id: r.id(o, "report_id"),
+            status: r.text(o, "status"),
+            uploaded_at: r.stamp(o, "uploaded_at"),
+            modified_at: r.stamp(o, "modified_at"),
+            collection_date: r.text(o, "collection_date"),
+            result_date: r.text(o, "result_date"),
+            sections: r.list(o, "sections", |r, v| {
+                as_object(v).map(|o| WireSection::read(r, o))
+            }),
+            parsing_error: r.prose(o, "parsing_error"),
+            lab_information: r.free_form(o, "lab_information"),
+            patient_information: r.free_form(o, "patient_information"),
+            notes: r.prose(o, "notes"),
+            dish_name: r.text(o, "dish_name"),
+            dish_description: r.text(o, "dish_description"),
+            nutri_score: r.text(o, "nutri_score"),
+            serving_size: r.number(o, "serving_size"),
+            unit: r.text(o, "unit"),
+            nutritional_fields: r.amounts(o, "nutritional_fields"),
+            totals: r.amounts(o, "totals"),
+            ingredients: r.list(o, "ingredients", |r, v| {
+                as_object(v).map(|o| WireIngredient::read(r, o))
+            }),
+            failure_reason: r.prose(o, "failure_reason"),
+            consumed_at: r.stamp(o, "consumed_at"),
+            data: r.object(o, "data", |r, o| Box::new(Self::read(r, o))),
+            error: r.prose(o, "error"),
+        }
+    }
+}
+
+fn as_object<'j, 'a>(value: &'j Json<'a>) -> Option<&'j Object<'a>> {
+    match value {
+        Json::Object(object) => Some(object),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct WireSection {
     pub loinc_code: Option<String>,
     pub loinc_common_name: Option<String>,
@@ -219,8 +268,21 @@ pub struct WireSection {
     pub results: Option<Vec<WireTestResult>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+impl WireSection {
+    fn read(r: &mut Reader, o: &Object<'_>) -> Self {
+        Self {
+            loinc_code: r.text(o, "loinc_code"),
+            loinc_common_name: r.text(o, "loinc_common_name"),
+            original_section_name: r.text(o, "original_section_name"),
+            standard_section_name: r.text(o, "standard_section_name"),
+            results: r.list(o, "results", |r, v| {
+                as_object(v).map(|o| WireTestResult::read(r, o))
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct WireTestResult {
     pub loinc_code: Option<String>,
     pub loinc_common_name: Option<String>,
@@ -235,103 +297,48 @@ pub struct WireTestResult {
     pub normal_max: Option<f64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+impl WireTestResult {
+    fn read(r: &mut Reader, o: &Object<'_>) -> Self {
+        Self {
+            loinc_code: r.text(o, "loinc_code"),
+            loinc_common_name: r.text(o, "loinc_common_name"),
+            original_test_name: r.text(o, "original_test_name"),
+            standard_test_name: r.text(o, "standard_test_name"),
+            original_unit_name: r.text(o, "original_unit_name"),
+            standard_unit_name: r.text(o, "standard_unit_name"),
+            value: r.lab_value(o, "value"),
+            value_text: r.text(o, "value_text"),
+            within_normal_range: r.boolean(o, "within_normal_range"),
+            normal_min: r.number(o, "normal_min"),
+            normal_max: r.number(o, "normal_max"),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct WireIngredient {
     pub name: Option<String>,
     pub serving_size: Option<f64>,
     pub unit: Option<String>,
-    #[serde(deserialize_with = "numbers")]
     pub nutritional_fields: Option<BTreeMap<String, f64>>,
 }
 
-/// A lab value: usually a number, sometimes text ("positive", "<0.5").
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum NumberOrText {
-    Number(f64),
-    Text(String),
-}
-
-/// Ids: strings, but a numeric id is taken as its decimal text rather than refused.
-fn id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Id {
-        Text(String),
-        Unsigned(u64),
-        Signed(i64),
+impl WireIngredient {
+    fn read(r: &mut Reader, o: &Object<'_>) -> Self {
+        Self {
+            name: r.text(o, "name"),
+            serving_size: r.number(o, "serving_size"),
+            unit: r.text(o, "unit"),
+            nutritional_fields: r.amounts(o, "nutritional_fields"),
+        }
     }
-    Ok(Option::<Id>::deserialize(d)?.map(|id| match id {
-        Id::Text(s) => s,
-        Id::Unsigned(n) => n.to_string(),
-        Id::Signed(n) => n.to_string(),
-    }))
 }
 
-/// Error and note texts: a string, or any other JSON rendered compactly (Spike has sent
-/// objects here), so the information is kept rather than the event refused.
-fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match Option::<serde_json::Value>::deserialize(d)? {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(s),
-        Some(other) => Some(other.to_string()),
-    })
-}
-
-/// A map of nutrient → amount. Null amounts are dropped (Spike sends them for unknowns).
-fn numbers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, f64>>, D::Error> {
-    let Some(map) = Option::<BTreeMap<String, Option<f64>>>::deserialize(d)? else {
-        return Ok(None);
-    };
-    let kept: BTreeMap<_, _> = map
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v)))
-        .collect();
-    if kept.values().any(|v| !v.is_finite()) {
-        return Err(de::Error::custom("non-finite amount"));
-    }
-    Ok(Some(kept))
-}
-
-/// The user a stored payload names (`application_user_id`, else `user_id`, also inside an
-/// envelope's `data`), read leniently so that items refused for other reasons still count.
+/// The first user a stored payload names; see [`super::users::users_named_in`], which
+/// finds them all. Kept for the storage backends' erasure until they match on the user ids
+/// recorded with each dead letter.
 pub fn user_named_in(raw_json: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Names {
-        #[serde(default, deserialize_with = "id_or_nothing")]
-        application_user_id: Option<String>,
-        #[serde(default, deserialize_with = "id_or_nothing")]
-        user_id: Option<String>,
-        #[serde(default)]
-        data: Option<Lenient<Box<Names>>>,
-    }
-    /// Whatever does not fit is skipped rather than failing the whole lookup.
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Lenient<T> {
-        Fits(T),
-        Other(de::IgnoredAny),
-    }
-    fn id_or_nothing<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        Ok(match Option::<Lenient<String>>::deserialize(d)? {
-            Some(Lenient::Fits(id)) => Some(id),
-            _ => None,
-        })
-    }
-    fn user(names: Names) -> Option<String> {
-        names
-            .application_user_id
-            .or(names.user_id)
-            .or(match names.data {
-                Some(Lenient::Fits(data)) => user(*data),
-                _ => None,
-            })
-    }
-    if nested_deeper_than(raw_json, MAX_NESTING) {
-        return None;
-    }
-    user(serde_json::from_slice(raw_json).ok()?)
+    super::users::users_named_in(raw_json).into_iter().next()
 }
 
 /// What an item is, decided by its content (and, failing that, by the path it came on).
@@ -343,6 +350,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The first part of the event id (SPEC §2.4).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Kind::Main => "main",
+            Kind::LabReport => "lab",
+            Kind::NutritionRecord => "nutrition",
+        }
+    }
+
     pub fn category(self) -> WebhookCategory {
         match self {
             Kind::Main => WebhookCategory::Main,
@@ -411,7 +427,11 @@ mod tests {
     use super::*;
 
     fn item(json: &str) -> WireItem {
-        parse_item(serde_json::from_str(json).unwrap()).unwrap()
+        let raw: &RawValue = serde_json::from_str(json).unwrap();
+        let Json::Object(object) = read_item(raw).unwrap() else {
+            panic!()
+        };
+        WireItem::read(&mut Reader::default(), &object)
     }
 
     #[test]
@@ -495,33 +515,13 @@ mod tests {
     }
 
     #[test]
-    fn the_user_of_a_stored_payload_is_found_even_in_odd_shapes() {
-        let cases: [(&str, Option<&str>); 6] = [
-            (r#"{"application_user_id":"a","user_id":"b"}"#, Some("a")),
-            (r#"{"user_id":"b","metrics":"wrong type"}"#, Some("b")),
-            (
-                r#"{"event_type":"x","data":{"application_user_id":"c"}}"#,
-                Some("c"),
-            ),
-            (r#"{"application_user_id":["odd"],"data":"text"}"#, None),
-            (r#"{"hello":"world"}"#, None),
-            (r#""not an object""#, None),
-        ];
-        for (json, expected) in cases {
-            assert_eq!(
-                user_named_in(json.as_bytes()).as_deref(),
-                expected,
-                "{json}"
-            );
-        }
-    }
-
-    #[test]
-    fn wrong_types_are_unusable_without_quoting_values() {
-        let raw: &RawValue = serde_json::from_str(r#"{"metrics": "secret-value"}"#).unwrap();
-        let err = parse_item(raw).unwrap_err();
-        assert!(!err.detail.contains("secret-value"), "{err}");
+    fn unreadable_items_are_unusable_without_quoting_values() {
         let raw: &RawValue = serde_json::from_str("42").unwrap();
-        assert!(parse_item(raw).is_err());
+        assert_eq!(read_item(raw).unwrap_err().reason, Reason::NotAnObject);
+        let deep = format!("{}1{}", "{\"secret-value\":".repeat(40), "}".repeat(40));
+        let raw: &RawValue = serde_json::from_str(&deep).unwrap();
+        let err = read_item(raw).unwrap_err();
+        assert_eq!(err.reason, Reason::TooDeep);
+        assert!(!err.detail.contains("secret-value"), "{err}");
     }
 }
