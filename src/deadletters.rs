@@ -85,6 +85,7 @@ pub fn batch(parsed: ParsedBody, path: WebhookCategory, received_at: Timestamp) 
 
 fn letter(rejected: Rejected, path: WebhookCategory, received_at: Timestamp) -> DeadLetter {
     DeadLetter {
+        whole_body: rejected.unusable.reason == Reason::Merged,
         id: 0,
         received_at: Some(received_at),
         path_category: path as i32,
@@ -183,7 +184,7 @@ async fn redrive_batch(
 fn reread(letter: DeadLetter, admission: &mut Admission) -> u64 {
     let path = WebhookCategory::try_from(letter.path_category).unwrap_or(WebhookCategory::Main);
     let received_at = letter.received_at.unwrap_or_default();
-    let Ok(parsed) = wire::parse_body(&letter.raw_json, path, received_at) else {
+    let Ok(parsed) = wire::parse_body(&body_of(&letter), path, received_at) else {
         // Letters hold JSON the gateway already split; should one not parse, it stays.
         return 1;
     };
@@ -209,6 +210,22 @@ fn reread(letter: DeadLetter, admission: &mut Admission) -> u64 {
         admission.resolved.push(letter.id);
     }
     still_dead
+}
+
+/// The 0.1 release's detail for a merged letter; its letters have no `whole_body` flag.
+const MERGED_BY_0_1: &str = "items could not be used; the whole body is kept";
+
+/// The body to read a letter as: a merged letter is a body already; one item is read as
+/// the body `[item]`, so that an item that is itself an array stays one item.
+fn body_of(letter: &DeadLetter) -> Vec<u8> {
+    if letter.whole_body || letter.reason.contains(MERGED_BY_0_1) {
+        return letter.raw_json.clone();
+    }
+    let mut body = Vec::with_capacity(letter.raw_json.len() + 2);
+    body.push(b'[');
+    body.extend_from_slice(&letter.raw_json);
+    body.push(b']');
+    body
 }
 
 /// Records the user ids of letters stored without them (by the 0.1 release), so that
