@@ -79,6 +79,8 @@ const ID_RULE_HEADER: &str = "Spike-Gateway-Id-Rule";
 /// Whole-content event ids (SPEC §2.4).
 const ID_RULE: &str = "2";
 /// How long the upgrade scan waits for the next message before giving up on the rest.
+/// Only a stalled server makes it wait that long: the scan stops at the last message
+/// pending when it began.
 const SCAN_IDLE: Duration = Duration::from_secs(5);
 
 /// Messages the client buffers per subscription before the ordered consumer has to
@@ -443,16 +445,6 @@ async fn legacy_ids(
         ids: Default::default(),
         until: now.saturating_add(window),
     };
-    let last = events
-        .clone()
-        .info()
-        .await
-        .map_err(|e| unavailable("cannot read the stream's state", e))?
-        .state
-        .last_sequence;
-    if last == 0 {
-        return Ok(legacy);
-    }
     let start = now.saturating_sub(window);
     let consumer = events
         .create_consumer(push::OrderedConfig {
@@ -467,6 +459,9 @@ async fn legacy_ids(
         })
         .await
         .map_err(|e| unavailable("cannot create the upgrade scan consumer", e))?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(legacy); // nothing published within the window
+    }
     let mut messages = consumer
         .messages()
         .await
@@ -494,8 +489,8 @@ async fn legacy_ids(
                 .map_or_else(String::new, |(_, user)| user.to_owned());
             legacy.ids.insert(id.as_str().to_owned(), (sequence, token));
         }
-        if sequence >= last {
-            return Ok(legacy);
+        if info.pending == 0 {
+            return Ok(legacy); // the newest message when the scan began
         }
     }
 }
