@@ -42,14 +42,25 @@ pub(super) struct Writer {
     pub(super) legacy_ids_before: Option<Micros>,
 }
 
-/// The tables one group's appends write. Letter tables are opened only when some command
-/// of the group stores, rewrites or removes a dead letter: every table a commit touches
-/// costs copied pages.
+/// The tables one group's appends write. Letter tables are opened on first use, when some
+/// command of the group stores, rewrites or removes a dead letter: every table a commit
+/// touches costs copied pages.
 struct AppendTables<'t> {
+    txn: &'t WriteTransaction,
     events: Table<'t, u64, &'static [u8]>,
     dedup: Table<'t, &'static str, (u64, i64)>,
     expiry: Table<'t, (i64, &'static str), ()>,
     letters: Option<LetterTables<'t>>,
+}
+
+impl<'t> AppendTables<'t> {
+    fn letters(&mut self) -> Result<&mut LetterTables<'t>, redb::Error> {
+        let letters = match self.letters.take() {
+            Some(letters) => letters,
+            None => open_letter_tables(self.txn)?,
+        };
+        Ok(self.letters.insert(letters))
+    }
 }
 
 struct LetterTables<'t> {
@@ -177,21 +188,12 @@ impl Writer {
         // The next sequence is not stored per commit: it follows from the last event (see
         // `next_sequence`).
         {
-            let touches_letters = writes.iter().any(|command| match command {
-                Command::Append { admission, .. } => {
-                    !(admission.dead_letters.is_empty()
-                        && admission.updated.is_empty()
-                        && admission.resolved.is_empty())
-                }
-                _ => false,
-            });
             let mut tables = AppendTables {
+                txn: &txn,
                 events: txn.open_table(EVENTS)?,
                 dedup: txn.open_table(DEDUP)?,
                 expiry: txn.open_table(DEDUP_EXPIRY)?,
-                letters: touches_letters
-                    .then(|| open_letter_tables(&txn))
-                    .transpose()?,
+                letters: None,
             };
             for command in writes.iter_mut() {
                 let Command::Append { admission, .. } = command else {
@@ -236,27 +238,15 @@ impl Writer {
             };
             admitted.events.push(outcome);
         }
-        let Some(letters) = &mut tables.letters else {
-            return Ok(admitted);
-        };
         for letter in admission.dead_letters {
-            let key = dead_letter_key(&letter);
-            let outcome = match live_entry(
-                &mut tables.dedup,
-                &mut tables.expiry,
-                &key,
-                now,
-                self.dedup_window,
-            )? {
-                Some((id, _)) => AppendOutcome::Duplicate { sequence: id },
-                None => {
-                    let id = store_letter(letters, letter, now)?;
-                    remember(&mut tables.dedup, &mut tables.expiry, &key, id, now)?;
-                    AppendOutcome::Appended { sequence: id }
-                }
-            };
-            admitted.dead_letters.push(outcome);
+            admitted
+                .dead_letters
+                .push(self.store_new_letter(tables, letter, now)?);
         }
+        if admission.updated.is_empty() && admission.resolved.is_empty() {
+            return Ok(admitted);
+        }
+        let letters = tables.letters()?;
         for letter in admission.updated {
             let stored = letters
                 .dead_letters
@@ -271,6 +261,23 @@ impl Writer {
             letters.dead_letters.remove(id)?;
         }
         Ok(admitted)
+    }
+
+    /// Stores a new letter unless its key was seen within the dedup window.
+    fn store_new_letter(
+        &self,
+        tables: &mut AppendTables<'_>,
+        letter: DeadLetter,
+        now: Micros,
+    ) -> Result<AppendOutcome, redb::Error> {
+        let key = dead_letter_key(&letter);
+        let (dedup, expiry) = (&mut tables.dedup, &mut tables.expiry);
+        if let Some((id, _)) = live_entry(dedup, expiry, &key, now, self.dedup_window)? {
+            return Ok(AppendOutcome::Duplicate { sequence: id });
+        }
+        let id = store_letter(tables.letters()?, letter, now)?;
+        remember(&mut tables.dedup, &mut tables.expiry, &key, id, now)?;
+        Ok(AppendOutcome::Appended { sequence: id })
     }
 
     /// The sequence `new` was first appended at, if that was within the dedup window: by
