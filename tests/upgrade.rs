@@ -116,6 +116,20 @@ async fn the_binary_on_a_0_1_data_directory_appends_no_redelivery() {
     let letter = br#"{"event_type":"sleep_changed","application_user_id":4242,"timestamp":"2025-04-15T13:33:55Z"}"#;
     let answer = post(&gateway, "/webhooks/spike", letter).await;
     assert_eq!(answer["dead_lettered"], 1, "{answer}");
+    let mut admin = AdminClient::connect(format!("http://{}", gateway.grpc))
+        .await
+        .unwrap();
+    let listed = admin
+        .list_dead_letters(authed(ListDeadLettersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.dead_letters.len(),
+        1,
+        "still the one letter 0.1 stored"
+    );
+    assert_eq!(listed.dead_letters[0].id, 1);
     let new_item = serde_json::to_vec(&support::record_change("after-upgrade", 1)).unwrap();
     let answer = post(&gateway, "/webhooks/spike", &new_item).await;
     assert_eq!(answer["appended"], 1, "{answer}");

@@ -229,6 +229,7 @@ fn mark_id_rule(db: &Database, now: Micros) -> Result<Option<Micros>, redb::Erro
                     "event log written by 0.1: its event ids stay recognised as duplicates for one dedup window"
                 );
             }
+            index_old_letters(&txn)?;
             meta.insert(META_ID_RULE, ID_RULE)?;
         }
         meta.get(META_LEGACY_IDS_BEFORE)?
@@ -236,6 +237,25 @@ fn mark_id_rule(db: &Database, now: Micros) -> Result<Option<Micros>, redb::Erro
     };
     txn.commit()?;
     Ok(legacy)
+}
+
+/// 0.1 did not deduplicate dead letters: give each stored one its dedup entry, first seen
+/// when it was received, so a redelivery within the window does not store it again.
+fn index_old_letters(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    let letters = txn.open_table(DEAD_LETTERS)?;
+    let mut dedup = txn.open_table(DEDUP)?;
+    let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+    for entry in letters.iter()? {
+        let (id, value) = entry?;
+        let letter = decode_letter(id.value(), value.value())?;
+        let key = super::dead_letter_key(&letter);
+        let received = received_of(value.value());
+        if dedup.get(key.as_str())?.is_none() {
+            dedup.insert(key.as_str(), (id.value(), received))?;
+            expiry.insert((received, key.as_str()), ())?;
+        }
+    }
+    Ok(())
 }
 
 /// A stored dead letter, with its id (the table key).
