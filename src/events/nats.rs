@@ -445,7 +445,53 @@ async fn legacy_ids(
         ids: Default::default(),
         until: now.saturating_add(window),
     };
-    let start = now.saturating_sub(window);
+    let Some(mut messages) =
+        window_headers(events, client, settings, now.saturating_sub(window)).await?
+    else {
+        return Ok(legacy); // nothing published within the window
+    };
+    let prefix_len = settings.subject_prefix.len() + ".event.".len();
+    loop {
+        let message = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(unavailable("upgrade scan failed", e)),
+            Ok(None) => return Err(LogError::Storage("the upgrade scan consumer ended".into())),
+            Err(_) => {
+                tracing::warn!(
+                    "the upgrade scan of the duplicate window stalled; continuing with what it read"
+                );
+                return Ok(legacy);
+            }
+        };
+        let Ok(info) = message.info() else { continue };
+        let headers = message.headers.as_ref();
+        if headers.and_then(|h| h.get(ID_RULE_HEADER)).is_some() {
+            return Ok(legacy); // from here on, this release's messages
+        }
+        if let Some(id) = headers.and_then(|h| h.get("Nats-Msg-Id")) {
+            // Subject `{prefix}.event.{type}.{user token}`: keep the token for erasure.
+            let token = message
+                .subject
+                .get(prefix_len..)
+                .and_then(|rest| rest.split_once('.'))
+                .map_or_else(String::new, |(_, user)| user.to_owned());
+            let entry = (info.stream_sequence, token);
+            legacy.ids.insert(id.as_str().to_owned(), entry);
+        }
+        if info.pending == 0 {
+            return Ok(legacy); // the newest message when the scan began
+        }
+    }
+}
+
+/// The headers (not the bodies) of the events published since `start`, or `None` if there
+/// are none.
+async fn window_headers(
+    events: &stream::Stream,
+    client: &async_nats::Client,
+    settings: &NatsSettings,
+    start: Micros,
+) -> Result<Option<push::Ordered>, LogError> {
     let consumer = events
         .create_consumer(push::OrderedConfig {
             deliver_subject: client.new_inbox(),
@@ -460,39 +506,13 @@ async fn legacy_ids(
         .await
         .map_err(|e| unavailable("cannot create the upgrade scan consumer", e))?;
     if consumer.cached_info().num_pending == 0 {
-        return Ok(legacy); // nothing published within the window
+        return Ok(None);
     }
-    let mut messages = consumer
+    let messages = consumer
         .messages()
         .await
         .map_err(|e| unavailable("cannot read the upgrade scan consumer", e))?;
-    let prefix_len = settings.subject_prefix.len() + ".event.".len();
-    loop {
-        let message = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(e))) => return Err(unavailable("upgrade scan failed", e)),
-            // Nothing more within the window (or the scan stalled): done.
-            Ok(None) | Err(_) => return Ok(legacy),
-        };
-        let Ok(info) = message.info() else { continue };
-        let sequence = info.stream_sequence;
-        let headers = message.headers.as_ref();
-        if headers.and_then(|h| h.get(ID_RULE_HEADER)).is_some() {
-            return Ok(legacy);
-        }
-        if let Some(id) = headers.and_then(|h| h.get("Nats-Msg-Id")) {
-            // Subject `{prefix}.event.{type}.{user token}`: keep the token for erasure.
-            let token = message
-                .subject
-                .get(prefix_len..)
-                .and_then(|rest| rest.split_once('.'))
-                .map_or_else(String::new, |(_, user)| user.to_owned());
-            legacy.ids.insert(id.as_str().to_owned(), (sequence, token));
-        }
-        if info.pending == 0 {
-            return Ok(legacy); // the newest message when the scan began
-        }
-    }
+    Ok(Some(messages))
 }
 
 /// Creates the stream, or checks an existing one and brings its limits in line.
