@@ -302,13 +302,13 @@ impl NatsLog {
             .map_err(|e| unavailable("NATS publish failed", e))
     }
 
-    /// Publishes a dead letter under `msg_id`; its outcome names the letter's id.
+    /// Publishes a dead letter under `msg_id`; the ack's outcome names the letter's id.
     async fn publish_letter(
         &self,
         mut letter: DeadLetter,
         msg_id: &str,
         now: Micros,
-    ) -> Result<AppendOutcome, LogError> {
+    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
         let category = WebhookCategory::try_from(letter.path_category)
             .unwrap_or(WebhookCategory::Unspecified)
             .as_str_name()
@@ -319,10 +319,8 @@ impl NatsLog {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         let subject = format!("{}.dead.{category}", self.settings.subject_prefix);
-        let ack = self
-            .publish(subject, headers, letter.encode_to_vec().into())
-            .await?;
-        acknowledged(ack).await
+        self.publish(subject, headers, letter.encode_to_vec().into())
+            .await
     }
 
     /// Rewrites stored letters: the new version is published, then the old one deleted.
@@ -334,7 +332,7 @@ impl NatsLog {
                 continue;
             }
             let msg_id = format!("{}:replaces:{old}", dead_letter_key(&letter));
-            self.publish_letter(letter, &msg_id, now).await?;
+            acknowledged(self.publish_letter(letter, &msg_id, now).await?).await?;
             self.delete_letter(old).await?;
         }
         Ok(())
@@ -705,10 +703,15 @@ impl EventLog for NatsLog {
     async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         self.connected()?;
         let now = now_micros();
-        let mut dead_letters = Vec::with_capacity(admission.dead_letters.len());
+        // Like events: publish every letter, then collect the acks (one round trip).
+        let mut acks = Vec::with_capacity(admission.dead_letters.len());
         for letter in admission.dead_letters {
             let key = dead_letter_key(&letter);
-            dead_letters.push(self.publish_letter(letter, &key, now).await?);
+            acks.push(self.publish_letter(letter, &key, now).await?);
+        }
+        let mut dead_letters = Vec::with_capacity(acks.len());
+        for ack in acks {
+            dead_letters.push(acknowledged(ack).await?);
         }
         let events = self.publish_events(admission.events, now).await?;
         self.replace_letters(admission.updated, now).await?;
