@@ -157,6 +157,20 @@ async fn list_and_redrive_check_their_arguments_and_tokens() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // Extreme ids are no error: nothing there.
+    app.post_json(MAIN, &mixed_body("edge")).await;
+    let (letters, next) = list(
+        &app,
+        ListDeadLettersRequest {
+            after_id: u64::MAX,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((letters.len(), next), (0, 0));
+    let nothing = redrive(&app, vec![0, u64::MAX], false).await;
+    assert_eq!(nothing, RedriveDeadLettersResponse::default());
+    assert_eq!(app.log.dead_letter_count().await.unwrap(), 1);
     let status = client
         .list_dead_letters(ListDeadLettersRequest::default())
         .await
@@ -295,4 +309,34 @@ async fn redrive_all_pages_through_more_letters_than_one_batch() {
     );
     assert_eq!(app.log.dead_letter_count().await.unwrap(), 0);
     assert_eq!(app.log.bounds().await.unwrap().next, 251);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_ids_find_nothing_and_are_no_error() {
+    for store in stores() {
+        let app = spawn_app_with(&store.flags()).await;
+        app.post_json(MAIN, &mixed_body("edge")).await;
+        let (letters, next) = list(
+            &app,
+            ListDeadLettersRequest {
+                after_id: u64::MAX,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!((letters.len(), next), (0, 0), "{}", store.name);
+        let nothing = redrive(&app, vec![0, u64::MAX], false).await;
+        assert_eq!(
+            nothing,
+            RedriveDeadLettersResponse::default(),
+            "{}",
+            store.name
+        );
+        assert_eq!(
+            app.log.dead_letter_count().await.unwrap(),
+            1,
+            "{}",
+            store.name
+        );
+    }
 }
