@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, StoreKind},
+    deadletters,
     events::{
         EventLog, LogError,
         embedded::EmbeddedLog,
@@ -74,6 +75,16 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let log = open_log(&config).await?;
+        // Letters stored by 0.1 recorded no user ids: find them now, before erasure can run.
+        let backfilled = deadletters::backfill_user_ids(log.as_ref()).await?;
+        if backfilled > 0 {
+            tracing::info!(
+                letters = backfilled,
+                "recorded the user ids of dead letters stored by 0.1"
+            );
+        }
+        let metrics = Arc::new(Metrics::default());
+        deadletters::refresh_gauge(log.as_ref(), &metrics).await;
         let spike = Arc::new(SpikeClient::new(&config.spike)?);
         if !config.grpc_addr.ip().is_loopback() && config.grpc.tls.is_none() {
             tracing::warn!(
@@ -99,7 +110,7 @@ impl Application {
             http_listener,
             grpc_listener,
             spike,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             tls,
         })
     }
@@ -168,6 +179,7 @@ impl Application {
                     .map_err(RunError::Http)
             }
         });
+        let metrics_for_housekeeping = metrics.clone();
         let mut grpc_task: JoinHandle<Result<(), RunError>> = tokio::spawn({
             let parts = GrpcParts {
                 log: log.clone(),
@@ -185,7 +197,11 @@ impl Application {
                     .map_err(RunError::Grpc)
             }
         });
-        let housekeeping = tokio::spawn(housekeep(log.clone(), stop_servers.clone()));
+        let housekeeping = tokio::spawn(housekeep(
+            log.clone(),
+            metrics_for_housekeeping,
+            stop_servers.clone(),
+        ));
         let readiness = tokio::spawn(report_readiness(
             log.clone(),
             health_reporter.clone(),
@@ -279,7 +295,7 @@ async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
     })
 }
 
-async fn housekeep(log: Arc<dyn EventLog>, stop: CancellationToken) {
+async fn housekeep(log: Arc<dyn EventLog>, metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     loop {
         tokio::select! {
@@ -288,6 +304,8 @@ async fn housekeep(log: Arc<dyn EventLog>, stop: CancellationToken) {
                 if let Err(e) = log.housekeeping().await {
                     tracing::warn!(error = %e, "event log housekeeping failed; will retry");
                 }
+                // Retention removes letters too (and on NATS, other replicas store them).
+                deadletters::refresh_gauge(log.as_ref(), &metrics).await;
             }
         }
     }

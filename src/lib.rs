@@ -14,9 +14,12 @@
 //!   `memory` and `nats` (JetStream) backends, live fan-out, and the subscription feeds that
 //!   hand over from history to live without gaps or duplicates. Each committed event is
 //!   encoded once ([`events::CommittedEvent`]) and those bytes go to every subscriber.
+//! - [`deadletters`]: above the log: the one conversion of a parsed body into an append
+//!   batch (webhooks and redrive share it), dead-letter redrive, and the backfill of user
+//!   ids into letters stored by 0.1. Storage itself never parses JSON.
 //! - [`grpc`]: the tonic server: `EventStream/Subscribe` (with a codec that sends the
 //!   pre-encoded events), the `SpikeRecords` proxies,
-//!   `Admin` (erasure), bearer-token auth, TLS, health and reflection.
+//!   `Admin` (erasure, dead letters), bearer-token auth, TLS, health and reflection.
 //! - [`app`]: wiring. Binds the listeners, runs both servers, housekeeping and readiness,
 //!   and shuts everything down in order within a grace deadline.
 //! - [`spike`]: the client for Spike's REST API (per-user auth, retries, deadlines).
@@ -26,6 +29,7 @@
 
 pub mod app;
 pub mod config;
+pub mod deadletters;
 pub mod events;
 pub mod grpc;
 pub mod metrics;

@@ -4,6 +4,8 @@
 //! - `webhooks_total{category, outcome}`: every webhook request and how it ended;
 //! - `webhook_ack_seconds{category}`: request received → answered;
 //! - `events_appended_total{event_type}`, `duplicates_total`, `dead_letters_total{category}`;
+//! - `dead_letter_reasons_total{reason}`: newly stored dead letters by their closed reason;
+//! - `dead_letters_stored`: dead letters in the log now (all replicas' on NATS);
 //! - `subscribers`: open `Subscribe` streams;
 //! - `subscriber_lag_events`: at each delivery, how far the event is behind the newest
 //!   sequence this replica has seen;
@@ -28,7 +30,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::proto::{EventType, WebhookCategory};
+use crate::{
+    proto::{EventType, WebhookCategory},
+    wire::Reason,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabels {
@@ -39,6 +44,11 @@ struct WebhookLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CategoryLabels {
     category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +81,8 @@ pub struct Metrics {
     appended: Family<TypeLabels, Counter>,
     duplicates: Counter,
     dead_letters: Family<CategoryLabels, Counter>,
+    dead_letter_reasons: Family<ReasonLabels, Counter>,
+    dead_letters_stored: Gauge,
     subscribers: Gauge,
     subscriber_lag: Histogram,
     delivery: Histogram,
@@ -89,6 +101,8 @@ impl Default for Metrics {
             appended: Family::default(),
             duplicates: Counter::default(),
             dead_letters: Family::default(),
+            dead_letter_reasons: Family::default(),
+            dead_letters_stored: Gauge::default(),
             subscribers: Gauge::default(),
             subscriber_lag: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
             delivery: latency_histogram(),
@@ -121,6 +135,16 @@ impl Default for Metrics {
             "dead_letters",
             "Signed items kept as dead letters, by path category",
             metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "dead_letter_reasons",
+            "Newly stored dead letters, by reason",
+            metrics.dead_letter_reasons.clone(),
+        );
+        registry.register(
+            "dead_letters_stored",
+            "Dead letters in the log",
+            metrics.dead_letters_stored.clone(),
         );
         registry.register(
             "subscribers",
@@ -195,12 +219,23 @@ impl Metrics {
         self.duplicates.inc_by(count);
     }
 
-    pub fn dead_letters(&self, path: WebhookCategory, count: u64) {
+    /// One newly stored dead letter (not a retry's duplicate of one).
+    pub fn dead_letter(&self, path: WebhookCategory, reason: Reason) {
         self.dead_letters
             .get_or_create(&CategoryLabels {
                 category: category(path),
             })
-            .inc_by(count);
+            .inc();
+        self.dead_letter_reasons
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn dead_letters_stored(&self, count: u64) {
+        self.dead_letters_stored
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The open-subscriber gauge, shared with the Subscribe service.

@@ -4,12 +4,12 @@ use std::{sync::Arc, time::Duration};
 
 use spike_gateway::{
     events::{
-        AppendOutcome, EventLog, LogError,
+        Admission, Admitted, AppendOutcome, EventLog, LogError, NewEvent,
         embedded::EmbeddedLog,
         memory::MemoryLog,
         time::{from_micros, now_micros, to_micros},
     },
-    proto::{DeadLetter, Event, EventType},
+    proto::{DeadLetter, Event, EventType, WebhookCategory},
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -199,18 +199,177 @@ async fn an_event_id_may_return_after_the_dedup_window() {
     }
 }
 
+fn letter(raw: &str, users: &[&str]) -> DeadLetter {
+    DeadLetter {
+        reason: "cannot classify".into(),
+        path_category: WebhookCategory::Main as i32,
+        raw_json: raw.as_bytes().to_vec(),
+        application_user_ids: users.iter().map(|u| u.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn request(ids: &[&str], letters: &[DeadLetter]) -> Admission {
+    Admission {
+        events: events(ids).into_iter().map(NewEvent::from).collect(),
+        dead_letters: letters.to_vec(),
+        ..Admission::default()
+    }
+}
+
 #[tokio::test]
-async fn dead_letters_are_kept_and_counted() {
+async fn a_retried_request_stores_neither_its_events_nor_its_dead_letters_twice() {
     for (name, log, _dir) in backends(HOUR, HOUR) {
-        log.dead_letter(DeadLetter {
-            reason: "cannot classify".into(),
-            raw_json: b"{}".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        assert_eq!(log.dead_letter_count().await.unwrap(), 1, "{name}");
-        assert_eq!(log.bounds().await.unwrap().next, 1, "{name}: not an event");
+        let first = log
+            .admit(request(&["e"], &[letter("{\"x\":1}", &["u"])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            Admitted {
+                events: vec![AppendOutcome::Appended { sequence: 1 }],
+                dead_letters: vec![AppendOutcome::Appended { sequence: 1 }],
+            },
+            "{name}"
+        );
+        let retry = log
+            .admit(request(&["e"], &[letter("{\"x\":1}", &["u"])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            retry,
+            Admitted {
+                events: vec![AppendOutcome::Duplicate { sequence: 1 }],
+                dead_letters: vec![AppendOutcome::Duplicate { sequence: 1 }],
+            },
+            "{name}"
+        );
+        // The same bytes on another path are another letter.
+        let mut other_path = letter("{\"x\":1}", &["u"]);
+        other_path.path_category = WebhookCategory::LabReports as i32;
+        let other = log.admit(request(&[], &[other_path])).await.unwrap();
+        assert_eq!(
+            other.dead_letters,
+            [AppendOutcome::Appended { sequence: 2 }],
+            "{name}"
+        );
+        assert_eq!(log.dead_letter_count().await.unwrap(), 2, "{name}");
+        assert_eq!(log.bounds().await.unwrap().next, 2, "{name}: one event");
+    }
+}
+
+#[tokio::test]
+async fn dead_letter_dedup_expires_with_the_window() {
+    for (name, log, _dir) in backends(Duration::from_millis(1), HOUR) {
+        log.admit(request(&[], &[letter("[1]", &[])]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let again = log
+            .admit(request(&[], &[letter("[1]", &[])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            again.dead_letters,
+            [AppendOutcome::Appended { sequence: 2 }],
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_by_id_and_user_and_rewritten_or_resolved_atomically() {
+    for (name, log, _dir) in backends(HOUR, HOUR) {
+        let letters = [
+            letter("[1]", &["ann"]),
+            letter("[2]", &["bob"]),
+            letter("[3]", &["ann", "bob"]),
+        ];
+        log.admit(request(&[], &letters)).await.unwrap();
+        let ids = |letters: Vec<DeadLetter>| letters.iter().map(|l| l.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(log.dead_letters(0, 10, None).await.unwrap()),
+            [1, 2, 3],
+            "{name}"
+        );
+        assert_eq!(
+            ids(log.dead_letters(1, 1, None).await.unwrap()),
+            [2],
+            "{name}"
+        );
+        assert_eq!(
+            ids(log.dead_letters(0, 10, Some("ann")).await.unwrap()),
+            [1, 3],
+            "{name}"
+        );
+        assert_eq!(
+            ids(log.dead_letters(1, 10, Some("bob")).await.unwrap()),
+            [2, 3],
+            "{name}"
+        );
+        assert!(
+            log.dead_letters(0, 10, Some("eve"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}"
+        );
+
+        // A redrive's commit: an event, letter 1 resolved, letter 2 rewritten in place.
+        let mut rewritten = log.dead_letters(1, 1, None).await.unwrap().remove(0);
+        rewritten.reason = "still unknown".into();
+        let admitted = log
+            .admit(Admission {
+                events: vec![NewEvent::from(event("from-letter-1"))],
+                updated: vec![rewritten.clone()],
+                resolved: vec![1, 99],
+                ..Admission::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            admitted.events,
+            [AppendOutcome::Appended { sequence: 1 }],
+            "{name}"
+        );
+        let left = log.dead_letters(0, 10, None).await.unwrap();
+        assert_eq!(
+            left,
+            [
+                rewritten,
+                log.dead_letters(2, 1, None).await.unwrap()[0].clone()
+            ],
+            "{name}"
+        );
+        assert_eq!(left[1].id, 3, "{name}");
+        assert_eq!(log.dead_letter_count().await.unwrap(), 2, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn erasure_removes_the_letters_naming_the_user_by_recorded_ids() {
+    for (name, log, _dir) in backends(HOUR, HOUR) {
+        // The JSON names nobody readable: only the recorded ids say whose it is.
+        let theirs = letter("{\"deep\":[[[[\"x\"]]]]}", &["4242", "other"]);
+        log.admit(request(&[], &[theirs.clone(), letter("[0]", &["keep"])]))
+            .await
+            .unwrap();
+        let erased = log.erase_user("4242").await.unwrap();
+        assert_eq!(
+            (erased.dead_letters, erased.dedup_entries),
+            (1, 1),
+            "{name}"
+        );
+        let left = log.dead_letters(0, 10, None).await.unwrap();
+        assert_eq!(left.len(), 1, "{name}");
+        assert_eq!(left[0].application_user_ids, ["keep"], "{name}");
+        // Its dedup entry went too: the same bytes again are stored anew.
+        let again = log.admit(request(&[], &[theirs])).await.unwrap();
+        assert_eq!(
+            again.dead_letters,
+            [AppendOutcome::Appended { sequence: 3 }],
+            "{name}"
+        );
     }
 }
 
@@ -357,4 +516,114 @@ async fn sequences_never_go_back_after_the_newest_events_are_removed_and_reopene
     let stored = log.read(1, 10).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].event().event_id, "e");
+}
+
+/// A copy of the data directory the 0.1 release wrote (tests/fixtures/legacy-0.1-data).
+fn legacy_store() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/legacy-0.1-data/events.redb"
+    );
+    std::fs::copy(fixture, dir.path().join("events.redb")).unwrap();
+    dir
+}
+
+/// Long enough to keep the fixture's entries (written on 2026-12-01) live.
+const YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+#[tokio::test]
+async fn a_0_1_store_keeps_recognising_its_event_ids_after_the_upgrade() {
+    let dir = legacy_store();
+    let log = EmbeddedLog::open(dir.path(), YEARS, YEARS).unwrap();
+    let stored = log.read(1, 100).await.unwrap();
+    assert_eq!(stored.len(), 11);
+    // Each stored item again, now with an id of the new rule: a duplicate by its old id.
+    let redelivered: Vec<NewEvent> = stored
+        .iter()
+        .map(|e| NewEvent {
+            event: event(&format!("new-rule:{}", e.event().event_id)),
+            legacy_event_id: Some(e.event().event_id.clone()),
+        })
+        .collect();
+    let outcomes = log
+        .admit(Admission {
+            events: redelivered,
+            ..Admission::default()
+        })
+        .await
+        .unwrap()
+        .events;
+    let expected: Vec<_> = (1..=11)
+        .map(|sequence| AppendOutcome::Duplicate { sequence })
+        .collect();
+    assert_eq!(outcomes, expected);
+    // An item 0.1 never saw is new, whatever its legacy id; and an entry this release
+    // wrote is not taken for an old-rule one.
+    let fresh = NewEvent {
+        event: event("new-rule:fresh"),
+        legacy_event_id: Some("never-seen".into()),
+    };
+    let later = NewEvent {
+        event: event("new-rule:later"),
+        legacy_event_id: Some("new-rule:fresh".into()),
+    };
+    let outcomes = log
+        .admit(Admission {
+            events: vec![fresh, later],
+            ..Admission::default()
+        })
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(
+        outcomes,
+        [
+            AppendOutcome::Appended { sequence: 12 },
+            AppendOutcome::Appended { sequence: 13 }
+        ]
+    );
+    log.close().await;
+    drop(log);
+
+    // The upgrade instant is recorded once: after a restart the old ids still count.
+    let log = EmbeddedLog::open(dir.path(), YEARS, YEARS).unwrap();
+    let again = NewEvent {
+        event: event("new-rule:again"),
+        legacy_event_id: Some(stored[0].event().event_id.clone()),
+    };
+    let outcomes = log
+        .admit(Admission {
+            events: vec![again],
+            ..Admission::default()
+        })
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(outcomes, [AppendOutcome::Duplicate { sequence: 1 }]);
+}
+
+#[tokio::test]
+async fn a_store_created_by_this_release_never_matches_legacy_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    for _restart in 0..2 {
+        let log = EmbeddedLog::open(dir.path(), HOUR, HOUR).unwrap();
+        log.append(events(&["a"])).await.unwrap();
+        let outcomes = log
+            .admit(Admission {
+                events: vec![NewEvent {
+                    event: event(&format!("b-{}", log.bounds().await.unwrap().next)),
+                    legacy_event_id: Some("a".into()),
+                }],
+                ..Admission::default()
+            })
+            .await
+            .unwrap()
+            .events;
+        assert!(
+            matches!(outcomes[..], [AppendOutcome::Appended { .. }]),
+            "{outcomes:?}"
+        );
+        log.close().await;
+    }
 }

@@ -46,6 +46,10 @@ async fn webhook_subscriber_and_upstream_series_move() {
     let before = scrape(&app).await;
     assert_eq!(value(&before, "spike_gateway_subscribers"), Some(0.0));
     assert_eq!(value(&before, "spike_gateway_duplicates_total"), Some(0.0));
+    assert_eq!(
+        value(&before, "spike_gateway_dead_letters_stored"),
+        Some(0.0)
+    );
 
     let mut stream = app.subscribe(from_beginning()).await.unwrap();
     app.post(MAIN, &fixture("main-batch.json")).await;
@@ -53,6 +57,14 @@ async fn webhook_subscriber_and_upstream_series_move() {
     app.post(LAB, &fixture("lab-report-failed.json")).await;
     app.post_json(MAIN, &serde_json::json!({"hello": "world"}))
         .await;
+    // A retry stores no second letter, so neither counter nor gauge moves for it.
+    app.post_json(MAIN, &serde_json::json!({"hello": "world"}))
+        .await;
+    app.post_json(
+        LAB,
+        &serde_json::json!({"status": "completed", "sections": []}),
+    )
+    .await;
     app.post_with_signature(MAIN, b"{}", Some(&"0".repeat(64)))
         .await;
     take(&mut stream, 3).await;
@@ -73,7 +85,7 @@ async fn webhook_subscriber_and_upstream_series_move() {
     let expect = [
         (
             r#"spike_gateway_webhooks_total{category="main",outcome="accepted"}"#,
-            3.0,
+            4.0,
         ),
         (
             r#"spike_gateway_webhooks_total{category="main",outcome="bad_signature"}"#,
@@ -81,7 +93,7 @@ async fn webhook_subscriber_and_upstream_series_move() {
         ),
         (
             r#"spike_gateway_webhooks_total{category="lab_reports",outcome="accepted"}"#,
-            1.0,
+            2.0,
         ),
         (
             r#"spike_gateway_events_appended_total{event_type="EVENT_TYPE_RECORD_CHANGE"}"#,
@@ -93,12 +105,25 @@ async fn webhook_subscriber_and_upstream_series_move() {
         ),
         ("spike_gateway_duplicates_total", 2.0),
         (r#"spike_gateway_dead_letters_total{category="main"}"#, 1.0),
+        (
+            r#"spike_gateway_dead_letters_total{category="lab_reports"}"#,
+            1.0,
+        ),
+        (
+            r#"spike_gateway_dead_letter_reasons_total{reason="unclassifiable"}"#,
+            1.0,
+        ),
+        (
+            r#"spike_gateway_dead_letter_reasons_total{reason="missing_record_id"}"#,
+            1.0,
+        ),
+        ("spike_gateway_dead_letters_stored", 2.0),
         ("spike_gateway_subscribers", 1.0),
         ("spike_gateway_delivery_seconds_count", 3.0),
         ("spike_gateway_subscriber_lag_events_count", 3.0),
         (
             r#"spike_gateway_webhook_ack_seconds_count{category="main"}"#,
-            4.0,
+            5.0,
         ),
         (
             r#"spike_gateway_upstream_calls_total{rpc="GetNutritionRecord",status="OK"}"#,
@@ -127,4 +152,36 @@ async fn webhook_subscriber_and_upstream_series_move() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn the_stored_dead_letters_gauge_follows_erasure() {
+    use spike_gateway::proto::EraseUserRequest;
+    use support::admin::*;
+    let app = spawn_app_with(&["--admin-tokens", ADMIN_TOKEN]).await;
+    for user in ["gone", "kept"] {
+        let body = serde_json::json!({"event_type": "sleep_changed", "application_user_id": user});
+        app.post_json(MAIN, &body).await;
+    }
+    assert_eq!(
+        value(&scrape(&app).await, "spike_gateway_dead_letters_stored"),
+        Some(2.0)
+    );
+    admin(&app)
+        .await
+        .erase_user(authed(EraseUserRequest {
+            application_user_id: "gone".into(),
+        }))
+        .await
+        .unwrap();
+    let text = scrape(&app).await;
+    assert_eq!(value(&text, "spike_gateway_dead_letters_stored"), Some(1.0));
+    assert_eq!(
+        value(
+            &text,
+            r#"spike_gateway_dead_letter_reasons_total{reason="unknown_event_type"}"#
+        ),
+        Some(2.0),
+        "a counter of letters stored, not of letters kept"
+    );
 }

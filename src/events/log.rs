@@ -21,6 +21,77 @@ pub enum AppendOutcome {
     Duplicate { sequence: u64 },
 }
 
+/// One event to append, with the id the previous release's identity rule gave it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event: Event,
+    /// The 0.1 release's `event_id` of the same item, when it differs from `event_id`. A
+    /// backend whose dedup index may still hold ids of that rule treats a match as a
+    /// duplicate too, so a redelivery across the upgrade appends nothing.
+    pub legacy_event_id: Option<String>,
+}
+
+impl From<Event> for NewEvent {
+    fn from(event: Event) -> Self {
+        Self {
+            event,
+            legacy_event_id: None,
+        }
+    }
+}
+
+/// Everything one request (or one redrive batch) stores, committed atomically.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// Appended in order, deduplicated by `event_id` (and `legacy_event_id`).
+    pub events: Vec<NewEvent>,
+    /// New dead letters (`id` 0; the log assigns it), deduplicated by
+    /// [`dead_letter_key`] within the dedup window, so a retried request stores none twice.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Stored letters rewritten in place, by `id`: a redriven letter's current reason, or
+    /// user ids backfilled into a letter stored by 0.1. Ids no longer stored are skipped.
+    pub updated: Vec<DeadLetter>,
+    /// Stored letters removed (redriven into events). Ids no longer stored are skipped.
+    pub resolved: Vec<u64>,
+}
+
+impl Admission {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+            && self.dead_letters.is_empty()
+            && self.updated.is_empty()
+            && self.resolved.is_empty()
+    }
+}
+
+/// What [`EventLog::admit`] did, one outcome per input, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admitted {
+    pub events: Vec<AppendOutcome>,
+    /// For dead letters `sequence` is the letter's id: the new one, or for a duplicate the
+    /// id of the letter stored first.
+    pub dead_letters: Vec<AppendOutcome>,
+}
+
+/// A dead letter's dedup key: its path category and a hash of its exact bytes. Spike
+/// retries the same bytes on the same path, so a retry finds the letter its first attempt
+/// stored. Never equal to an `event_id` (those start with their category's name).
+pub fn dead_letter_key(letter: &DeadLetter) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(&letter.raw_json);
+    format!(
+        "dead-letter:{}:{}",
+        letter.path_category,
+        hex::encode(digest)
+    )
+}
+
+/// Whether a stored letter names `user`, by the ids recorded when it was stored: the one
+/// test erasure and the list filter apply on every backend.
+pub fn names_user(letter: &DeadLetter, user: &str) -> bool {
+    letter.application_user_ids.iter().any(|id| id == user)
+}
+
 /// What [`EventLog::erase_user`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Erased {
@@ -59,12 +130,34 @@ pub enum LogError {
 /// [`EventLog::live`]; subscription cursors rely on that order.
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
-    /// Appends events atomically and durably, dropping those whose `event_id` was seen within
-    /// the dedup window. Returns one outcome per input event, in order.
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, LogError>;
+    /// Stores a request's events and dead letters (and a redrive's removals) atomically and
+    /// durably: all of it or none of it. Events whose `event_id` was seen within the dedup
+    /// window, and letters whose [`dead_letter_key`] was, are not stored again.
+    ///
+    /// NATS has no transaction across its two streams; see [`super::nats`] for why its
+    /// message ids give a retried request the same result.
+    async fn admit(&self, admission: Admission) -> Result<Admitted, LogError>;
 
-    /// Keeps a payload that could not become an event.
-    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), LogError>;
+    /// Appends events only: [`EventLog::admit`] without dead letters.
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, LogError> {
+        let events = events.into_iter().map(NewEvent::from).collect();
+        Ok(self
+            .admit(Admission {
+                events,
+                ..Admission::default()
+            })
+            .await?
+            .events)
+    }
+
+    /// Up to `limit` stored dead letters with `id > after_id`, in id order; with `user`,
+    /// only those whose `application_user_ids` contain it.
+    async fn dead_letters(
+        &self,
+        after_id: u64,
+        limit: usize,
+        user: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, LogError>;
 
     /// Up to `limit` events with `sequence >= from`, in order.
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError>;
@@ -93,10 +186,12 @@ pub trait EventLog: Send + Sync + 'static {
     async fn housekeeping(&self) -> Result<(), LogError>;
 
     /// Removes every event of `user`, their dedup entries, and the dead letters whose
-    /// JSON names the user (right to erasure).
+    /// recorded `application_user_ids` name the user, with their dedup entries (right to
+    /// erasure). Reads no JSON: the ids were recorded when each letter was stored.
     async fn erase_user(&self, user: &str) -> Result<Erased, LogError>;
 
-    /// Number of dead letters kept.
+    /// Number of dead letters stored (the `dead_letters_stored` gauge reads it; on NATS it
+    /// is shared by every replica, so no replica-local counter could stand in for it).
     async fn dead_letter_count(&self) -> Result<u64, LogError>;
 
     /// Whether the log can take writes now.

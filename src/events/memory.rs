@@ -13,14 +13,13 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
-    AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
+    Admission, Admitted, AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
+    NewEvent, dead_letter_key,
     fanout::Fanout,
+    names_user,
     time::{Micros, from_micros, now_micros, to_micros},
 };
-use crate::{
-    proto::{DeadLetter, Event},
-    wire::payload::user_named_in,
-};
+use crate::proto::DeadLetter;
 
 /// Dead letters kept at most; older ones are dropped first.
 const DEAD_LETTER_CAPACITY: usize = 10_000;
@@ -45,10 +44,13 @@ struct State {
     next: u64,
     last_received: Micros,
     trimmed_through: Option<Micros>,
+    /// Event ids and dead-letter keys → (sequence or letter id, first seen).
     dedup: HashMap<String, (u64, Micros)>,
     /// Dedup entries by insertion time, to expire them in order.
     dedup_order: VecDeque<(Micros, String)>,
+    /// In increasing id.
     dead_letters: VecDeque<DeadLetter>,
+    next_dead_letter: u64,
 }
 
 impl MemoryLog {
@@ -62,6 +64,7 @@ impl MemoryLog {
                 dedup: HashMap::new(),
                 dedup_order: VecDeque::new(),
                 dead_letters: VecDeque::new(),
+                next_dead_letter: 1,
             }),
             fanout: Fanout::default(),
             capacity,
@@ -89,6 +92,78 @@ impl State {
         }
     }
 
+    /// What `key` was first stored as, if that was within the dedup window.
+    fn seen(&self, key: &str, now: Micros, window: Micros) -> Option<u64> {
+        self.dedup
+            .get(key)
+            .filter(|(_, at)| at + window > now)
+            .map(|(id, _)| *id)
+    }
+
+    fn remember(&mut self, key: String, id: u64, now: Micros) {
+        self.dedup.insert(key.clone(), (id, now));
+        self.dedup_order.push_back((now, key));
+    }
+
+    fn append_event(
+        &mut self,
+        new: NewEvent,
+        now: Micros,
+        window: Micros,
+    ) -> (AppendOutcome, Option<Arc<CommittedEvent>>) {
+        // No persisted state survives a restart, so no id of an earlier rule is ever held:
+        // `legacy_event_id` needs no lookup here.
+        let mut event = new.event;
+        if let Some(sequence) = self.seen(&event.event_id, now, window) {
+            return (AppendOutcome::Duplicate { sequence }, None);
+        }
+        let received = event
+            .received_at
+            .as_ref()
+            .map_or(now, to_micros)
+            .max(self.last_received);
+        self.last_received = received;
+        event.received_at = Some(from_micros(received));
+        event.sequence = self.next;
+        self.next += 1;
+        self.remember(event.event_id.clone(), event.sequence, now);
+        let outcome = AppendOutcome::Appended {
+            sequence: event.sequence,
+        };
+        let event = Arc::new(CommittedEvent::new(event));
+        self.events.push_back(event.clone());
+        (outcome, Some(event))
+    }
+
+    fn store_letter(
+        &mut self,
+        mut letter: DeadLetter,
+        now: Micros,
+        window: Micros,
+    ) -> AppendOutcome {
+        let key = dead_letter_key(&letter);
+        if let Some(id) = self.seen(&key, now, window) {
+            return AppendOutcome::Duplicate { sequence: id };
+        }
+        if self.dead_letters.len() == DEAD_LETTER_CAPACITY {
+            self.dead_letters.pop_front();
+        }
+        letter.id = self.next_dead_letter;
+        self.next_dead_letter += 1;
+        self.remember(key, letter.id, now);
+        let outcome = AppendOutcome::Appended {
+            sequence: letter.id,
+        };
+        self.dead_letters.push_back(letter);
+        outcome
+    }
+
+    fn letter_index(&self, id: u64) -> Option<usize> {
+        self.dead_letters
+            .binary_search_by_key(&id, |letter| letter.id)
+            .ok()
+    }
+
     fn expire_dedup(&mut self, now: Micros, window: Micros, max_entries: usize) {
         while let Some((inserted, _)) = self.dedup_order.front() {
             if *inserted + window > now && self.dedup_order.len() <= max_entries {
@@ -105,42 +180,33 @@ impl State {
 
 #[async_trait]
 impl EventLog for MemoryLog {
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, LogError> {
+    async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(LogError::Closed);
         }
         let now = now_micros();
+        let window = self.dedup_window;
         let mut state = self.lock();
-        let mut outcomes = Vec::with_capacity(events.len());
-        let mut appended = Vec::with_capacity(events.len());
-        for mut event in events {
-            if let Some((sequence, at)) = state.dedup.get(&event.event_id)
-                && at + self.dedup_window > now
-            {
-                outcomes.push(AppendOutcome::Duplicate {
-                    sequence: *sequence,
-                });
-                continue;
+        let mut admitted = Admitted::default();
+        let mut appended = Vec::with_capacity(admission.events.len());
+        for new in admission.events {
+            let (outcome, event) = state.append_event(new, now, window);
+            admitted.events.push(outcome);
+            appended.extend(event);
+        }
+        for letter in admission.dead_letters {
+            let outcome = state.store_letter(letter, now, window);
+            admitted.dead_letters.push(outcome);
+        }
+        for letter in admission.updated {
+            if let Some(at) = state.letter_index(letter.id) {
+                state.dead_letters[at] = letter;
             }
-            let received = event
-                .received_at
-                .as_ref()
-                .map_or(now, to_micros)
-                .max(state.last_received);
-            state.last_received = received;
-            event.received_at = Some(from_micros(received));
-            event.sequence = state.next;
-            state.next += 1;
-            state
-                .dedup
-                .insert(event.event_id.clone(), (event.sequence, now));
-            state.dedup_order.push_back((now, event.event_id.clone()));
-            outcomes.push(AppendOutcome::Appended {
-                sequence: event.sequence,
-            });
-            let event = Arc::new(CommittedEvent::new(event));
-            state.events.push_back(event.clone());
-            appended.push(event);
+        }
+        for id in admission.resolved {
+            if let Some(at) = state.letter_index(id) {
+                state.dead_letters.remove(at);
+            }
         }
         while state.events.len() > self.capacity {
             state.drop_oldest_event();
@@ -148,19 +214,24 @@ impl EventLog for MemoryLog {
         let max_dedup = self.capacity.saturating_mul(DEDUP_ENTRIES_PER_EVENT);
         state.expire_dedup(now, self.dedup_window, max_dedup);
         self.fanout.publish(appended);
-        Ok(outcomes)
+        Ok(admitted)
     }
 
-    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), LogError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(LogError::Closed);
-        }
-        let mut state = self.lock();
-        if state.dead_letters.len() == DEAD_LETTER_CAPACITY {
-            state.dead_letters.pop_front();
-        }
-        state.dead_letters.push_back(letter);
-        Ok(())
+    async fn dead_letters(
+        &self,
+        after_id: u64,
+        limit: usize,
+        user: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, LogError> {
+        let state = self.lock();
+        let start = state.dead_letters.partition_point(|l| l.id <= after_id);
+        Ok(state
+            .dead_letters
+            .range(start..)
+            .filter(|letter| user.is_none_or(|u| names_user(letter, u)))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
@@ -227,11 +298,20 @@ impl EventLog for MemoryLog {
                 erased.dedup_entries += 1;
             }
         }
-        let before = state.dead_letters.len();
-        state
-            .dead_letters
-            .retain(|letter| user_named_in(&letter.raw_json).as_deref() != Some(user));
-        erased.dead_letters = (before - state.dead_letters.len()) as u64;
+        let mut keys = Vec::new();
+        state.dead_letters.retain(|letter| {
+            let keep = !names_user(letter, user);
+            if !keep {
+                keys.push(dead_letter_key(letter));
+            }
+            keep
+        });
+        erased.dead_letters = keys.len() as u64;
+        for key in keys {
+            if state.dedup.remove(&key).is_some() {
+                erased.dedup_entries += 1;
+            }
+        }
         Ok(erased)
     }
 

@@ -22,4 +22,7 @@ pub mod subscription;
 pub mod time;
 
 pub use committed::CommittedEvent;
-pub use log::{AppendOutcome, Erased, EventLog, LogBounds, LogError};
+pub use log::{
+    Admission, Admitted, AppendOutcome, Erased, EventLog, LogBounds, LogError, NewEvent,
+    dead_letter_key, names_user,
+};

@@ -18,6 +18,28 @@
 //!
 //! The generic [`EventLog::read`] / [`EventLog::live`] contract is implemented too
 //! (direct gets, and one ordered consumer per replica feeding the local fan-out).
+//!
+//! **No transaction across the two streams.** [`EventLog::admit`] publishes a request's
+//! dead letters, then its events, then removes redriven letters; a failure part way gets the
+//! webhook a 503 and Spike retries the same bytes. Every message carries a `Nats-Msg-Id`
+//! (events: `event_id`; dead letters: [`dead_letter_key`]) and both streams' duplicate
+//! windows are the dedup window, which covers Spike's retry schedule, so the retry stores
+//! only what the failed attempt did not: never a message twice. A redrive that fails after
+//! its events were stored leaves the letters, and redriving them again finds the events
+//! duplicates and then removes them.
+//!
+//! Dead letters: a letter's id is its dead-letter stream sequence. Rewriting one (a new
+//! reason, backfilled user ids) publishes the new version and deletes the old, so its id
+//! changes. Erasure scans the dead-letter stream, decodes each letter and deletes those
+//! whose recorded user ids name the user.
+//!
+//! **Upgrade from 0.1** (whose event ids followed another rule): messages published by this
+//! release carry the header `Spike-Gateway-Id-Rule: 2`. At connect, a replica reads the
+//! headers (not the bodies) of the events published within the last dedup window up to the
+//! first message with that header, and keeps the `Nats-Msg-Id`s of those without it: an
+//! event whose `legacy_event_id` is among them is a duplicate. The set is dropped once the
+//! window has passed. 0.1 replicas must all be stopped before the first replica of this
+//! release starts (see the README, "Upgrading from 0.1").
 
 use std::{
     sync::{
@@ -37,18 +59,29 @@ use async_nats::{
     },
 };
 use async_trait::async_trait;
-use futures_util::{StreamExt, future::try_join_all};
+use futures_util::StreamExt;
 use prost::Message;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
+    Admission, Admitted, AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
+    NewEvent, dead_letter_key,
     fanout::Fanout,
+    names_user,
     subscription::{Feed, Filter, Start, SubscriptionError, first_position},
     time::{Micros, from_micros, now_micros},
 };
 use crate::proto::{DeadLetter, Event, EventType, WebhookCategory};
+
+/// Names the identity rule of an event message's `Nats-Msg-Id`; 0.1 sent no such header.
+const ID_RULE_HEADER: &str = "Spike-Gateway-Id-Rule";
+/// Whole-content event ids (SPEC §2.4).
+const ID_RULE: &str = "2";
+/// How long the upgrade scan waits for the next message before giving up on the rest.
+/// Only a stalled server makes it wait that long: the scan stops at the last message
+/// pending when it began.
+const SCAN_IDLE: Duration = Duration::from_secs(5);
 
 /// Messages the client buffers per subscription before the ordered consumer has to
 /// recover (it then re-reads from the last delivered sequence, losing nothing). Bounds a
@@ -82,6 +115,18 @@ pub struct NatsLog {
     // The tail feeds only `live()`, which Subscribe does not use here (each subscription has
     // its own consumer): it starts with the first `live()` call, not at connect.
     tail_started: std::sync::Once,
+    // 0.1-rule msg ids still in JetStream's duplicate window (see the module docs). A std
+    // Mutex: held only for a map lookup, never across an await.
+    legacy: std::sync::Mutex<LegacyIds>,
+}
+
+/// Message ids 0.1 published within the duplicate window, until that window has passed.
+#[derive(Default)]
+struct LegacyIds {
+    /// msg id → (stream sequence, subject token of the user), the token for erasure.
+    ids: std::collections::HashMap<String, (u64, String)>,
+    /// After this, JetStream has forgotten every one of them.
+    until: Micros,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> LogError {
@@ -119,15 +164,23 @@ impl NatsLog {
                 name: format!("{}_DEAD_LETTERS", settings.stream),
                 subjects: vec![format!("{}.dead.>", settings.subject_prefix)],
                 max_age: settings.retention,
-                // Dead letters are not deduplicated; this is the server's default, stated so
-                // that validation does not see a difference to correct.
-                duplicate_window: Duration::from_secs(120),
+                // Dead letters are deduplicated by content key like events by event id, so
+                // a retried request stores none twice.
+                duplicate_window: settings.dedup_window,
                 storage: StorageType::File,
+                allow_direct: true,
                 ..Default::default()
             },
         )
         .await?;
 
+        let legacy = legacy_ids(&events, &client, &settings).await?;
+        if !legacy.ids.is_empty() {
+            tracing::info!(
+                ids = legacy.ids.len(),
+                "events published by 0.1 are in the duplicate window: their redeliveries stay duplicates until it passes"
+            );
+        }
         let log = Self {
             client,
             jetstream,
@@ -138,6 +191,7 @@ impl NatsLog {
             closed: AtomicBool::new(false),
             stop_tail: CancellationToken::new(),
             tail_started: std::sync::Once::new(),
+            legacy: std::sync::Mutex::new(legacy),
         };
         Ok(log)
     }
@@ -188,6 +242,156 @@ impl NatsLog {
         }
     }
 
+    fn dead_letter_filter(&self) -> String {
+        format!("{}.dead.>", self.settings.subject_prefix)
+    }
+
+    /// The stream sequence of the 0.1 event `legacy_id` names, if JetStream still knows it.
+    fn legacy_duplicate(&self, legacy_id: Option<&str>, now: Micros) -> Option<u64> {
+        let legacy = self.legacy.lock().unwrap_or_else(|e| e.into_inner());
+        if legacy.until <= now {
+            return None;
+        }
+        legacy.ids.get(legacy_id?).map(|(sequence, _)| *sequence)
+    }
+
+    /// Publishes events with their msg ids; one round trip for the batch.
+    async fn publish_events(
+        &self,
+        events: Vec<NewEvent>,
+        now: Micros,
+    ) -> Result<Vec<AppendOutcome>, LogError> {
+        // Publish everything first, then collect the acks in order.
+        let mut pending = Vec::with_capacity(events.len());
+        for new in events {
+            if let Some(sequence) = self.legacy_duplicate(new.legacy_event_id.as_deref(), now) {
+                pending.push(Pending::Known(AppendOutcome::Duplicate { sequence }));
+                continue;
+            }
+            let mut event = new.event;
+            event.received_at.get_or_insert_with(|| from_micros(now));
+            event.sequence = 0;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.event_id.as_str());
+            headers.insert(ID_RULE_HEADER, ID_RULE);
+            let subject = self.subject_of(&event);
+            // The layout subscribers are sent, so reading it back copies nothing but the
+            // sequence in front.
+            let payload = CommittedEvent::new(event).encoded(true);
+            pending.push(Pending::Ack(self.publish(subject, headers, payload).await?));
+        }
+        let mut outcomes = Vec::with_capacity(pending.len());
+        for pending in pending {
+            outcomes.push(match pending {
+                Pending::Known(outcome) => outcome,
+                Pending::Ack(ack) => acknowledged(ack).await?,
+            });
+        }
+        Ok(outcomes)
+    }
+
+    async fn publish(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
+        self.jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| unavailable("NATS publish failed", e))
+    }
+
+    /// Publishes a dead letter under `msg_id`; the ack's outcome names the letter's id.
+    async fn publish_letter(
+        &self,
+        mut letter: DeadLetter,
+        msg_id: &str,
+        now: Micros,
+    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
+        let category = WebhookCategory::try_from(letter.path_category)
+            .unwrap_or(WebhookCategory::Unspecified)
+            .as_str_name()
+            .trim_start_matches("WEBHOOK_CATEGORY_")
+            .to_ascii_lowercase();
+        letter.id = 0;
+        letter.received_at.get_or_insert_with(|| from_micros(now));
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        let subject = format!("{}.dead.{category}", self.settings.subject_prefix);
+        self.publish(subject, headers, letter.encode_to_vec().into())
+            .await
+    }
+
+    /// Rewrites stored letters: the new version is published, then the old one deleted.
+    /// The msg id names the letter it replaces, so a retry publishes it once.
+    async fn replace_letters(&self, letters: Vec<DeadLetter>, now: Micros) -> Result<(), LogError> {
+        for letter in letters {
+            let old = letter.id;
+            if self.letter_at(old).await?.is_none() {
+                continue;
+            }
+            let msg_id = format!("{}:replaces:{old}", dead_letter_key(&letter));
+            acknowledged(self.publish_letter(letter, &msg_id, now).await?).await?;
+            self.delete_letter(old).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_letter(&self, id: u64) -> Result<(), LogError> {
+        match self.dead_letters.delete_message(id).await {
+            Ok(_) => Ok(()),
+            Err(e) => match e.kind() {
+                // Already gone (redriven or erased by another replica): the goal holds.
+                async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                        || js.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND =>
+                {
+                    Ok(())
+                }
+                _ => Err(unavailable("NATS delete failed", e)),
+            },
+        }
+    }
+
+    /// The stored letter at `id` exactly, if any.
+    async fn letter_at(&self, id: u64) -> Result<Option<DeadLetter>, LogError> {
+        Ok(self.letter_at_or_after(id).await?.filter(|l| l.id == id))
+    }
+
+    /// The stored letter with the smallest id at or after `id`, if any.
+    async fn letter_at_or_after(&self, id: u64) -> Result<Option<DeadLetter>, LogError> {
+        match self
+            .dead_letters
+            .direct_get_next_for_subject(self.dead_letter_filter(), Some(id.max(1)))
+            .await
+        {
+            Ok(message) => {
+                let mut letter = DeadLetter::decode(message.payload).map_err(|e| {
+                    LogError::Storage(format!("undecodable dead letter {}: {e}", message.sequence))
+                })?;
+                letter.id = message.sequence;
+                Ok(Some(letter))
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable("NATS read failed", e)),
+        }
+    }
+
+    /// Deletes the dead letters naming `user`; returns how many.
+    async fn erase_letters(&self, user: &str) -> Result<u64, LogError> {
+        let mut erased = 0;
+        let mut at = 1;
+        while let Some(letter) = self.letter_at_or_after(at).await? {
+            at = letter.id + 1;
+            if names_user(&letter, user) {
+                self.delete_letter(letter.id).await?;
+                erased += 1;
+            }
+        }
+        Ok(erased)
+    }
+
     /// The stored event at or after `sequence`, if any.
     async fn next_at_or_after(&self, sequence: u64) -> Result<Option<CommittedEvent>, LogError> {
         match self
@@ -200,6 +404,113 @@ impl NatsLog {
             Err(e) => Err(unavailable("NATS read failed", e)),
         }
     }
+}
+
+/// An event's outcome, known now (a 0.1 duplicate) or when its PubAck arrives.
+enum Pending {
+    Known(AppendOutcome),
+    Ack(jetstream::context::PublishAckFuture),
+}
+
+async fn acknowledged(
+    ack: jetstream::context::PublishAckFuture,
+) -> Result<AppendOutcome, LogError> {
+    let ack = ack
+        .await
+        .map_err(|e| unavailable("NATS did not acknowledge", e))?;
+    // On a duplicate JetStream answers with the sequence of the message stored first.
+    Ok(if ack.duplicate {
+        AppendOutcome::Duplicate {
+            sequence: ack.sequence,
+        }
+    } else {
+        AppendOutcome::Appended {
+            sequence: ack.sequence,
+        }
+    })
+}
+
+/// Reads the headers of the events published within the last dedup window, up to the
+/// first one this release published, and keeps the msg ids 0.1 gave the others.
+async fn legacy_ids(
+    events: &stream::Stream,
+    client: &async_nats::Client,
+    settings: &NatsSettings,
+) -> Result<LegacyIds, LogError> {
+    let now = now_micros();
+    let window = settings.dedup_window.as_micros() as Micros;
+    let mut legacy = LegacyIds {
+        ids: Default::default(),
+        until: now.saturating_add(window),
+    };
+    let Some(mut messages) =
+        window_headers(events, client, settings, now.saturating_sub(window)).await?
+    else {
+        return Ok(legacy); // nothing published within the window
+    };
+    let prefix_len = settings.subject_prefix.len() + ".event.".len();
+    loop {
+        let message = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(unavailable("upgrade scan failed", e)),
+            Ok(None) => return Err(LogError::Storage("the upgrade scan consumer ended".into())),
+            Err(_) => {
+                tracing::warn!(
+                    "the upgrade scan of the duplicate window stalled; continuing with what it read"
+                );
+                return Ok(legacy);
+            }
+        };
+        let Ok(info) = message.info() else { continue };
+        let headers = message.headers.as_ref();
+        if headers.and_then(|h| h.get(ID_RULE_HEADER)).is_some() {
+            return Ok(legacy); // from here on, this release's messages
+        }
+        if let Some(id) = headers.and_then(|h| h.get("Nats-Msg-Id")) {
+            // Subject `{prefix}.event.{type}.{user token}`: keep the token for erasure.
+            let token = message
+                .subject
+                .get(prefix_len..)
+                .and_then(|rest| rest.split_once('.'))
+                .map_or_else(String::new, |(_, user)| user.to_owned());
+            let entry = (info.stream_sequence, token);
+            legacy.ids.insert(id.as_str().to_owned(), entry);
+        }
+        if info.pending == 0 {
+            return Ok(legacy); // the newest message when the scan began
+        }
+    }
+}
+
+/// The headers (not the bodies) of the events published since `start`, or `None` if there
+/// are none.
+async fn window_headers(
+    events: &stream::Stream,
+    client: &async_nats::Client,
+    settings: &NatsSettings,
+    start: Micros,
+) -> Result<Option<push::Ordered>, LogError> {
+    let consumer = events
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}.event.>", settings.subject_prefix),
+            deliver_policy: DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::from_nanos(i128::from(start) * 1_000)
+                    .map_err(|e| unavailable("invalid scan start", e))?,
+            },
+            headers_only: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable("cannot create the upgrade scan consumer", e))?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(None);
+    }
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| unavailable("cannot read the upgrade scan consumer", e))?;
+    Ok(Some(messages))
 }
 
 /// Creates the stream, or checks an existing one and brings its limits in line.
@@ -389,65 +700,49 @@ pub fn subject_token(user: &str) -> String {
 
 #[async_trait]
 impl EventLog for NatsLog {
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, LogError> {
+    async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         self.connected()?;
         let now = now_micros();
-        // Publish everything first, then collect the acks: one round trip per request.
-        let mut acks = Vec::with_capacity(events.len());
-        for mut event in events {
-            event.received_at.get_or_insert_with(|| from_micros(now));
-            event.sequence = 0;
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", event.event_id.as_str());
-            let ack = self
-                .jetstream
-                .publish_with_headers(
-                    self.subject_of(&event),
-                    headers,
-                    // The layout subscribers are sent, so reading it back copies nothing
-                    // but the sequence in front.
-                    CommittedEvent::new(event).encoded(true),
-                )
-                .await
-                .map_err(|e| unavailable("NATS publish failed", e))?;
-            acks.push(ack.into_future());
+        // Like events: publish every letter, then collect the acks (one round trip).
+        let mut acks = Vec::with_capacity(admission.dead_letters.len());
+        for letter in admission.dead_letters {
+            let key = dead_letter_key(&letter);
+            acks.push(self.publish_letter(letter, &key, now).await?);
         }
-        let acks = try_join_all(acks)
-            .await
-            .map_err(|e| unavailable("NATS did not acknowledge", e))?;
-        Ok(acks
-            .into_iter()
-            .map(|ack| {
-                if ack.duplicate {
-                    AppendOutcome::Duplicate {
-                        sequence: ack.sequence,
-                    }
-                } else {
-                    AppendOutcome::Appended {
-                        sequence: ack.sequence,
-                    }
-                }
-            })
-            .collect())
+        let mut dead_letters = Vec::with_capacity(acks.len());
+        for ack in acks {
+            dead_letters.push(acknowledged(ack).await?);
+        }
+        let events = self.publish_events(admission.events, now).await?;
+        self.replace_letters(admission.updated, now).await?;
+        // Last: a redriven letter goes only once its events are stored.
+        for id in admission.resolved {
+            self.delete_letter(id).await?;
+        }
+        Ok(Admitted {
+            events,
+            dead_letters,
+        })
     }
 
-    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), LogError> {
-        self.connected()?;
-        let category = WebhookCategory::try_from(letter.path_category)
-            .unwrap_or(WebhookCategory::Unspecified)
-            .as_str_name()
-            .trim_start_matches("WEBHOOK_CATEGORY_")
-            .to_ascii_lowercase();
-        self.jetstream
-            .publish(
-                format!("{}.dead.{category}", self.settings.subject_prefix),
-                letter.encode_to_vec().into(),
-            )
-            .await
-            .map_err(|e| unavailable("NATS publish failed", e))?
-            .await
-            .map_err(|e| unavailable("NATS did not acknowledge", e))?;
-        Ok(())
+    async fn dead_letters(
+        &self,
+        after_id: u64,
+        limit: usize,
+        user: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, LogError> {
+        let mut out = Vec::new();
+        let mut at = after_id.saturating_add(1);
+        while out.len() < limit {
+            let Some(letter) = self.letter_at_or_after(at).await? else {
+                break;
+            };
+            at = letter.id + 1;
+            if user.is_none_or(|u| names_user(&letter, u)) {
+                out.push(letter);
+            }
+        }
+        Ok(out)
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
@@ -577,16 +872,20 @@ impl EventLog for NatsLog {
         Ok(())
     }
 
-    /// Purges the user's subjects. JetStream keeps its duplicate-window message ids (event
-    /// ids, which are hashes) until the window passes, and dead-letter subjects carry no
-    /// user, so neither can be erased here: see the README's Security section.
+    /// Purges the user's subjects and deletes the dead letters naming the user. JetStream
+    /// keeps its duplicate-window message ids (event ids and letter keys, which are hashes)
+    /// until the window passes; they cannot be erased here: see the README's Security
+    /// section.
     async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
         self.connected()?;
-        let subject = format!(
-            "{}.event.*.{}",
-            self.settings.subject_prefix,
-            subject_token(user)
-        );
+        let token = subject_token(user);
+        let subject = format!("{}.event.*.{token}", self.settings.subject_prefix);
+        let dead_letters = self.erase_letters(user).await?;
+        self.legacy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ids
+            .retain(|_, (_, owner)| *owner != token);
         let purged = self
             .events
             .purge()
@@ -595,6 +894,7 @@ impl EventLog for NatsLog {
             .map_err(|e| unavailable("NATS purge failed", e))?;
         Ok(Erased {
             events: purged.purged,
+            dead_letters,
             ..Erased::default()
         })
     }

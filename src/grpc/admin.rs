@@ -5,18 +5,33 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    events::EventLog,
-    proto::{EraseUserRequest, EraseUserResponse, admin_server::Admin},
+    deadletters::{self, Selection},
+    events::{EventLog, LogError},
+    metrics::Metrics,
+    proto::{
+        EraseUserRequest, EraseUserResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+        RedriveDeadLettersRequest, RedriveDeadLettersResponse, admin_server::Admin,
+    },
 };
+
+/// `ListDeadLetters` page size when the request names none.
+const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Largest `ListDeadLetters` page: bounds the answer's size (letters carry raw JSON).
+const MAX_PAGE_SIZE: u32 = 1000;
 
 pub struct AdminService {
     log: Arc<dyn EventLog>,
+    metrics: Arc<Metrics>,
 }
 
 impl AdminService {
-    pub fn new(log: Arc<dyn EventLog>) -> Self {
-        Self { log }
+    pub fn new(log: Arc<dyn EventLog>, metrics: Arc<Metrics>) -> Self {
+        Self { log, metrics }
     }
+}
+
+fn unavailable(e: LogError) -> Status {
+    Status::unavailable(e.to_string())
 }
 
 #[tonic::async_trait]
@@ -29,11 +44,8 @@ impl Admin for AdminService {
         if user.is_empty() {
             return Err(Status::invalid_argument("application_user_id is required"));
         }
-        let erased = self
-            .log
-            .erase_user(&user)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let erased = self.log.erase_user(&user).await.map_err(unavailable)?;
+        deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
         // An audit record of who was erased and how much; no health data.
         tracing::info!(
             application_user_id = %user,
@@ -46,6 +58,75 @@ impl Admin for AdminService {
             events_removed: erased.events,
             dedup_entries_removed: erased.dedup_entries,
             dead_letters_removed: erased.dead_letters,
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n} is over the limit of {MAX_PAGE_SIZE}"
+                )));
+            }
+            n => n,
+        } as usize;
+        let user = request.application_user_id.filter(|u| !u.is_empty());
+        // One more than the page, to know whether another page follows.
+        let mut letters = self
+            .log
+            .dead_letters(request.after_id, page_size + 1, user.as_deref())
+            .await
+            .map_err(unavailable)?;
+        let next_after_id = if letters.len() > page_size {
+            letters.truncate(page_size);
+            letters.last().map_or(0, |l| l.id)
+        } else {
+            0
+        };
+        if !request.include_raw_json {
+            for letter in &mut letters {
+                letter.raw_json.clear();
+            }
+        }
+        Ok(Response::new(ListDeadLettersResponse {
+            dead_letters: letters,
+            next_after_id,
+        }))
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: Request<RedriveDeadLettersRequest>,
+    ) -> Result<Response<RedriveDeadLettersResponse>, Status> {
+        let request = request.into_inner();
+        let selection = match (request.all, request.ids.is_empty()) {
+            (true, _) => Selection::All,
+            (false, false) => Selection::Ids(request.ids),
+            (false, true) => {
+                return Err(Status::invalid_argument(
+                    "name the letters to redrive in ids, or set all",
+                ));
+            }
+        };
+        let redriven = deadletters::redrive(self.log.as_ref(), selection)
+            .await
+            .map_err(unavailable)?;
+        deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
+        tracing::info!(
+            appended = redriven.appended,
+            duplicates = redriven.duplicates,
+            still_dead = redriven.still_dead,
+            "dead letters redriven"
+        );
+        Ok(Response::new(RedriveDeadLettersResponse {
+            appended: redriven.appended,
+            duplicates: redriven.duplicates,
+            still_dead: redriven.still_dead,
         }))
     }
 }

@@ -75,7 +75,7 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
     let admin = crate::proto::admin_server::AdminServer::with_interceptor(
-        admin::AdminService::new(parts.log.clone()),
+        admin::AdminService::new(parts.log.clone(), parts.metrics.clone()),
         BearerAuth::required(
             parts.admin_tokens,
             "the Admin service is disabled: set GATEWAY_ADMIN_TOKENS to enable it",

@@ -2,7 +2,8 @@
 //!
 //! A webhook request goes: signature header → body (bounded) → HMAC over the raw bytes →
 //! JSON split into items → each item classified and normalized ([`crate::wire`]) or kept as a
-//! dead letter → one durable append of all the request's events → exactly `200`.
+//! dead letter → one durable, atomic append of all the request's events and dead letters →
+//! exactly `200`.
 //!
 //! Logs name the category, counts and reasons; never the body, a key or a signature.
 
@@ -30,12 +31,13 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 
 use crate::{
+    deadletters,
     events::{
         AppendOutcome, EventLog,
         time::{from_micros, now_micros},
     },
     metrics::Metrics,
-    proto::{DeadLetter, WebhookCategory},
+    proto::WebhookCategory,
     wire,
 };
 pub use error::WebhookError;
@@ -173,64 +175,42 @@ async fn verify_and_append(
 
     let received_at = from_micros(now_micros());
     let parsed = wire::parse_body(&body, path, received_at)?;
-    let mut events = Vec::with_capacity(parsed.events.len());
-    for normalized in parsed.events {
-        if normalized.reclassified {
-            tracing::info!(
-                content = WebhookCategory::try_from(normalized.event.category)
-                    .map_or("?", |c| c.as_str_name()),
-                "item classified by its content, not its path"
-            );
-        }
-        if !normalized.event.unparsed_fields.is_empty() {
-            // The count only: paths may carry payload keys.
-            tracing::debug!(
-                unparsed_fields = normalized.event.unparsed_fields.len(),
-                "item kept with fields left unset"
-            );
-        }
-        events.push(normalized.event);
-    }
-    let dead_letters: Vec<DeadLetter> = parsed
-        .rejected
-        .into_iter()
-        .map(|rejected| {
-            tracing::warn!(reason = %rejected.unusable, "signed item kept as a dead letter");
-            DeadLetter {
-                received_at: Some(received_at),
-                path_category: path as i32,
-                reason: rejected.unusable.detail,
-                raw_json: rejected.raw_json.to_vec(),
-            }
-        })
+    let batch = deadletters::batch(parsed, path, received_at);
+    let types: Vec<i32> = batch.events.iter().map(|e| e.event.r#type).collect();
+    let reasons: Vec<_> = batch
+        .dead_letters
+        .iter()
+        .map(|(reason, _)| *reason)
         .collect();
-    let dead_lettered = dead_letters.len();
-    let types: Vec<i32> = events.iter().map(|e| e.r#type).collect();
-    for letter in dead_letters {
-        state
-            .log
-            .dead_letter(letter)
-            .await
-            .map_err(WebhookError::LogUnavailable)?;
-    }
-    let outcomes = state
+    // Events and dead letters in one atomic append: a retry (Spike retries when our 200
+    // was lost) finds both already stored and stores neither again.
+    let admitted = state
         .log
-        .append(events)
+        .admit(batch.into_admission())
         .await
         .map_err(WebhookError::LogUnavailable)?;
     let mut duplicates = 0;
-    for (outcome, event_type) in outcomes.iter().zip(types) {
+    for (outcome, event_type) in admitted.events.iter().zip(types) {
         match outcome {
             AppendOutcome::Appended { sequence } => state.metrics.appended(event_type, *sequence),
             AppendOutcome::Duplicate { .. } => duplicates += 1,
         }
     }
     state.metrics.duplicates(duplicates as u64);
-    state.metrics.dead_letters(path, dead_lettered as u64);
+    let mut stored_letters = false;
+    for (outcome, reason) in admitted.dead_letters.iter().zip(reasons) {
+        if let AppendOutcome::Appended { .. } = outcome {
+            state.metrics.dead_letter(path, reason);
+            stored_letters = true;
+        }
+    }
+    if stored_letters {
+        deadletters::refresh_gauge(state.log.as_ref(), &state.metrics).await;
+    }
     Ok(Json(Accepted {
-        appended: outcomes.len() - duplicates,
+        appended: admitted.events.len() - duplicates,
         duplicates,
-        dead_lettered,
+        dead_lettered: admitted.dead_letters.len(),
     }))
 }
 

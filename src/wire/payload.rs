@@ -334,13 +334,6 @@ impl WireIngredient {
     }
 }
 
-/// The first user a stored payload names; see [`super::users::users_named_in`], which
-/// finds them all. Kept for the storage backends' erasure until they match on the user ids
-/// recorded with each dead letter.
-pub fn user_named_in(raw_json: &[u8]) -> Option<String> {
-    super::users::users_named_in(raw_json).into_iter().next()
-}
-
 /// What an item is, decided by its content (and, failing that, by the path it came on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -11,10 +11,17 @@
 //! (catch-up, `since`, bounds) open their own read transactions and never wait for it.
 //!
 //! Tables: `events` (sequence → received µs ‖ the event as [`CommittedEvent`] encodes it
-//! for subscribers), `dedup` (event_id → sequence, first seen µs), `dedup_expiry` ((first
-//! seen µs, event_id) → ()) to expire the dedup index in order, `dead_letters` (id →
-//! received µs ‖ encoded `DeadLetter`), and `meta` (the next dead-letter id, how far
-//! retention trimmed, and the next sequence once events were removed from the end).
+//! for subscribers), `dedup` (event_id or [`super::dead_letter_key`] → sequence or letter id,
+//! first seen µs), `dedup_expiry` ((first seen µs, key) → ()) to expire the dedup index in
+//! order, `dead_letters` (id → received µs ‖ encoded `DeadLetter`), and `meta` (the next
+//! dead-letter id, how far retention trimmed, the next sequence once events were removed
+//! from the end, the identity rule of the ids written, and since when).
+//!
+//! Upgrade from 0.1: its dedup index holds ids of the old identity rule. The first open by
+//! this release records `legacy_ids_before` (now) if the index is not empty; until that
+//! instant plus the dedup window, an append also looks up each event's `legacy_event_id`
+//! and counts a match first seen before that instant as a duplicate. A store created by
+//! this release records no such instant and never pays the second lookup.
 
 use std::{
     path::Path,
@@ -33,10 +40,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError, fanout::Fanout,
-    time::Micros,
+    Admission, Admitted, CommittedEvent, Erased, EventLog, LogBounds, LogError,
+    fanout::Fanout,
+    names_user,
+    time::{Micros, now_micros},
 };
-use crate::proto::{DeadLetter, Event};
+use crate::proto::DeadLetter;
 
 mod writer;
 use writer::Writer;
@@ -50,6 +59,13 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_NEXT_SEQUENCE: &str = "next_sequence";
 const META_NEXT_DEAD_LETTER: &str = "next_dead_letter";
 const META_TRIMMED_THROUGH: &str = "trimmed_through_micros";
+/// The identity rule of the event ids this store's dedup index holds; absent in 0.1 stores.
+const META_ID_RULE: &str = "id_rule";
+/// Set when a 0.1 store was first opened by this release: dedup entries first seen before
+/// it may hold old-rule ids (µs since the epoch).
+const META_LEGACY_IDS_BEFORE: &str = "legacy_ids_before_micros";
+/// Whole-content event ids (SPEC §2.4); 0.1's field-based ids were rule 1.
+const ID_RULE: u64 = 2;
 
 /// Commands waiting for the writer. Bounded so a stalled disk pushes back on webhook
 /// handlers (which then time out into a 503 and a Spike retry) instead of queueing without
@@ -82,12 +98,8 @@ pub struct EmbeddedLog {
 
 enum Command {
     Append {
-        events: Vec<Event>,
-        reply: oneshot::Sender<Result<Vec<AppendOutcome>, LogError>>,
-    },
-    DeadLetter {
-        letter: DeadLetter,
-        reply: oneshot::Sender<Result<(), LogError>>,
+        admission: Admission,
+        reply: oneshot::Sender<Result<Admitted, LogError>>,
     },
     Housekeeping {
         reply: oneshot::Sender<Result<(), LogError>>,
@@ -120,6 +132,7 @@ impl EmbeddedLog {
         let db = Arc::new(db);
 
         let (next, last_received) = initialise(&db).map_err(storage)?;
+        let legacy_ids_before = mark_id_rule(&db, now_micros()).map_err(storage)?;
         let fanout = Fanout::default();
         let healthy = Arc::new(AtomicBool::new(true));
         let commits = Arc::new(AtomicU64::new(0));
@@ -133,6 +146,7 @@ impl EmbeddedLog {
             last_received,
             dedup_window: dedup_window.as_micros() as Micros,
             retention: retention.as_micros() as Micros,
+            legacy_ids_before,
         };
         let handle = thread::Builder::new()
             .name("event-log-writer".into())
@@ -202,6 +216,56 @@ fn initialise(db: &Database) -> Result<(u64, Micros), redb::Error> {
     Ok(state)
 }
 
+/// Records the identity rule on first open; returns since when old-rule ids may be in the
+/// dedup index (a 0.1 store with entries), if ever.
+fn mark_id_rule(db: &Database, now: Micros) -> Result<Option<Micros>, redb::Error> {
+    let txn = db.begin_write()?;
+    let legacy = {
+        let mut meta = txn.open_table(META)?;
+        if meta.get(META_ID_RULE)?.is_none() {
+            if !txn.open_table(DEDUP)?.is_empty()? {
+                meta.insert(META_LEGACY_IDS_BEFORE, now.max(0) as u64)?;
+                tracing::info!(
+                    "event log written by 0.1: its event ids stay recognised as duplicates for one dedup window"
+                );
+            }
+            index_old_letters(&txn)?;
+            meta.insert(META_ID_RULE, ID_RULE)?;
+        }
+        meta.get(META_LEGACY_IDS_BEFORE)?
+            .map(|v| v.value() as Micros)
+    };
+    txn.commit()?;
+    Ok(legacy)
+}
+
+/// 0.1 did not deduplicate dead letters: give each stored one its dedup entry, first seen
+/// when it was received, so a redelivery within the window does not store it again.
+fn index_old_letters(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    let letters = txn.open_table(DEAD_LETTERS)?;
+    let mut dedup = txn.open_table(DEDUP)?;
+    let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+    for entry in letters.iter()? {
+        let (id, value) = entry?;
+        let letter = decode_letter(id.value(), value.value())?;
+        let key = super::dead_letter_key(&letter);
+        let received = received_of(value.value());
+        if dedup.get(key.as_str())?.is_none() {
+            dedup.insert(key.as_str(), (id.value(), received))?;
+            expiry.insert((received, key.as_str()), ())?;
+        }
+    }
+    Ok(())
+}
+
+/// A stored dead letter, with its id (the table key).
+fn decode_letter(id: u64, value: &[u8]) -> Result<DeadLetter, redb::Error> {
+    let mut letter = DeadLetter::decode(value.get(8..).unwrap_or_default())
+        .map_err(|e| redb::Error::Corrupted(format!("undecodable dead letter {id}: {e}")))?;
+    letter.id = id;
+    Ok(letter)
+}
+
 /// Stored values start with the 8-byte big-endian received time, then the protobuf.
 fn stored_value(received: Micros, message: &impl Message) -> Vec<u8> {
     let mut buf = Vec::with_capacity(8 + message.encoded_len());
@@ -258,16 +322,38 @@ fn next_sequence(
 
 #[async_trait]
 impl EventLog for EmbeddedLog {
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, LogError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
+    async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
+        if admission.is_empty() {
+            return Ok(Admitted::default());
         }
-        self.send(|reply| Command::Append { events, reply }).await
+        self.send(|reply| Command::Append { admission, reply })
+            .await
     }
 
-    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), LogError> {
-        self.send(|reply| Command::DeadLetter { letter, reply })
-            .await
+    async fn dead_letters(
+        &self,
+        after_id: u64,
+        limit: usize,
+        user: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, LogError> {
+        let user = user.map(str::to_owned);
+        self.with_reader(move |db| {
+            let txn = db.begin_read()?;
+            let letters = txn.open_table(DEAD_LETTERS)?;
+            let mut out = Vec::new();
+            for entry in letters.range(after_id.saturating_add(1)..)? {
+                if out.len() == limit {
+                    break;
+                }
+                let (key, value) = entry?;
+                let letter = decode_letter(key.value(), value.value())?;
+                if user.as_deref().is_none_or(|u| names_user(&letter, u)) {
+                    out.push(letter);
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {

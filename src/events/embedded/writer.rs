@@ -8,23 +8,23 @@ use std::sync::{
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-use prost::Message;
-use redb::{Database, ReadableTable, WriteTransaction};
+use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc;
 
 use super::{
     Command, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, HOUSEKEEPING_CHUNK, MAX_GROUP, META,
-    META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, decode_event, received_of,
-    storage, stored_event, stored_value,
+    META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, decode_event, decode_letter,
+    received_of, storage, stored_event, stored_value,
 };
 use crate::{
     events::{
-        AppendOutcome, CommittedEvent, Erased, LogError,
+        Admission, Admitted, AppendOutcome, CommittedEvent, Erased, LogError, NewEvent,
+        dead_letter_key,
         fanout::Fanout,
+        names_user,
         time::{Micros, from_micros, now_micros, to_micros},
     },
     proto::DeadLetter,
-    wire::payload::user_named_in,
 };
 
 pub(super) struct Writer {
@@ -38,6 +38,48 @@ pub(super) struct Writer {
     pub(super) last_received: Micros,
     pub(super) dedup_window: Micros,
     pub(super) retention: Micros,
+    /// Dedup entries first seen before this may hold 0.1-rule ids (see the module docs).
+    pub(super) legacy_ids_before: Option<Micros>,
+}
+
+/// The tables one group's appends write. Letter tables are opened on first use, when some
+/// command of the group stores, rewrites or removes a dead letter: every table a commit
+/// touches costs copied pages.
+struct AppendTables<'t> {
+    txn: &'t WriteTransaction,
+    events: Table<'t, u64, &'static [u8]>,
+    dedup: Table<'t, &'static str, (u64, i64)>,
+    expiry: Table<'t, (i64, &'static str), ()>,
+    letters: Option<LetterTables<'t>>,
+}
+
+impl<'t> AppendTables<'t> {
+    fn letters(&mut self) -> Result<&mut LetterTables<'t>, redb::Error> {
+        let letters = match self.letters.take() {
+            Some(letters) => letters,
+            None => open_letter_tables(self.txn)?,
+        };
+        Ok(self.letters.insert(letters))
+    }
+}
+
+struct LetterTables<'t> {
+    dead_letters: Table<'t, u64, &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+    next_id: u64,
+}
+
+/// Where the log's end is while a group is being written; kept only if it commits.
+struct Tip {
+    next: u64,
+    last_received: Micros,
+}
+
+/// What a committed group hands back: per command the outcomes, and the events to publish.
+struct GroupWritten {
+    admitted: Vec<Admitted>,
+    appended: Vec<Arc<CommittedEvent>>,
+    tip: Tip,
 }
 
 impl Writer {
@@ -104,130 +146,166 @@ impl Writer {
         let now = now_micros();
         let result = self.write_group(&mut writes, now);
         match result {
-            Ok((outcomes, appended, next, last_received)) => {
+            Ok(written) => {
                 self.healthy.store(true, Ordering::Release);
                 self.commits.fetch_add(1, Ordering::Relaxed);
-                self.next = next;
-                self.last_received = last_received;
-                let mut outcomes = outcomes.into_iter();
+                self.next = written.tip.next;
+                self.last_received = written.tip.last_received;
+                let mut admitted = written.admitted.into_iter();
                 for command in writes {
-                    match command {
-                        Command::Append { reply, .. } => {
-                            let _ = reply.send(Ok(outcomes.next().unwrap_or_default()));
-                        }
-                        Command::DeadLetter { reply, .. } => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        Command::Housekeeping { .. }
-                        | Command::Erase { .. }
-                        | Command::Shutdown => {}
+                    if let Command::Append { reply, .. } = command {
+                        let _ = reply.send(Ok(admitted.next().unwrap_or_default()));
                     }
                 }
                 // Only now, committed and readable, do subscribers see them.
-                self.fanout.publish(appended);
+                self.fanout.publish(written.appended);
             }
             Err(e) => {
                 self.healthy.store(false, Ordering::Release);
                 tracing::error!(error = %e, "event log commit failed; webhooks get 503 until it recovers");
                 let message = e.to_string();
                 for command in writes {
-                    match command {
-                        Command::Append { reply, .. } => {
-                            let _ = reply.send(Err(LogError::Storage(message.clone())));
-                        }
-                        Command::DeadLetter { reply, .. } => {
-                            let _ = reply.send(Err(LogError::Storage(message.clone())));
-                        }
-                        Command::Housekeeping { .. }
-                        | Command::Erase { .. }
-                        | Command::Shutdown => {}
+                    if let Command::Append { reply, .. } = command {
+                        let _ = reply.send(Err(LogError::Storage(message.clone())));
                     }
                 }
             }
         }
     }
 
-    #[allow(clippy::type_complexity)]
     fn write_group(
         &self,
         writes: &mut [Command],
         now: Micros,
-    ) -> Result<
-        (
-            Vec<Vec<AppendOutcome>>,
-            Vec<Arc<CommittedEvent>>,
-            u64,
-            Micros,
-        ),
-        redb::Error,
-    > {
+    ) -> Result<GroupWritten, redb::Error> {
         let txn = self.db.begin_write()?;
-        let mut next = self.next;
-        let mut last_received = self.last_received;
-        let mut outcomes = Vec::new();
+        let mut tip = Tip {
+            next: self.next,
+            last_received: self.last_received,
+        };
+        let mut admitted = Vec::with_capacity(writes.len());
         let mut appended = Vec::new();
-        // Every table a commit touches costs copied pages and an fsync'd write, so a group
-        // touches only what it needs: `meta` and `dead_letters` only for dead letters. The
-        // next sequence is not stored per commit: it follows from the last event (see
+        // The next sequence is not stored per commit: it follows from the last event (see
         // `next_sequence`).
         {
-            let mut events = txn.open_table(EVENTS)?;
-            let mut dedup = txn.open_table(DEDUP)?;
-            let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+            let mut tables = AppendTables {
+                txn: &txn,
+                events: txn.open_table(EVENTS)?,
+                dedup: txn.open_table(DEDUP)?,
+                expiry: txn.open_table(DEDUP_EXPIRY)?,
+                letters: None,
+            };
             for command in writes.iter_mut() {
-                let Command::Append { events: batch, .. } = command else {
+                let Command::Append { admission, .. } = command else {
                     continue;
                 };
-                let mut request_outcomes = Vec::with_capacity(batch.len());
-                for mut event in std::mem::take(batch) {
-                    let seen = dedup.get(event.event_id.as_str())?.map(|v| v.value());
-                    if let Some((sequence, first_seen)) = seen {
-                        if first_seen + self.dedup_window > now {
-                            request_outcomes.push(AppendOutcome::Duplicate { sequence });
-                            continue;
-                        }
-                        // Expired but not yet swept: forget the old entry first.
-                        expiry.remove((first_seen, event.event_id.as_str()))?;
-                    }
-                    let received = event
-                        .received_at
-                        .as_ref()
-                        .map_or(now, to_micros)
-                        .max(last_received);
-                    last_received = received;
-                    event.received_at = Some(from_micros(received));
-                    event.sequence = next;
-                    next += 1;
-                    dedup.insert(event.event_id.as_str(), (event.sequence, now))?;
-                    expiry.insert((now, event.event_id.as_str()), ())?;
-                    let event = CommittedEvent::new(event);
-                    events.insert(event.sequence(), stored_event(received, &event).as_slice())?;
-                    request_outcomes.push(AppendOutcome::Appended {
-                        sequence: event.sequence(),
-                    });
-                    appended.push(Arc::new(event));
-                }
-                outcomes.push(request_outcomes);
+                let admission = std::mem::take(admission);
+                admitted.push(self.admit(&mut tables, admission, now, &mut tip, &mut appended)?);
             }
-        }
-        let letters = writes.iter().filter_map(|command| match command {
-            Command::DeadLetter { letter, .. } => Some(letter),
-            _ => None,
-        });
-        let mut letters = letters.peekable();
-        if letters.peek().is_some() {
-            let mut dead_letters = txn.open_table(DEAD_LETTERS)?;
-            let mut meta = txn.open_table(META)?;
-            let mut next_dead_letter = meta.get(META_NEXT_DEAD_LETTER)?.map_or(1, |v| v.value());
-            for letter in letters {
-                let received = letter.received_at.as_ref().map_or(now, to_micros);
-                dead_letters.insert(next_dead_letter, stored_value(received, letter).as_slice())?;
-                next_dead_letter += 1;
+            if let Some(letters) = &mut tables.letters {
+                letters
+                    .meta
+                    .insert(META_NEXT_DEAD_LETTER, letters.next_id)?;
             }
-            meta.insert(META_NEXT_DEAD_LETTER, next_dead_letter)?;
         }
         txn.commit()?;
-        Ok((outcomes, appended, next, last_received))
+        Ok(GroupWritten {
+            admitted,
+            appended,
+            tip,
+        })
+    }
+
+    /// One request's events and letters, inside the group's transaction.
+    fn admit(
+        &self,
+        tables: &mut AppendTables<'_>,
+        admission: Admission,
+        now: Micros,
+        tip: &mut Tip,
+        appended: &mut Vec<Arc<CommittedEvent>>,
+    ) -> Result<Admitted, redb::Error> {
+        let mut admitted = Admitted::default();
+        for new in admission.events {
+            let outcome = match self.duplicate_of(tables, &new, now)? {
+                Some(sequence) => AppendOutcome::Duplicate { sequence },
+                None => {
+                    let event = append_event(tables, new.event, now, tip)?;
+                    let sequence = event.sequence();
+                    appended.push(Arc::new(event));
+                    AppendOutcome::Appended { sequence }
+                }
+            };
+            admitted.events.push(outcome);
+        }
+        for letter in admission.dead_letters {
+            admitted
+                .dead_letters
+                .push(self.store_new_letter(tables, letter, now)?);
+        }
+        if admission.updated.is_empty() && admission.resolved.is_empty() {
+            return Ok(admitted);
+        }
+        let letters = tables.letters()?;
+        for letter in admission.updated {
+            let stored = letters
+                .dead_letters
+                .get(letter.id)?
+                .map(|v| received_of(v.value()));
+            if let Some(received) = stored {
+                let value = stored_value(received, &letter);
+                letters.dead_letters.insert(letter.id, value.as_slice())?;
+            }
+        }
+        for id in admission.resolved {
+            letters.dead_letters.remove(id)?;
+        }
+        Ok(admitted)
+    }
+
+    /// Stores a new letter unless its key was seen within the dedup window.
+    fn store_new_letter(
+        &self,
+        tables: &mut AppendTables<'_>,
+        letter: DeadLetter,
+        now: Micros,
+    ) -> Result<AppendOutcome, redb::Error> {
+        let key = dead_letter_key(&letter);
+        let (dedup, expiry) = (&mut tables.dedup, &mut tables.expiry);
+        if let Some((id, _)) = live_entry(dedup, expiry, &key, now, self.dedup_window)? {
+            return Ok(AppendOutcome::Duplicate { sequence: id });
+        }
+        let id = store_letter(tables.letters()?, letter, now)?;
+        remember(&mut tables.dedup, &mut tables.expiry, &key, id, now)?;
+        Ok(AppendOutcome::Appended { sequence: id })
+    }
+
+    /// The sequence `new` was first appended at, if that was within the dedup window: by
+    /// its `event_id`, or while 0.1-rule ids may be indexed, by its `legacy_event_id`.
+    fn duplicate_of(
+        &self,
+        tables: &mut AppendTables<'_>,
+        new: &NewEvent,
+        now: Micros,
+    ) -> Result<Option<u64>, redb::Error> {
+        let window = self.dedup_window;
+        let id = new.event.event_id.as_str();
+        if let Some((sequence, _)) =
+            live_entry(&mut tables.dedup, &mut tables.expiry, id, now, window)?
+        {
+            return Ok(Some(sequence));
+        }
+        let (Some(before), Some(legacy)) = (self.legacy_ids_before, &new.legacy_event_id) else {
+            return Ok(None);
+        };
+        if before + window <= now {
+            return Ok(None);
+        }
+        let seen = tables.dedup.get(legacy.as_str())?.map(|v| v.value());
+        // Only an entry 0.1 wrote (first seen before the upgrade) is an old-rule id.
+        Ok(seen
+            .filter(|(_, first_seen)| *first_seen < before && first_seen + window > now)
+            .map(|(sequence, _)| sequence))
     }
 
     /// Removes one user's events, their dedup entries and attributable dead letters, in one
@@ -265,14 +343,18 @@ impl Writer {
             let mut letters = Vec::new();
             for entry in dead_letters.iter()? {
                 let (key, value) = entry?;
-                let letter = DeadLetter::decode(value.value().get(8..).unwrap_or_default())
-                    .map_err(|e| redb::Error::Corrupted(format!("undecodable dead letter: {e}")))?;
-                if user_named_in(&letter.raw_json).as_deref() == Some(user) {
-                    letters.push(key.value());
+                let letter = decode_letter(key.value(), value.value())?;
+                if names_user(&letter, user) {
+                    letters.push((key.value(), dead_letter_key(&letter)));
                 }
             }
-            for key in &letters {
-                dead_letters.remove(*key)?;
+            for (id, dedup_key) in &letters {
+                dead_letters.remove(*id)?;
+                let first_seen = dedup.remove(dedup_key.as_str())?.map(|v| v.value().1);
+                if let Some(first_seen) = first_seen {
+                    expiry.remove((first_seen, dedup_key.as_str()))?;
+                    erased.dedup_entries += 1;
+                }
             }
             erased.dead_letters = letters.len() as u64;
         }
@@ -296,6 +378,93 @@ impl Writer {
             }
         }
     }
+}
+
+fn open_letter_tables(txn: &WriteTransaction) -> Result<LetterTables<'_>, redb::Error> {
+    let meta = txn.open_table(META)?;
+    let next_id = meta.get(META_NEXT_DEAD_LETTER)?.map_or(1, |v| v.value());
+    Ok(LetterTables {
+        dead_letters: txn.open_table(DEAD_LETTERS)?,
+        meta,
+        next_id,
+    })
+}
+
+/// The entry for `key` if it is within the dedup window. An expired one not yet swept is
+/// forgotten here, so the key can be claimed again.
+fn live_entry(
+    dedup: &mut Table<'_, &'static str, (u64, i64)>,
+    expiry: &mut Table<'_, (i64, &'static str), ()>,
+    key: &str,
+    now: Micros,
+    window: Micros,
+) -> Result<Option<(u64, Micros)>, redb::Error> {
+    let Some((id, first_seen)) = dedup.get(key)?.map(|v| v.value()) else {
+        return Ok(None);
+    };
+    if first_seen + window > now {
+        return Ok(Some((id, first_seen)));
+    }
+    expiry.remove((first_seen, key))?;
+    dedup.remove(key)?;
+    Ok(None)
+}
+
+fn remember(
+    dedup: &mut Table<'_, &'static str, (u64, i64)>,
+    expiry: &mut Table<'_, (i64, &'static str), ()>,
+    key: &str,
+    id: u64,
+    now: Micros,
+) -> Result<(), redb::Error> {
+    dedup.insert(key, (id, now))?;
+    expiry.insert((now, key), ())?;
+    Ok(())
+}
+
+/// Writes a new event at the tip, with its dedup entry.
+fn append_event(
+    tables: &mut AppendTables<'_>,
+    mut event: crate::proto::Event,
+    now: Micros,
+    tip: &mut Tip,
+) -> Result<CommittedEvent, redb::Error> {
+    let received = event
+        .received_at
+        .as_ref()
+        .map_or(now, to_micros)
+        .max(tip.last_received);
+    tip.last_received = received;
+    event.received_at = Some(from_micros(received));
+    event.sequence = tip.next;
+    tip.next += 1;
+    remember(
+        &mut tables.dedup,
+        &mut tables.expiry,
+        &event.event_id,
+        event.sequence,
+        now,
+    )?;
+    let event = CommittedEvent::new(event);
+    let value = stored_event(received, &event);
+    tables.events.insert(event.sequence(), value.as_slice())?;
+    Ok(event)
+}
+
+/// Stores a new letter under the next id; returns the id.
+fn store_letter(
+    letters: &mut LetterTables<'_>,
+    mut letter: DeadLetter,
+    now: Micros,
+) -> Result<u64, redb::Error> {
+    let id = letters.next_id;
+    letters.next_id += 1;
+    letter.id = id;
+    let received = letter.received_at.as_ref().map_or(now, to_micros);
+    letters
+        .dead_letters
+        .insert(id, stored_value(received, &letter).as_slice())?;
+    Ok(id)
 }
 
 /// Removes events older than `cutoff`. `next` is recorded in `meta` so the next sequence
