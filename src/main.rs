@@ -8,6 +8,7 @@ use spike_gateway::{
 };
 
 fn main() -> ExitCode {
+    telemetry::log_panics();
     let config = match Config::load_invocation() {
         Ok(Invocation::Serve(config)) => *config,
         Ok(Invocation::Salvage { from, to }) => return run_salvage(&from, &to),

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     events::{
-        EventLog,
+        EventLog, LogError,
         subscription::{self, Feed, Filter, Start, SubscriptionError},
         time::{now_micros, to_micros},
     },
@@ -136,6 +136,8 @@ fn status_of(error: SubscriptionError) -> Status {
             Status::out_of_range(error.to_string())
         }
         SubscriptionError::LiveClosed => Status::unavailable(error.to_string()),
+        // Damage does not heal by retrying: DATA_LOSS, naming the sequence (SPEC §5).
+        SubscriptionError::Log(e @ LogError::Damaged(_)) => Status::data_loss(e.to_string()),
         SubscriptionError::Log(e) => Status::unavailable(e.to_string()),
     }
 }

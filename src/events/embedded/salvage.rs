@@ -12,7 +12,7 @@
 use std::{collections::BTreeMap, fmt, path::Path};
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
     DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, META, META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE,
@@ -184,18 +184,42 @@ fn salvage_copy(copy: &Path, to: &Path) -> Result<SalvageReport, LogError> {
     Ok(report)
 }
 
-/// Opens the working copy as a writer (repairing it if a crash left it so), or else
-/// read-only; redb panics on some damage, which [`contain`] turns into an error.
-fn open_source(copy: &Path) -> Result<Database, LogError> {
+/// The working copy, opened without writing if it was closed cleanly, else as a writer
+/// (redb repairs what a crash left, which needs the trees it repairs to be readable).
+enum Source {
+    ReadOnly(ReadOnlyDatabase),
+    Repaired(Database),
+}
+
+impl Source {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Source::ReadOnly(db) => db.begin_read(),
+            Source::Repaired(db) => db.begin_read(),
+        }
+    }
+}
+
+/// redb panics on some damage, which [`contain`] turns into an error.
+fn open_source(copy: &Path) -> Result<Source, LogError> {
+    let read_only = contain(|| {
+        ReadOnlyDatabase::open(copy).map_err(|e| Fault::from(redb::Error::from(e)))
+    });
+    let fault = match read_only {
+        Ok(db) => return Ok(Source::ReadOnly(db)),
+        Err(fault) => fault,
+    };
     let writable = contain(|| {
         Database::builder()
             .open(copy)
             .map_err(|e| Fault::from(redb::Error::from(e)))
     });
-    writable.map_err(|fault| {
+    writable.map(Source::Repaired).map_err(|repair| {
         refused(format!(
-            "the damaged file cannot be opened at all ({}); restore it from a backup",
-            fault.detail()
+            "the damaged file cannot be opened at all (read-only: {}; with repair: {}); \
+             restore it from a backup",
+            fault.detail(),
+            repair.detail()
         ))
     })
 }
@@ -209,7 +233,7 @@ struct Copied {
 /// Reads every readable row of `table`; `keep` validates a row (and may note it), `None`
 /// marks it unreadable.
 fn copy_keyed(
-    db: &Database,
+    db: &Source,
     table: TableDefinition<u64, &[u8]>,
     name: &'static str,
     mut keep: impl FnMut(u64, &[u8]) -> Option<Vec<u8>>,
@@ -257,7 +281,7 @@ fn copy_keyed(
 /// Up to [`CHUNK`] rows from `from` on, in a read transaction of their own, and why the
 /// read stopped early, if it did.
 fn read_chunk(
-    db: &Database,
+    db: &Source,
     table: TableDefinition<u64, &[u8]>,
     from: u64,
 ) -> (Vec<(u64, Vec<u8>)>, Option<String>) {
@@ -276,7 +300,7 @@ fn read_chunk(
 
 /// The smallest key after `failed` from which `table` reads again, or `None` if nothing
 /// after it can be read: doubling steps find a readable start, bisection the first one.
-fn next_readable(db: &Database, table: TableDefinition<u64, &[u8]>, failed: u64) -> Option<u64> {
+fn next_readable(db: &Source, table: TableDefinition<u64, &[u8]>, failed: u64) -> Option<u64> {
     let readable = |from: u64| {
         contain(|| {
             let txn = db.begin_read().map_err(redb::Error::from)?;
@@ -343,7 +367,7 @@ fn write(
 
 /// Every dedup entry that reads (event_id → (sequence, first seen µs)), in key order until
 /// the first failure; string keys leave no way to search past it.
-fn read_dedup(db: &Database, report: &mut SalvageReport) -> BTreeMap<String, (u64, Micros)> {
+fn read_dedup(db: &Source, report: &mut SalvageReport) -> BTreeMap<String, (u64, Micros)> {
     let mut entries = BTreeMap::new();
     let result = contain(|| {
         let txn = db.begin_read().map_err(redb::Error::from)?;
@@ -385,7 +409,7 @@ fn write_dedup(db: &Database, entries: &BTreeMap<String, (u64, Micros)>) -> Resu
     Ok(())
 }
 
-fn read_meta(db: &Database) -> BTreeMap<&'static str, u64> {
+fn read_meta(db: &Source) -> BTreeMap<&'static str, u64> {
     let mut meta = BTreeMap::new();
     for key in [
         META_NEXT_SEQUENCE,
