@@ -251,13 +251,18 @@ async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
     let store = &config.store;
     Ok(match store.kind {
         StoreKind::Embedded => {
-            let (dir, window, retention) =
-                (store.data_dir.clone(), store.dedup_window, store.retention);
-            // Opening may replay or repair the file after a crash: keep it off the runtime.
-            let log =
-                tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, window, retention))
-                    .await
-                    .map_err(|e| LogError::Storage(format!("log opener failed: {e}")))??;
+            let (dir, window, retention, check) = (
+                store.data_dir.clone(),
+                store.dedup_window,
+                store.retention,
+                store.check_on_start,
+            );
+            // Opening checks, and may repair, the file: keep it off the runtime.
+            let log = tokio::task::spawn_blocking(move || {
+                EmbeddedLog::open_with(&dir, window, retention, check)
+            })
+            .await
+            .map_err(|e| LogError::Storage(format!("log opener failed: {e}")))??;
             Arc::new(log)
         }
         StoreKind::Memory => Arc::new(MemoryLog::new(

@@ -43,9 +43,24 @@ pub fn init(format: LogFormat) {
     };
 }
 
+thread_local! {
+    /// Set while [`catch_panic`] runs on this thread: a panic there is reported by the
+    /// code that catches it, as an error value.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic, which [`log_panics`] then logs at debug level only: the
+/// caller turns it into an error that it reports itself (storage code wraps redb this way,
+/// since redb may panic on a damaged file).
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let outer = CATCHING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(outer));
+    result
+}
+
 /// Reports panics as one log line (message and location) instead of the default
-/// multi-line text on stderr. Storage code catches the panics redb may raise on a damaged
-/// file (see `events::embedded::store`), so such a line is a finding, not a crash.
+/// multi-line text on stderr; panics [`catch_panic`] catches go to the debug level.
 pub fn log_panics() {
     std::panic::set_hook(Box::new(|info| {
         let message = info
@@ -59,10 +74,11 @@ pub fn log_panics() {
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
         let thread = std::thread::current();
-        tracing::error!(
-            thread = thread.name().unwrap_or("unnamed"),
-            %location,
-            "panic: {message}"
-        );
+        let thread = thread.name().unwrap_or("unnamed");
+        if CATCHING.with(|c| c.get()) {
+            tracing::debug!(thread, %location, "caught panic: {message} {}", std::backtrace::Backtrace::force_capture());
+        } else {
+            tracing::error!(thread, %location, "panic: {message}");
+        }
     }));
 }

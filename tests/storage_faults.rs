@@ -54,7 +54,12 @@ fn gateway_command(data_dir: &Path) -> Command {
 
 /// Starts the binary; `Err(stderr)` if it exits before listening.
 fn start(data_dir: &Path) -> Result<Gateway, String> {
+    start_with(data_dir, &[])
+}
+
+fn start_with(data_dir: &Path, envs: &[(&str, &str)]) -> Result<Gateway, String> {
     let mut child = gateway_command(data_dir)
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -111,7 +116,10 @@ fn stop(mut gateway: Gateway) {
             assert!(status.success(), "clean exit: {status:?}");
             return;
         }
-        assert!(Instant::now() < deadline, "still running 15 s after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "still running 15 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -168,7 +176,11 @@ async fn grpc_serving(gateway: &Gateway) -> ServingStatus {
 }
 
 /// Polls `check` until it holds, failing the test with `what` after `limit`.
-async fn wait_for<F: Future<Output = bool>>(limit: Duration, what: &str, mut check: impl FnMut() -> F) {
+async fn wait_for<F: Future<Output = bool>>(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
     let deadline = Instant::now() + limit;
     while !check().await {
         assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
@@ -222,7 +234,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -231,7 +246,11 @@ fn fill(path: &Path) {
     let mut file = std::fs::File::create(path).unwrap();
     for chunk in [1 << 20, 4096, 512] {
         let block = vec![0xa5u8; chunk];
-        while file.write_all(&block).and_then(|()| file.sync_data()).is_ok() {}
+        while file
+            .write_all(&block)
+            .and_then(|()| file.sync_data())
+            .is_ok()
+        {}
     }
 }
 
@@ -279,14 +298,20 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
         }
     }
     assert!(refused, "a full disk refuses webhooks with 503");
-    wait_for(Duration::from_secs(5), "/readyz reports the write failure", || async {
-        let (status, body) = readyz(&client, &gateway).await;
-        status == 503 && body["reason"] == "storage_write_failing"
-    })
+    wait_for(
+        Duration::from_secs(5),
+        "/readyz reports the write failure",
+        || async {
+            let (status, body) = readyz(&client, &gateway).await;
+            status == 503 && body["reason"] == "storage_write_failing"
+        },
+    )
     .await;
-    wait_for(Duration::from_secs(5), "gRPC health NOT_SERVING", || async {
-        grpc_serving(&gateway).await == ServingStatus::NotServing
-    })
+    wait_for(
+        Duration::from_secs(5),
+        "gRPC health NOT_SERVING",
+        || async { grpc_serving(&gateway).await == ServingStatus::NotServing },
+    )
     .await;
     // Still full: every webhook is refused, none falsely acknowledged.
     for _ in 0..10 {
@@ -321,9 +346,11 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
     let recovered = freed.elapsed();
     let (ready, body) = readyz(&client, &gateway).await;
     assert_eq!((ready, &body["reason"]), (200, &serde_json::json!("ready")));
-    wait_for(Duration::from_secs(2), "gRPC health SERVING again", || async {
-        grpc_serving(&gateway).await == ServingStatus::Serving
-    })
+    wait_for(
+        Duration::from_secs(2),
+        "gRPC health SERVING again",
+        || async { grpc_serving(&gateway).await == ServingStatus::Serving },
+    )
     .await;
     for _ in 0..5 {
         let users = batch(20);
@@ -342,11 +369,18 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
         *seen.entry(event.application_user_id.clone()).or_insert(0) += 1;
     }
     for user in &acknowledged {
-        assert_eq!(seen.get(user), Some(&1), "{user}: acknowledged once, stored once");
+        assert_eq!(
+            seen.get(user),
+            Some(&1),
+            "{user}: acknowledged once, stored once"
+        );
     }
     assert!(seen.values().all(|&n| n == 1), "no event stored twice");
     let sequences: Vec<_> = events.iter().map(|e| e.sequence).collect();
-    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "sequences increase");
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "sequences increase"
+    );
     drop(gateway);
 }
 
@@ -409,25 +443,56 @@ async fn refused_or_reported(dir: &Path) -> Vec<u64> {
             assert!(stderr.contains(&file.display().to_string()), "{stderr}");
             assert!(stderr.contains("spike-gateway salvage --from"), "{stderr}");
             assert!(!stderr.contains("panicked at"), "{stderr}");
+            let _ = writeln!(std::io::stderr(), "refused at start-up: {}", stderr.trim());
             Vec::new()
         }
-        Ok(gateway) => {
-            let (events, end) = read_all(gateway.grpc).await;
-            let status = end.expect("the stream ends at the damage");
-            assert_eq!(status.code(), Code::DataLoss, "{status:?}");
-            assert!(status.message().contains("at sequence"), "{status:?}");
-            let client = reqwest::Client::new();
-            let (ready, body) = readyz(&client, &gateway).await;
-            assert_eq!((ready, &body["reason"]), (503, &serde_json::json!("storage_damaged")));
-            wait_for(Duration::from_secs(2), "gRPC health NOT_SERVING", || async {
-                grpc_serving(&gateway).await == ServingStatus::NotServing
-            })
-            .await;
-            let log = gateway.log.lock().unwrap().clone();
-            assert!(!log.contains("panicked at"), "{log}");
-            events.iter().map(|e| e.sequence).collect()
-        }
+        Ok(gateway) => reported(gateway).await,
     }
+}
+
+/// A running gateway on a damaged log: a stream from the beginning ends with DATA_LOSS
+/// naming the sequence, and both readiness answers report the damage.
+async fn reported(gateway: Gateway) -> Vec<u64> {
+    let (events, end) = read_all(gateway.grpc).await;
+    let status = end.expect("the stream ends at the damage");
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(status.message().contains("at sequence"), "{status:?}");
+    assert!(status.message().contains("salvage"), "{status:?}");
+    let client = reqwest::Client::new();
+    let (ready, body) = readyz(&client, &gateway).await;
+    assert_eq!(
+        (ready, &body["reason"]),
+        (503, &serde_json::json!("storage_damaged")),
+        "{body}"
+    );
+    wait_for(
+        Duration::from_secs(2),
+        "gRPC health NOT_SERVING",
+        || async { grpc_serving(&gateway).await == ServingStatus::NotServing },
+    )
+    .await;
+    let metrics = client
+        .get(format!("http://{}/metrics", gateway.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"spike_gateway_readiness{reason="storage_damaged"} 1"#),
+        "{metrics}"
+    );
+    let log = gateway.log.lock().unwrap().clone();
+    assert!(!log.contains("panicked at"), "{log}");
+    assert!(log.contains("storage_damaged"), "{log}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "reported while serving: {} events, then {}",
+        events.len(),
+        status.message()
+    );
+    events.iter().map(|e| e.sequence).collect()
 }
 
 /// Salvages `dir` and checks the new log serves exactly what salvage reported.
@@ -436,7 +501,11 @@ async fn salvaged(dir: &Path, written: u64) -> u64 {
     let target = to.path().join("salvaged");
     let output = salvage(dir, &target);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let count: u64 = stdout
         .split_whitespace()
         .nth(1)
@@ -497,16 +566,29 @@ async fn bytes_flipped_near_the_tail_are_refused_or_reported_and_salvaged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_or_missing_log_file_is_refused_not_started_empty() {
     let (dir, _) = written_log(1).await;
-    assert!(dir.path().join("event-log.id").exists(), "the marker is written");
+    assert!(
+        dir.path().join("event-log.id").exists(),
+        "the marker is written"
+    );
     let file = log_file(dir.path());
     std::fs::File::create(&file).unwrap(); // truncates to 0 bytes
-    let stderr = start(dir.path()).err().expect("an empty log file is refused");
+    let stderr = start(dir.path())
+        .err()
+        .expect("an empty log file is refused");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(&format!("{} is empty", file.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is empty", file.display())),
+        "{stderr}"
+    );
     std::fs::remove_file(&file).unwrap();
-    let stderr = start(dir.path()).err().expect("a missing log file is refused");
+    let stderr = start(dir.path())
+        .err()
+        .expect("a missing log file is refused");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(&format!("{} is missing", file.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is missing", file.display())),
+        "{stderr}"
+    );
     // Salvage has nothing to read and says so in one line.
     let output = salvage(dir.path(), &dir.path().join("new"));
     assert!(!output.status.success());
@@ -526,4 +608,29 @@ async fn a_log_from_before_markers_gets_one_on_first_open() {
     assert!(dir.path().join("event-log.id").exists());
     std::fs::File::create(log_file(dir.path())).unwrap();
     assert!(start(dir.path()).is_err(), "emptied after marking: refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_met_while_serving_ends_streams_with_data_loss_and_turns_readiness_off() {
+    let (dir, written) = written_log(40).await;
+    let file = log_file(dir.path());
+    // Garble event 2001 (user damage-002000) inside its page: the page is sound, so the
+    // open does not notice (and without the start-up check nothing verifies checksums),
+    // but the stored event no longer decodes.
+    let bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(13)
+        .position(|w| w == b"damage-002000")
+        .expect("the event is in the file") as u64;
+    damage(&file, at - 2, 24, |_| 0xff);
+    // Without the start-up check the damage is found by the first read that meets it.
+    let gateway = start_with(dir.path(), &[("GATEWAY_LOG_CHECK_ON_START", "false")])
+        .expect("starts without the check");
+    let read = reported(gateway).await;
+    assert!(written > 2000);
+    assert_eq!(
+        read,
+        (1..=2000).collect::<Vec<_>>(),
+        "every event before the damage"
+    );
 }

@@ -116,8 +116,19 @@ impl EmbeddedLog {
         dedup_window: Duration,
         retention: Duration,
     ) -> Result<Self, LogError> {
+        Self::open_with(data_dir, dedup_window, retention, true)
+    }
+
+    /// [`EmbeddedLog::open`], verifying every page first only if `check` (see
+    /// `GATEWAY_LOG_CHECK_ON_START`).
+    pub fn open_with(
+        data_dir: &Path,
+        dedup_window: Duration,
+        retention: Duration,
+        check: bool,
+    ) -> Result<Self, LogError> {
         let path = store::log_path(data_dir);
-        let db = store::open_checked(data_dir)?;
+        let db = store::open_checked(data_dir, check)?;
         let db = Arc::new(db);
         let (next, last_received) = store::contain(|| Ok(initialise(&db)?)).map_err(|fault| {
             LogError::Storage(format!(
@@ -300,18 +311,27 @@ impl EventLog for EmbeddedLog {
             // One allocation for many events: each event's bytes are a view into `page`.
             let mut page = BytesMut::new();
             for entry in events.range(from..)?.take(limit) {
-                let (key, value) = entry?;
-                let value = value.value();
-                *at = Some(key.value());
-                let wire = value.get(8..).unwrap_or_default();
-                if page.capacity() < wire.len() {
-                    page = BytesMut::with_capacity(READ_BUFFER_BYTES.max(wire.len()));
+                let decode = || -> Result<CommittedEvent, redb::Error> {
+                    let (key, value) = entry?;
+                    let value = value.value();
+                    *at = Some(key.value());
+                    let wire = value.get(8..).unwrap_or_default();
+                    if page.capacity() < wire.len() {
+                        page = BytesMut::with_capacity(READ_BUFFER_BYTES.max(wire.len()));
+                    }
+                    page.extend_from_slice(wire);
+                    stored_event_at(key.value(), received_of(value), page.split().freeze())
+                };
+                match decode() {
+                    Ok(event) => {
+                        *at = Some(event.sequence() + 1);
+                        out.push(Arc::new(event));
+                    }
+                    // Deliver what was read before the damage; the next read, starting
+                    // at the damage, reports it.
+                    Err(_) if !out.is_empty() => break,
+                    Err(e) => return Err(e),
                 }
-                page.extend_from_slice(wire);
-                let event =
-                    stored_event_at(key.value(), received_of(value), page.split().freeze())?;
-                out.push(Arc::new(event));
-                *at = Some(key.value() + 1);
             }
             Ok(out)
         })

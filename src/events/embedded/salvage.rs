@@ -202,9 +202,8 @@ impl Source {
 
 /// redb panics on some damage, which [`contain`] turns into an error.
 fn open_source(copy: &Path) -> Result<Source, LogError> {
-    let read_only = contain(|| {
-        ReadOnlyDatabase::open(copy).map_err(|e| Fault::from(redb::Error::from(e)))
-    });
+    let read_only =
+        contain(|| ReadOnlyDatabase::open(copy).map_err(|e| Fault::from(redb::Error::from(e))));
     let fault = match read_only {
         Ok(db) => return Ok(Source::ReadOnly(db)),
         Err(fault) => fault,

@@ -14,7 +14,6 @@
 use std::{
     any::Any,
     io::Write,
-    panic::{AssertUnwindSafe, catch_unwind},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
@@ -72,7 +71,7 @@ impl Fault {
 /// whose state after such a panic is discarded (readers drop their transaction, the
 /// writer reopens the file), so observing it half-updated is not a concern.
 pub(super) fn contain<T>(f: impl FnOnce() -> Result<T, Fault>) -> Result<T, Fault> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    crate::telemetry::catch_panic(f).unwrap_or_else(|panic| {
         Err(Fault::Damaged(format!(
             "redb panicked: {}",
             panic_message(panic.as_ref())
@@ -181,8 +180,8 @@ impl Health {
     }
 }
 
-/// Opens (or creates) the log in `data_dir` for serving, after checking it whole.
-pub(super) fn open_checked(data_dir: &Path) -> Result<Database, LogError> {
+/// Opens (or creates) the log in `data_dir` for serving, after checking it whole if `check`.
+pub(super) fn open_checked(data_dir: &Path, check: bool) -> Result<Database, LogError> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| LogError::Storage(format!("cannot create {}: {e}", data_dir.display())))?;
     let path = data_dir.join(LOG_FILE);
@@ -209,7 +208,7 @@ pub(super) fn open_checked(data_dir: &Path) -> Result<Database, LogError> {
     let db = contain(|| {
         Database::builder()
             .set_cache_size(CACHE_BYTES)
-            .set_check_integrity_on_open(true)
+            .set_check_integrity_on_open(check)
             .set_repair_callback(report_rollback)
             .create(&path)
             .map_err(|e| Fault::from(redb::Error::from(e)))

@@ -16,9 +16,9 @@ use redb::{Database, ReadableTable, WriteTransaction};
 use tokio::sync::mpsc;
 
 use super::{
-    Command, Fault, Health, Slot, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, HOUSEKEEPING_CHUNK, MAX_GROUP, META,
-    META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, decode_event, received_of,
-    storage, stored_event, stored_value,
+    Command, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, Fault, HOUSEKEEPING_CHUNK, Health,
+    MAX_GROUP, META, META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, Slot,
+    decode_event, received_of, storage, stored_event, stored_value,
 };
 use crate::{
     events::{
