@@ -446,13 +446,13 @@ async fn refused_or_reported(dir: &Path) -> Vec<u64> {
             let _ = writeln!(std::io::stderr(), "refused at start-up: {}", stderr.trim());
             Vec::new()
         }
-        Ok(gateway) => reported(gateway).await,
+        Ok(gateway) => reported(&gateway).await,
     }
 }
 
 /// A running gateway on a damaged log: a stream from the beginning ends with DATA_LOSS
 /// naming the sequence, and both readiness answers report the damage.
-async fn reported(gateway: Gateway) -> Vec<u64> {
+async fn reported(gateway: &Gateway) -> Vec<u64> {
     let (events, end) = read_all(gateway.grpc).await;
     let status = end.expect("the stream ends at the damage");
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
@@ -495,8 +495,9 @@ async fn reported(gateway: Gateway) -> Vec<u64> {
     events.iter().map(|e| e.sequence).collect()
 }
 
-/// Salvages `dir` and checks the new log serves exactly what salvage reported.
-async fn salvaged(dir: &Path, written: u64) -> u64 {
+/// Salvages `dir` and checks the new log serves exactly what salvage reported: the count
+/// and the report.
+async fn salvaged(dir: &Path, written: u64) -> (u64, String) {
     let to = tempfile::tempdir().unwrap();
     let target = to.path().join("salvaged");
     let output = salvage(dir, &target);
@@ -538,7 +539,7 @@ async fn salvaged(dir: &Path, written: u64) -> u64 {
     let accepted: serde_json::Value = response.json().await.unwrap();
     assert_eq!(accepted["duplicates"], 1, "{accepted}");
     let _ = writeln!(std::io::stderr(), "salvage: {}", stdout.trim());
-    count
+    (count, stdout.into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,7 +550,9 @@ async fn zeroed_block_mid_file_is_refused_or_reported_and_salvaged() {
     damage(&file, (len / 2) & !4095, 16 * 1024, |_| 0);
     let read = refused_or_reported(dir.path()).await;
     assert!((read.len() as u64) < written);
-    salvaged(dir.path(), written).await;
+    let (count, report) = salvaged(dir.path(), written).await;
+    assert!(count < written, "{report}");
+    assert!(report.contains("unreadable (not copied):\n  sequences "), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -626,11 +629,16 @@ async fn damage_met_while_serving_ends_streams_with_data_loss_and_turns_readines
     // Without the start-up check the damage is found by the first read that meets it.
     let gateway = start_with(dir.path(), &[("GATEWAY_LOG_CHECK_ON_START", "false")])
         .expect("starts without the check");
-    let read = reported(gateway).await;
+    let read = reported(&gateway).await;
     assert!(written > 2000);
     assert_eq!(
         read,
         (1..=2000).collect::<Vec<_>>(),
         "every event before the damage"
     );
+    // Stopped cleanly, the file is salvaged without being written: all but event 2001.
+    stop(gateway);
+    let (count, report) = salvaged(dir.path(), written).await;
+    assert_eq!(count, written - 1, "{report}");
+    assert!(report.contains("sequences 2001 (undecodable value)"), "{report}");
 }
