@@ -357,6 +357,27 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
         assert_eq!(post_users(&client, &gateway, &users).await, 200);
         acknowledged.extend(users);
     }
+    // The dedup entries of events acknowledged before the fault are intact.
+    let first: Vec<String> = acknowledged.iter().take(20).cloned().collect();
+    let items: Vec<_> = first
+        .iter()
+        .map(|user| {
+            let n: u64 = user.trim_start_matches("full-").parse().unwrap();
+            record_change(user, n % 20)
+        })
+        .collect();
+    let body = serde_json::to_vec(&items).unwrap();
+    let again: serde_json::Value = client
+        .post(format!("http://{}{MAIN}", gateway.http))
+        .header("X-Body-Signature", sign(KEY, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["duplicates"], 20, "{again}");
     let _ = writeln!(
         std::io::stderr(),
         "disk full: webhooks answered 200 again {recovered:?} after space was freed"
@@ -552,7 +573,10 @@ async fn zeroed_block_mid_file_is_refused_or_reported_and_salvaged() {
     assert!((read.len() as u64) < written);
     let (count, report) = salvaged(dir.path(), written).await;
     assert!(count < written, "{report}");
-    assert!(report.contains("unreadable (not copied):\n  sequences "), "{report}");
+    assert!(
+        report.contains("unreadable (not copied):\n  sequences "),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -640,5 +664,58 @@ async fn damage_met_while_serving_ends_streams_with_data_loss_and_turns_readines
     stop(gateway);
     let (count, report) = salvaged(dir.path(), written).await;
     assert_eq!(count, written - 1, "{report}");
-    assert!(report.contains("sequences 2001 (undecodable value)"), "{report}");
+    assert!(
+        report.contains("sequences 2001 (undecodable value)"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn readyz_and_grpc_health_agree_on_the_memory_store_too() {
+    use support::spawn_app_with;
+    let mut app = spawn_app_with(&["--store", "memory"]).await;
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({"ready": true, "reason": "ready"}));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "spike.gateway.v1.EventStream", "spike.gateway.v1.Admin"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{service:?}");
+    }
+    // A closed log is not ready: both say so, with the reason.
+    app.log.close().await;
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["reason"], "closed", "{body}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        if status == ServingStatus::NotServing {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gRPC health still {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
 }
