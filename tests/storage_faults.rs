@@ -164,15 +164,14 @@ async fn grpc_serving(gateway: &Gateway) -> ServingStatus {
         .await
         .expect("gRPC connects");
     let mut client = HealthClient::new(channel);
-    let status = client
+    client
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
         .expect("health answers")
         .into_inner()
-        .status();
-    status
+        .status()
 }
 
 /// Polls `check` until it holds, failing the test with `what` after `limit`.
@@ -480,7 +479,7 @@ async fn reported(gateway: &Gateway) -> Vec<u64> {
     assert!(status.message().contains("at sequence"), "{status:?}");
     assert!(status.message().contains("salvage"), "{status:?}");
     let client = reqwest::Client::new();
-    let (ready, body) = readyz(&client, &gateway).await;
+    let (ready, body) = readyz(&client, gateway).await;
     assert_eq!(
         (ready, &body["reason"]),
         (503, &serde_json::json!("storage_damaged")),
@@ -489,7 +488,7 @@ async fn reported(gateway: &Gateway) -> Vec<u64> {
     wait_for(
         Duration::from_secs(2),
         "gRPC health NOT_SERVING",
-        || async { grpc_serving(&gateway).await == ServingStatus::NotServing },
+        || async { grpc_serving(gateway).await == ServingStatus::NotServing },
     )
     .await;
     let metrics = client
