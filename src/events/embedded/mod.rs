@@ -10,6 +10,10 @@
 //! transaction: a burst of N webhooks pays one fsync, not N (group commit). Readers
 //! (catch-up, `since`, bounds) open their own read transactions and never wait for it.
 //!
+//! Faults: [`store`] opens and checks the file and contains redb's panics, [`recovery`]
+//! reopens it after a failed commit, and [`salvage`] copies what is readable out of a
+//! damaged one.
+//!
 //! Tables: `events` (sequence → received µs ‖ the event as [`CommittedEvent`] encodes it
 //! for subscribers), `dedup` (event_id → sequence, first seen µs), `dedup_expiry` ((first
 //! seen µs, event_id) → ()) to expire the dedup index in order, `dead_letters` (id →
