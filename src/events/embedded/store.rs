@@ -282,3 +282,38 @@ pub(super) fn write_marker(marker: &Path) -> std::io::Result<()> {
 pub fn log_path(data_dir: &Path) -> PathBuf {
     data_dir.join(LOG_FILE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damage_outlasts_a_recovered_write_and_the_first_report_is_kept() {
+        let health = Health::default();
+        assert_eq!(health.current(), LogHealth::Ready);
+        health.write_failed("disk full");
+        assert_eq!(health.current().reason(), "storage_write_failing");
+        health.write_recovered();
+        assert_eq!(health.current(), LogHealth::Ready);
+        health.damaged(Some(7), "bad page");
+        health.damaged(Some(9), "later finding");
+        health.write_recovered();
+        let LogHealth::Damaged(damage) = health.current() else {
+            panic!("damage is sticky: {:?}", health.current());
+        };
+        assert_eq!(damage.sequence, Some(7));
+        assert!(damage.to_string().contains("at sequence 7"), "{damage}");
+        health.close();
+        assert_eq!(health.current(), LogHealth::Closed);
+    }
+
+    #[test]
+    fn a_panic_becomes_a_damage_fault() {
+        let fault = contain::<()>(|| panic!("Invalid page type byte 0")).unwrap_err();
+        assert!(matches!(&fault, Fault::Damaged(d) if d.contains("Invalid page type")));
+        let io = redb::Error::Io(std::io::Error::other("No space left on device"));
+        assert!(matches!(Fault::of(&io), Fault::Transient(_)));
+        let corrupted = redb::Error::Corrupted("checksum".into());
+        assert!(matches!(Fault::of(&corrupted), Fault::Damaged(_)));
+    }
+}
