@@ -19,10 +19,12 @@ use super::{
     META_TRIMMED_THROUGH, decode_event, initialise,
     store::{self, Fault, LOG_FILE, MARKER_FILE, contain},
 };
-use crate::{
-    events::{LogError, time::Micros},
-    proto::DeadLetter,
-};
+use crate::{events::time::Micros, proto::DeadLetter};
+
+/// Why salvage stopped; printed as one line.
+#[derive(Debug, thiserror::Error)]
+#[error("salvage: {0}")]
+pub struct SalvageError(String);
 
 /// Rows read per read transaction, and written per write transaction.
 const CHUNK: usize = 4096;
@@ -92,7 +94,7 @@ impl fmt::Display for SalvageReport {
 }
 
 /// Salvages the log of `from` into a new log in `to` (which must not hold a log).
-pub fn salvage(from: &Path, to: &Path) -> Result<SalvageReport, LogError> {
+pub fn salvage(from: &Path, to: &Path) -> Result<SalvageReport, SalvageError> {
     let source = store::log_path(from);
     match std::fs::metadata(&source) {
         Ok(meta) if meta.len() > 0 => {}
@@ -115,11 +117,11 @@ pub fn salvage(from: &Path, to: &Path) -> Result<SalvageReport, LogError> {
     result
 }
 
-fn refused(reason: String) -> LogError {
-    LogError::Storage(format!("salvage: {reason}"))
+fn refused(reason: String) -> SalvageError {
+    SalvageError(reason)
 }
 
-fn salvage_copy(copy: &Path, to: &Path) -> Result<SalvageReport, LogError> {
+fn salvage_copy(copy: &Path, to: &Path) -> Result<SalvageReport, SalvageError> {
     let source = open_source(copy)?;
     let target = Database::create(to.join(LOG_FILE))
         .map_err(|e| refused(format!("cannot create the new log: {e}")))?;
@@ -184,8 +186,9 @@ fn salvage_copy(copy: &Path, to: &Path) -> Result<SalvageReport, LogError> {
     Ok(report)
 }
 
-/// The working copy, opened without writing if it was closed cleanly, else as a writer
-/// (redb repairs what a crash left, which needs the trees it repairs to be readable).
+/// The working copy, opened without writing if it was closed cleanly, else as a writer:
+/// redb repairs what a crash left, which needs every page it verifies to be sound, so a
+/// damaged file a crash left cannot be salvaged (redb refuses to read it unrepaired).
 enum Source {
     ReadOnly(ReadOnlyDatabase),
     Repaired(Database),
@@ -201,7 +204,7 @@ impl Source {
 }
 
 /// redb panics on some damage, which [`contain`] turns into an error.
-fn open_source(copy: &Path) -> Result<Source, LogError> {
+fn open_source(copy: &Path) -> Result<Source, SalvageError> {
     let read_only =
         contain(|| ReadOnlyDatabase::open(copy).map_err(|e| Fault::from(redb::Error::from(e))));
     let fault = match read_only {
@@ -338,7 +341,7 @@ fn write_keyed(
     db: &Database,
     table: TableDefinition<u64, &[u8]>,
     rows: &[(u64, Vec<u8>)],
-) -> Result<u64, LogError> {
+) -> Result<u64, SalvageError> {
     for chunk in rows.chunks(CHUNK) {
         write(db, |txn| {
             let mut table = txn.open_table(table)?;
@@ -354,7 +357,7 @@ fn write_keyed(
 fn write(
     db: &Database,
     f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-) -> Result<(), LogError> {
+) -> Result<(), SalvageError> {
     let run = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
         f(&txn)?;
@@ -392,7 +395,10 @@ fn read_dedup(db: &Source, report: &mut SalvageReport) -> BTreeMap<String, (u64,
     entries
 }
 
-fn write_dedup(db: &Database, entries: &BTreeMap<String, (u64, Micros)>) -> Result<(), LogError> {
+fn write_dedup(
+    db: &Database,
+    entries: &BTreeMap<String, (u64, Micros)>,
+) -> Result<(), SalvageError> {
     let entries: Vec<_> = entries.iter().collect();
     for chunk in entries.chunks(CHUNK) {
         write(db, |txn| {
@@ -435,7 +441,7 @@ fn write_meta(
     meta: &BTreeMap<&'static str, u64>,
     next_sequence: u64,
     last_letter: u64,
-) -> Result<(), LogError> {
+) -> Result<(), SalvageError> {
     write(db, |txn| {
         let mut table = txn.open_table(META)?;
         table.insert(META_NEXT_SEQUENCE, next_sequence)?;
