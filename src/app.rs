@@ -153,7 +153,9 @@ impl Application {
         let stop_servers = CancellationToken::new();
 
         let (health_reporter, health_server) = tonic_health::server::health_reporter();
-        grpc::set_serving(&health_reporter, true).await;
+        // From the first request on, gRPC health says what /readyz says.
+        let initial = crate::readiness::status(&accepting, log.as_ref());
+        grpc::set_serving(&health_reporter, initial.ready).await;
 
         tracing::info!(
             http = %http_listener.local_addr().map_err(RunError::Http)?,
@@ -180,6 +182,7 @@ impl Application {
             }
         });
         let metrics_for_housekeeping = metrics.clone();
+        let readiness_metrics = metrics.clone();
         let mut grpc_task: JoinHandle<Result<(), RunError>> = tokio::spawn({
             let parts = GrpcParts {
                 log: log.clone(),
@@ -203,8 +206,13 @@ impl Application {
             stop_servers.clone(),
         ));
         let readiness = tokio::spawn(report_readiness(
-            log.clone(),
-            health_reporter.clone(),
+            ReadinessFeed {
+                log: log.clone(),
+                accepting: accepting.clone(),
+                reporter: health_reporter.clone(),
+                metrics: readiness_metrics,
+                initial,
+            },
             stop_servers.clone(),
         ));
 
@@ -259,13 +267,18 @@ async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
     let store = &config.store;
     Ok(match store.kind {
         StoreKind::Embedded => {
-            let (dir, window, retention) =
-                (store.data_dir.clone(), store.dedup_window, store.retention);
-            // Opening may replay or repair the file after a crash: keep it off the runtime.
-            let log =
-                tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, window, retention))
-                    .await
-                    .map_err(|e| LogError::Storage(format!("log opener failed: {e}")))??;
+            let (dir, window, retention, check) = (
+                store.data_dir.clone(),
+                store.dedup_window,
+                store.retention,
+                store.check_on_start,
+            );
+            // Opening checks, and may repair, the file: keep it off the runtime.
+            let log = tokio::task::spawn_blocking(move || {
+                EmbeddedLog::open_with(&dir, window, retention, check)
+            })
+            .await
+            .map_err(|e| LogError::Storage(format!("log opener failed: {e}")))??;
             Arc::new(log)
         }
         StoreKind::Memory => Arc::new(MemoryLog::new(
@@ -311,32 +324,47 @@ async fn housekeep(log: Arc<dyn EventLog>, metrics: Arc<Metrics>, stop: Cancella
     }
 }
 
-/// How often gRPC health re-checks the log (NATS may come and go).
-const READINESS_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Keeps `grpc.health.v1` in step with the log: NOT_SERVING while it cannot take writes.
-async fn report_readiness(
+/// What the gRPC health reporter follows, and where it reports changes.
+struct ReadinessFeed {
     log: Arc<dyn EventLog>,
+    accepting: Arc<AtomicBool>,
     reporter: tonic_health::server::HealthReporter,
-    stop: CancellationToken,
-) {
-    let mut serving = true;
-    let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+    metrics: Arc<Metrics>,
+    /// What gRPC health was set to before serving began.
+    initial: crate::readiness::ReadyStatus,
+}
+
+/// Keeps `grpc.health.v1` in step with [`crate::readiness::status`], the answer `/readyz`
+/// gives: NOT_SERVING while the log cannot take writes, with the reason logged and in the
+/// `readiness` metric.
+async fn report_readiness(feed: ReadinessFeed, stop: CancellationToken) {
+    let mut current = feed.initial.clone();
+    feed.metrics.readiness(None, current.reason);
+    let mut ticks = tokio::time::interval(crate::readiness::CHECK_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let ready = log.is_ready();
-        if ready != serving {
-            if ready {
-                tracing::info!("event log ready again");
-            } else {
-                tracing::warn!("event log cannot take writes; reporting NOT_SERVING");
-            }
-            grpc::set_serving(&reporter, ready).await;
-            serving = ready;
+        let status = crate::readiness::status(&feed.accepting, feed.log.as_ref());
+        if status.reason == current.reason {
+            continue;
         }
+        if status.ready {
+            tracing::info!(previously = current.reason, "event log ready again");
+        } else {
+            tracing::warn!(
+                reason = status.reason,
+                detail = status.detail.as_deref().unwrap_or(""),
+                "not ready; reporting NOT_SERVING"
+            );
+        }
+        if status.ready != current.ready {
+            grpc::set_serving(&feed.reporter, status.ready).await;
+        }
+        feed.metrics.readiness(Some(current.reason), status.reason);
+        current = status;
     }
 }
 

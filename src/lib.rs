@@ -22,6 +22,7 @@
 //!   `Admin` (erasure, dead letters), bearer-token auth, TLS, health and reflection.
 //! - [`app`]: wiring. Binds the listeners, runs both servers, housekeeping and readiness,
 //!   and shuts everything down in order within a grace deadline.
+//! - [`readiness`]: the one readiness answer `/readyz` and gRPC health both follow.
 //! - [`spike`]: the client for Spike's REST API (per-user auth, retries, deadlines).
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`proto`]: code generated from `proto/spike/gateway/v1`.
@@ -34,6 +35,7 @@ pub mod events;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;
+pub mod readiness;
 pub mod spike;
 pub mod telemetry;
 pub mod webhook;

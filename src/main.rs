@@ -2,13 +2,16 @@ use std::process::ExitCode;
 
 use spike_gateway::{
     app::{Application, shutdown_signal},
-    config::Config,
+    config::{Config, Invocation},
+    events::embedded::salvage,
     telemetry,
 };
 
 fn main() -> ExitCode {
-    let config = match Config::load() {
-        Ok(config) => config,
+    telemetry::log_panics();
+    let config = match Config::load_invocation() {
+        Ok(Invocation::Serve(config)) => *config,
+        Ok(Invocation::Salvage { from, to }) => return run_salvage(&from, &to),
         Err(e) => {
             eprintln!("spike-gateway: configuration error: {e}");
             return ExitCode::from(2);
@@ -30,6 +33,21 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spike-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `spike-gateway salvage`: the report on stdout, a failure as one line on stderr.
+fn run_salvage(from: &std::path::Path, to: &std::path::Path) -> ExitCode {
+    match salvage::salvage(from, to) {
+        Ok(report) => {
+            println!("{report}");
+            println!("the salvaged log is in {}", to.display());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("spike-gateway: {e}");
             ExitCode::FAILURE

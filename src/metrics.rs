@@ -10,6 +10,7 @@
 //! - `subscriber_lag_events`: at each delivery, how far the event is behind the newest
 //!   sequence this replica has seen;
 //! - `delivery_seconds`: event received → sent to a subscriber (end to end);
+//! - `readiness{reason}`: 1 for the current readiness reason, 0 for earlier ones;
 //! - `upstream_calls_total{rpc, status}`, `upstream_call_seconds{rpc}`: SpikeRecords calls.
 //!
 //! Labels are closed sets (categories, types, RPC names, status codes): never user ids.
@@ -90,6 +91,7 @@ pub struct Metrics {
     upstream_latency: HistogramFamily<RpcOnly>,
     /// Newest sequence this replica has appended or delivered, for the lag histogram.
     head: AtomicU64,
+    readiness: Family<ReasonLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -109,6 +111,7 @@ impl Default for Metrics {
             upstream_calls: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             head: AtomicU64::new(0),
+            readiness: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -170,6 +173,12 @@ impl Default for Metrics {
             "upstream_call_seconds",
             "SpikeRecords call latency, retries included",
             metrics.upstream_latency.clone(),
+        );
+        registry.register(
+            "readiness",
+            "1 for the current readiness reason (ready, shutting_down, storage_write_failing, \
+             storage_damaged, store_unreachable, closed)",
+            metrics.readiness.clone(),
         );
         Self {
             registry,
@@ -251,6 +260,18 @@ impl Metrics {
             .max(sequence);
         self.subscriber_lag.observe((head - sequence) as f64);
         self.delivery.observe(age.as_secs_f64());
+    }
+
+    /// Readiness changed from `previous` to `current` (see [`crate::readiness`]).
+    pub fn readiness(&self, previous: Option<&'static str>, current: &'static str) {
+        if let Some(previous) = previous {
+            self.readiness
+                .get_or_create(&ReasonLabels { reason: previous })
+                .set(0);
+        }
+        self.readiness
+            .get_or_create(&ReasonLabels { reason: current })
+            .set(1);
     }
 
     pub fn upstream(&self, rpc: &'static str, status: tonic::Code, took: Duration) {

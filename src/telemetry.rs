@@ -42,3 +42,43 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+thread_local! {
+    /// Set while [`catch_panic`] runs on this thread: a panic there is reported by the
+    /// code that catches it, as an error value.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic, which [`log_panics`] then logs at debug level only: the
+/// caller turns it into an error that it reports itself (storage code wraps redb this way,
+/// since redb may panic on a damaged file).
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let outer = CATCHING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(outer));
+    result
+}
+
+/// Reports panics as one log line (message and location) instead of the default
+/// multi-line text on stderr; panics [`catch_panic`] catches go to the debug level.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        if CATCHING.with(|c| c.get()) {
+            tracing::debug!(thread, %location, "caught panic: {message} {}", std::backtrace::Backtrace::force_capture());
+        } else {
+            tracing::error!(thread, %location, "panic: {message}");
+        }
+    }));
+}

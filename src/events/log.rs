@@ -7,6 +7,7 @@ use tokio::sync::broadcast;
 
 use super::{
     CommittedEvent,
+    health::{Damage, LogHealth},
     subscription::{Feed, Filter, Start, SubscriptionError},
     time::Micros,
 };
@@ -120,6 +121,9 @@ pub enum LogError {
     /// The backing store failed; the write did not happen.
     #[error("event log storage failed: {0}")]
     Storage(String),
+    /// Stored data is damaged: reading on will not help (SPEC §5: `DATA_LOSS`).
+    #[error("{0}")]
+    Damaged(Damage),
 }
 
 /// A durable, ordered, deduplicating log of events.
@@ -194,8 +198,13 @@ pub trait EventLog: Send + Sync + 'static {
     /// is shared by every replica, so no replica-local counter could stand in for it).
     async fn dead_letter_count(&self) -> Result<u64, LogError>;
 
+    /// Whether the log can take writes now, and if not, why.
+    fn health(&self) -> LogHealth;
+
     /// Whether the log can take writes now.
-    fn is_ready(&self) -> bool;
+    fn is_ready(&self) -> bool {
+        self.health().is_ready()
+    }
 
     /// Finishes in-flight writes and refuses new ones.
     async fn close(&self);

@@ -315,8 +315,13 @@ impl EventLog for MemoryLog {
         Ok(erased)
     }
 
-    fn is_ready(&self) -> bool {
-        !self.closed.load(Ordering::Acquire)
+    fn health(&self) -> super::LogHealth {
+        use super::LogHealth;
+        if self.closed.load(Ordering::Acquire) {
+            LogHealth::Closed
+        } else {
+            LogHealth::Ready
+        }
     }
 
     async fn close(&self) {

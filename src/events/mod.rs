@@ -6,6 +6,7 @@
 //! - [`embedded`]: the default backend, durable on disk (redb) with group commit.
 //! - [`nats`]: NATS JetStream, shared by several replicas.
 //! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
+//! - [`health`]: what a log reports to readiness, and where data was found damaged.
 //! - [`fanout`]: the bounded broadcast that carries freshly committed events to subscribers.
 //! - [`subscription`]: start positions, filters, the [`subscription::Feed`] a subscriber
 //!   reads, and the generic cursor that reads history and then live events without a gap
@@ -15,6 +16,7 @@
 pub mod committed;
 pub mod embedded;
 pub mod fanout;
+pub mod health;
 pub mod log;
 pub mod memory;
 pub mod nats;
@@ -22,6 +24,7 @@ pub mod subscription;
 pub mod time;
 
 pub use committed::CommittedEvent;
+pub use health::{Damage, LogHealth};
 pub use log::{
     Admission, Admitted, AppendOutcome, Erased, EventLog, LogBounds, LogError, NewEvent,
     dead_letter_key, names_user,

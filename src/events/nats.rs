@@ -909,8 +909,13 @@ impl EventLog for NatsLog {
             .messages)
     }
 
-    fn is_ready(&self) -> bool {
-        self.connected().is_ok()
+    fn health(&self) -> super::LogHealth {
+        use super::LogHealth;
+        match self.connected() {
+            Ok(()) => LogHealth::Ready,
+            Err(LogError::Closed) => LogHealth::Closed,
+            Err(e) => LogHealth::Unreachable(e.to_string()),
+        }
     }
 
     async fn close(&self) {

@@ -18,7 +18,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     events::{
-        EventLog,
+        EventLog, LogError,
         subscription::{self, Feed, Filter, Start, SubscriptionError},
         time::{now_micros, to_micros},
     },
@@ -172,7 +172,10 @@ fn status_of(error: SubscriptionError) -> Status {
             reason::START_AHEAD_OF_LOG,
             &[("oldest_sequence", oldest), ("last_sequence", last)],
         ),
-        SubscriptionError::LiveClosed | SubscriptionError::Log(_) => Status::unavailable(message),
+        SubscriptionError::LiveClosed => Status::unavailable(message),
+        // Damage does not heal by retrying: DATA_LOSS, naming the sequence (SPEC §5).
+        SubscriptionError::Log(LogError::Damaged(_)) => Status::data_loss(message),
+        SubscriptionError::Log(_) => Status::unavailable(message),
     }
 }
 

@@ -145,6 +145,7 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
     for service in [
         "spike.gateway.v1.EventStream",
         "spike.gateway.v1.SpikeRecords",
+        "spike.gateway.v1.Admin",
     ] {
         reporter.set_service_status(service, status).await;
     }

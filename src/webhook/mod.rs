@@ -83,12 +83,15 @@ pub fn router(state: WebhookState) -> Router {
         .with_state(state)
 }
 
+/// `{"ready": bool, "reason": ..., "detail": ...}`: the same answer gRPC health follows.
 async fn ready(State(state): State<WebhookState>) -> impl IntoResponse {
-    if state.accepting.load(Ordering::Acquire) && state.log.is_ready() {
-        (StatusCode::OK, "ready")
+    let status = crate::readiness::status(&state.accepting, state.log.as_ref());
+    let code = if status.ready {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(status))
 }
 
 async fn metrics(State(state): State<WebhookState>) -> impl IntoResponse {

@@ -10,6 +10,10 @@
 //! transaction: a burst of N webhooks pays one fsync, not N (group commit). Readers
 //! (catch-up, `since`, bounds) open their own read transactions and never wait for it.
 //!
+//! Faults: [`store`] opens and checks the file and contains redb's panics, [`recovery`]
+//! reopens it after a failed commit, and [`salvage`] copies what is readable out of a
+//! damaged one.
+//!
 //! Tables: `events` (sequence → received µs ‖ the event as [`CommittedEvent`] encodes it
 //! for subscribers), `dedup` (event_id or [`super::dead_letter_key`] → sequence or letter id,
 //! first seen µs), `dedup_expiry` ((first seen µs, key) → ()) to expire the dedup index in
@@ -40,14 +44,18 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Admission, Admitted, CommittedEvent, Erased, EventLog, LogBounds, LogError,
+    Admission, Admitted, CommittedEvent, Erased, EventLog, LogBounds, LogError, LogHealth,
     fanout::Fanout,
     names_user,
     time::{Micros, now_micros},
 };
 use crate::proto::DeadLetter;
 
+mod recovery;
+pub mod salvage;
+pub mod store;
 mod writer;
+use store::{Fault, Health, Slot};
 use writer::Writer;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -82,14 +90,15 @@ const READ_BUFFER_BYTES: usize = 128 * 1024;
 const HOUSEKEEPING_CHUNK: usize = 10_000;
 
 pub struct EmbeddedLog {
-    db: Arc<Database>,
+    /// The open database; the writer swaps it when it reopens the file after a fault.
+    slot: Arc<Slot>,
     commands: mpsc::Sender<Command>,
     fanout: Fanout,
     // Set once on close(); appends check it first so no new write is accepted after.
     closed: AtomicBool,
-    // Cleared by the writer when a commit fails (disk full, I/O error), set again on the
-    // next success; /readyz reports it.
-    healthy: Arc<AtomicBool>,
+    // Write failures (set by the writer, cleared when it recovers) and damage (set by
+    // whoever meets it, kept); /readyz and gRPC health report it.
+    health: Arc<Health>,
     // The writer's thread, joined by close(). A std Mutex: only touched at shutdown.
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     // Write transactions committed so far; shows group commit at work (commits < appends).
@@ -116,37 +125,60 @@ fn storage(err: impl Into<redb::Error>) -> LogError {
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) `events.redb` in `data_dir`. Recovers after a crash on its own.
+    /// Opens (or creates) `events.redb` in `data_dir`. Recovers after a crash on its own;
+    /// refuses a damaged file, or a data directory whose log file is gone (see [`store`]).
     pub fn open(
         data_dir: &Path,
         dedup_window: Duration,
         retention: Duration,
     ) -> Result<Self, LogError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| LogError::Storage(format!("cannot create {}: {e}", data_dir.display())))?;
-        let path = data_dir.join("events.redb");
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| LogError::Storage(format!("cannot open {}: {e}", path.display())))?;
-        let db = Arc::new(db);
+        Self::open_with(data_dir, dedup_window, retention, true)
+    }
 
-        let (next, last_received) = initialise(&db).map_err(storage)?;
-        let legacy_ids_before = mark_id_rule(&db, now_micros()).map_err(storage)?;
+    /// [`EmbeddedLog::open`], verifying every page first only if `check` (see
+    /// `GATEWAY_LOG_CHECK_ON_START`).
+    pub fn open_with(
+        data_dir: &Path,
+        dedup_window: Duration,
+        retention: Duration,
+        check: bool,
+    ) -> Result<Self, LogError> {
+        let path = store::log_path(data_dir);
+        let db = store::open_checked(data_dir, check)?;
+        let db = Arc::new(db);
+        let (next, last_received) = store::contain(|| Ok(initialise(&db)?)).map_err(|fault| {
+            LogError::Storage(format!(
+                "cannot read where {} left off: {}",
+                path.display(),
+                fault.detail()
+            ))
+        })?;
+        let legacy_ids_before =
+            store::contain(|| Ok(mark_id_rule(&db, now_micros())?)).map_err(|fault| {
+                LogError::Storage(format!(
+                    "cannot record the identity rule in {}: {}",
+                    path.display(),
+                    fault.detail()
+                ))
+            })?;
         let fanout = Fanout::default();
-        let healthy = Arc::new(AtomicBool::new(true));
+        let health = Arc::new(Health::default());
+        let slot = Arc::new(Slot::new(db.clone()));
         let commits = Arc::new(AtomicU64::new(0));
         let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
         let writer = Writer {
-            db: db.clone(),
+            db,
+            path,
+            slot: slot.clone(),
             fanout: fanout.clone(),
-            healthy: healthy.clone(),
+            health: health.clone(),
             commits: commits.clone(),
             next,
             last_received,
             dedup_window: dedup_window.as_micros() as Micros,
             retention: retention.as_micros() as Micros,
             legacy_ids_before,
+            fault: None,
         };
         let handle = thread::Builder::new()
             .name("event-log-writer".into())
@@ -154,11 +186,11 @@ impl EmbeddedLog {
             .map_err(|e| LogError::Storage(format!("cannot start the writer thread: {e}")))?;
 
         Ok(Self {
-            db,
+            slot,
             commands,
             fanout,
             closed: AtomicBool::new(false),
-            healthy,
+            health,
             writer: Mutex::new(Some(handle)),
             commits,
         })
@@ -185,15 +217,27 @@ impl EmbeddedLog {
         answer.await.map_err(|_| LogError::Closed)?
     }
 
+    /// Runs `read` on a blocking thread against the current database. `at` starts as the
+    /// sequence the read is about (if any) and the read advances it as it goes, so damage
+    /// is reported at the first sequence it could not read. A panic inside redb becomes
+    /// [`LogError::Damaged`], never a dead task.
     async fn with_reader<T: Send + 'static>(
         &self,
-        read: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+        at: Option<u64>,
+        read: impl FnOnce(&Database, &mut Option<u64>) -> Result<T, redb::Error> + Send + 'static,
     ) -> Result<T, LogError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || read(&db))
-            .await
-            .map_err(|e| LogError::Storage(format!("reader task failed: {e}")))?
-            .map_err(storage)
+        let db = self.slot.get()?;
+        let health = self.health.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut at = at;
+            let result = store::contain(|| Ok(read(&db, &mut at)?));
+            result.map_err(|fault| match fault {
+                Fault::Damaged(detail) => health.damaged(at, &detail),
+                Fault::Transient(detail) => LogError::Storage(detail),
+            })
+        })
+        .await
+        .map_err(|e| LogError::Storage(format!("reader task failed: {e}")))?
     }
 }
 
@@ -219,6 +263,23 @@ fn initialise(db: &Database) -> Result<(u64, Micros), redb::Error> {
 /// Records the identity rule on first open; returns since when old-rule ids may be in the
 /// dedup index (a 0.1 store with entries), if ever.
 fn mark_id_rule(db: &Database, now: Micros) -> Result<Option<Micros>, redb::Error> {
+    // Read first: a store already marked needs no write at start-up (a needless commit
+    // would also rewrite pages of a file start-up has not yet found damaged).
+    {
+        let txn = db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => Some(meta),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(meta) = meta
+            && meta.get(META_ID_RULE)?.is_some()
+        {
+            return Ok(meta
+                .get(META_LEGACY_IDS_BEFORE)?
+                .map(|v| v.value() as Micros));
+        }
+    }
     let txn = db.begin_write()?;
     let legacy = {
         let mut meta = txn.open_table(META)?;
@@ -337,7 +398,7 @@ impl EventLog for EmbeddedLog {
         user: Option<&str>,
     ) -> Result<Vec<DeadLetter>, LogError> {
         let user = user.map(str::to_owned);
-        self.with_reader(move |db| {
+        self.with_reader(None, move |db, _| {
             let txn = db.begin_read()?;
             let letters = txn.open_table(DEAD_LETTERS)?;
             let mut out = Vec::new();
@@ -357,23 +418,34 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
-        self.with_reader(move |db| {
+        self.with_reader(Some(from), move |db, at| {
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let mut out = Vec::with_capacity(limit.min(1024));
             // One allocation for many events: each event's bytes are a view into `page`.
             let mut page = BytesMut::new();
             for entry in events.range(from..)?.take(limit) {
-                let (key, value) = entry?;
-                let value = value.value();
-                let wire = value.get(8..).unwrap_or_default();
-                if page.capacity() < wire.len() {
-                    page = BytesMut::with_capacity(READ_BUFFER_BYTES.max(wire.len()));
+                let decode = || -> Result<CommittedEvent, redb::Error> {
+                    let (key, value) = entry?;
+                    let value = value.value();
+                    *at = Some(key.value());
+                    let wire = value.get(8..).unwrap_or_default();
+                    if page.capacity() < wire.len() {
+                        page = BytesMut::with_capacity(READ_BUFFER_BYTES.max(wire.len()));
+                    }
+                    page.extend_from_slice(wire);
+                    stored_event_at(key.value(), received_of(value), page.split().freeze())
+                };
+                match decode() {
+                    Ok(event) => {
+                        *at = Some(event.sequence() + 1);
+                        out.push(Arc::new(event));
+                    }
+                    // Deliver what was read before the damage; the next read, starting
+                    // at the damage, reports it.
+                    Err(_) if !out.is_empty() => break,
+                    Err(e) => return Err(e),
                 }
-                page.extend_from_slice(wire);
-                let event =
-                    stored_event_at(key.value(), received_of(value), page.split().freeze())?;
-                out.push(Arc::new(event));
             }
             Ok(out)
         })
@@ -381,7 +453,7 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn bounds(&self) -> Result<LogBounds, LogError> {
-        self.with_reader(|db| {
+        self.with_reader(None, |db, _| {
             // One read transaction: oldest, next and trimmed_through from one snapshot.
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
@@ -399,7 +471,7 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn position_at(&self, since: Micros) -> Result<u64, LogError> {
-        self.with_reader(move |db| {
+        self.with_reader(None, move |db, at| {
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let meta = txn.open_table(META)?;
@@ -409,6 +481,7 @@ impl EventLog for EmbeddedLog {
             let (mut low, mut high) = (events.first()?.map_or(next, |(k, _)| k.value()), next);
             while low < high {
                 let mid = low + (high - low) / 2;
+                *at = Some(mid);
                 let at_or_after = match events.range(mid..)?.next() {
                     Some(entry) => received_of(entry?.1.value()) >= since,
                     None => true,
@@ -438,23 +511,25 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn dead_letter_count(&self) -> Result<u64, LogError> {
-        self.with_reader(|db| {
+        self.with_reader(None, |db, _| {
             let txn = db.begin_read()?;
             Ok(txn.open_table(DEAD_LETTERS)?.len()?)
         })
         .await
     }
 
-    fn is_ready(&self) -> bool {
-        !self.closed.load(Ordering::Acquire)
-            && self.healthy.load(Ordering::Acquire)
-            && !self.commands.is_closed()
+    fn health(&self) -> LogHealth {
+        if self.commands.is_closed() && !self.closed.load(Ordering::Acquire) {
+            return LogHealth::WriteFailing("the event log writer stopped".into());
+        }
+        self.health.current()
     }
 
     async fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.health.close();
         // Everything queued before Shutdown is still committed and answered.
         let _ = self.commands.send(Command::Shutdown).await;
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();

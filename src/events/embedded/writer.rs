@@ -3,18 +3,21 @@
 //! It runs on its own thread, fed by a bounded queue. Each turn it takes every command
 //! queued while the previous commit was syncing and commits them in one transaction.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc;
 
 use super::{
-    Command, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, HOUSEKEEPING_CHUNK, MAX_GROUP, META,
-    META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, decode_event, decode_letter,
-    received_of, storage, stored_event, stored_value,
+    Command, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, Fault, HOUSEKEEPING_CHUNK, Health,
+    MAX_GROUP, META, META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, Slot,
+    decode_event, decode_letter, received_of, storage, stored_event, stored_value,
 };
 use crate::{
     events::{
@@ -29,8 +32,12 @@ use crate::{
 
 pub(super) struct Writer {
     pub(super) db: Arc<Database>,
+    /// The file, for reopening it after a fault.
+    pub(super) path: PathBuf,
+    /// Where readers find `db`; emptied while the writer reopens the file.
+    pub(super) slot: Arc<Slot>,
     pub(super) fanout: Fanout,
-    pub(super) healthy: Arc<AtomicBool>,
+    pub(super) health: Arc<Health>,
     pub(super) commits: Arc<AtomicU64>,
     /// Sequence of the next appended event; only advanced after a successful commit.
     pub(super) next: u64,
@@ -40,6 +47,8 @@ pub(super) struct Writer {
     pub(super) retention: Micros,
     /// Dedup entries first seen before this may hold 0.1-rule ids (see the module docs).
     pub(super) legacy_ids_before: Option<Micros>,
+    /// Set when a command failed in redb: the writer reopens the file before going on.
+    pub(super) fault: Option<Fault>,
 }
 
 /// The tables one group's appends write. Letter tables are opened on first use, when some
@@ -99,10 +108,29 @@ impl Writer {
                 // `Closed` (503 to Spike, which retries) and nothing was acknowledged.
                 group.truncate(at);
             }
-            self.handle_group(&mut group);
+            self.handle_group_contained(&mut group);
             if shutdown.is_some() {
                 return;
             }
+            if let Some(fault) = self.fault.take() {
+                match self.recover(fault, &mut queue) {
+                    Some(recovered) => self = recovered,
+                    None => return,
+                }
+            }
+        }
+    }
+
+    /// Handles a group, turning a panic inside redb into a fault: the commands it did not
+    /// answer are dropped, so their callers see `Closed` (503), never a false success.
+    fn handle_group_contained(&mut self, group: &mut Vec<Command>) {
+        let handled = super::store::contain(|| {
+            self.handle_group(group);
+            Ok(())
+        });
+        if let Err(fault) = handled {
+            group.clear();
+            self.fault = Some(fault);
         }
     }
 
@@ -122,13 +150,14 @@ impl Writer {
             self.commit_writes(writes);
         }
         for (user, reply) in erasures {
-            let result = self.erase(&user).map_err(storage);
-            let _ = reply.send(result);
+            let result = self.erase(&user).inspect_err(|e| self.note_fault(e));
+            let _ = reply.send(result.map_err(storage));
         }
         if !housekeeping.is_empty() {
             let result = self.housekeeping();
             if let Err(e) = &result {
                 tracing::error!(error = %e, "event log housekeeping failed");
+                self.note_fault(e);
             }
             for reply in housekeeping {
                 let _ = reply.send(
@@ -141,13 +170,19 @@ impl Writer {
         }
     }
 
+    /// Remembers that redb failed, so the writer reopens the file before the next command.
+    fn note_fault(&mut self, error: &redb::Error) {
+        if self.fault.is_none() {
+            self.fault = Some(Fault::of(error));
+        }
+    }
+
     /// One transaction, one fsync, for every append and dead letter in the group.
     fn commit_writes(&mut self, mut writes: Vec<Command>) {
         let now = now_micros();
         let result = self.write_group(&mut writes, now);
         match result {
             Ok(written) => {
-                self.healthy.store(true, Ordering::Release);
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 self.next = written.tip.next;
                 self.last_received = written.tip.last_received;
@@ -161,8 +196,8 @@ impl Writer {
                 self.fanout.publish(written.appended);
             }
             Err(e) => {
-                self.healthy.store(false, Ordering::Release);
                 tracing::error!(error = %e, "event log commit failed; webhooks get 503 until it recovers");
+                self.note_fault(&e);
                 let message = e.to_string();
                 for command in writes {
                     if let Command::Append { reply, .. } = command {

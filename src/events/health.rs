@@ -1,0 +1,72 @@
+//! What a log reports about itself: whether it can take writes now, and if not, why.
+//!
+//! Every backend answers [`EventLog::health`](super::EventLog::health); `/readyz` and gRPC
+//! health both follow it through [`crate::readiness`], so they never disagree on the cause.
+
+use std::fmt;
+
+/// A log's state as readiness sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogHealth {
+    /// Takes writes.
+    Ready,
+    /// The last write failed (disk full, I/O error); the log is retrying by itself.
+    WriteFailing(String),
+    /// Stored data could not be read back or written over. Stays until the operator acts
+    /// (salvage): a retry cannot bring damaged pages back.
+    Damaged(Damage),
+    /// The backing service cannot be reached (NATS); the client reconnects by itself.
+    Unreachable(String),
+    /// Closed at shutdown.
+    Closed,
+}
+
+impl LogHealth {
+    pub fn is_ready(&self) -> bool {
+        matches!(self, LogHealth::Ready)
+    }
+
+    /// A closed set of names for `/readyz`, the metric label and log lines.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LogHealth::Ready => "ready",
+            LogHealth::WriteFailing(_) => "storage_write_failing",
+            LogHealth::Damaged(_) => "storage_damaged",
+            LogHealth::Unreachable(_) => "store_unreachable",
+            LogHealth::Closed => "closed",
+        }
+    }
+
+    /// The human-readable cause, if not ready.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            LogHealth::Ready | LogHealth::Closed => None,
+            LogHealth::WriteFailing(detail) | LogHealth::Unreachable(detail) => {
+                Some(detail.clone())
+            }
+            LogHealth::Damaged(damage) => Some(damage.to_string()),
+        }
+    }
+}
+
+/// Where stored data was found damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The first sequence that could not be read, when the damage is in the events.
+    pub sequence: Option<u64>,
+    pub detail: String,
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.sequence {
+            Some(sequence) => write!(f, "the event log is damaged at sequence {sequence}")?,
+            None => f.write_str("the event log is damaged")?,
+        }
+        write!(
+            f,
+            " ({}); stop the gateway and run `spike-gateway salvage`",
+            self.detail
+        )
+    }
+}
