@@ -15,6 +15,7 @@
 pub mod committed;
 pub mod embedded;
 pub mod fanout;
+pub mod groups;
 pub mod log;
 pub mod memory;
 pub mod nats;
