@@ -27,7 +27,11 @@ impl GroupName {
             return Err(GroupError::InvalidName(format!(
                 "group must be 1 to {MAX_GROUP_NAME} of [A-Za-z0-9._-], got {} bytes{}",
                 name.len(),
-                if name.is_empty() { "" } else { " outside that pattern or too long" },
+                if name.is_empty() {
+                    ""
+                } else {
+                    " outside that pattern or too long"
+                },
             )));
         }
         Ok(Self(name.to_owned()))

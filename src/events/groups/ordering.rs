@@ -107,12 +107,20 @@ impl Lanes {
         let mut seen = 0;
         let mut ready = BTreeMap::new();
         for (user, lane) in &self.lanes {
-            assert!(lane.active.is_some() || !lane.queue.is_empty(), "empty lane");
+            assert!(
+                lane.active.is_some() || !lane.queue.is_empty(),
+                "empty lane"
+            );
             for sequence in lane.active.iter().chain(&lane.queue) {
                 assert_eq!(expected.get(sequence), Some(user), "lane of {sequence}");
                 seen += 1;
             }
-            assert!(lane.queue.iter().zip(lane.queue.iter().skip(1)).all(|(a, b)| a < b));
+            assert!(
+                lane.queue
+                    .iter()
+                    .zip(lane.queue.iter().skip(1))
+                    .all(|(a, b)| a < b)
+            );
             if let (None, Some(&first)) = (lane.active, lane.queue.front()) {
                 ready.insert(first, user.clone());
             }

@@ -14,9 +14,7 @@ use std::{
 };
 
 use super::{
-    config::{
-        DEFAULT_MAX_IN_FLIGHT, GroupConfig, GroupError, GroupName, Limits, Ordering,
-    },
+    config::{DEFAULT_MAX_IN_FLIGHT, GroupConfig, GroupError, GroupName, Limits, Ordering},
     ordering::Lanes,
 };
 use crate::events::time::Micros;
@@ -144,8 +142,13 @@ enum PendingState {
     /// Read, never delivered: behind an earlier event of its user (per-user ordering).
     Queued,
     /// Delivered before; goes out again at `due`.
-    Waiting { due: Micros },
-    InFlight { member: MemberId, deadline: Micros },
+    Waiting {
+        due: Micros,
+    },
+    InFlight {
+        member: MemberId,
+        deadline: Micros,
+    },
 }
 
 #[derive(Debug)]
@@ -198,8 +201,7 @@ impl Replay {
     /// them, so they left the log (erased or expired). Returns how many.
     fn trim_below(&mut self, cursor: u64) -> u64 {
         let kept = self.unsettled.split_off(&cursor);
-        let gone = std::mem::replace(&mut self.unsettled, kept).len() as u64;
-        gone
+        std::mem::replace(&mut self.unsettled, kept).len() as u64
     }
 }
 
@@ -371,7 +373,9 @@ impl Group {
         let held: Vec<u64> = self
             .outstanding
             .iter()
-            .filter(|(_, p)| matches!(p.state, PendingState::InFlight { member: m, .. } if m == member))
+            .filter(
+                |(_, p)| matches!(p.state, PendingState::InFlight { member: m, .. } if m == member),
+            )
             .map(|(&sequence, _)| sequence)
             .collect();
         for &sequence in &held {
@@ -844,9 +848,16 @@ impl Group {
         );
         for (id, member) in &self.members {
             assert_eq!(per_member.get(id).copied().unwrap_or(0), member.in_flight);
-            assert!(member.in_flight as usize + member.stale.len() <= member.max_in_flight as usize);
+            assert!(
+                member.in_flight as usize + member.stale.len() <= member.max_in_flight as usize
+            );
         }
-        assert!(self.replay.unsettled.keys().all(|&s| s >= self.cursor && s < self.replay.until));
+        assert!(
+            self.replay
+                .unsettled
+                .keys()
+                .all(|&s| s >= self.cursor && s < self.replay.until)
+        );
         if self.per_user() {
             let users = self
                 .outstanding

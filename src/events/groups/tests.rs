@@ -92,8 +92,14 @@ fn definitions_are_validated() {
         GroupConfig::new(filter, Ordering::Unordered, -1),
         Err(GroupError::NegativeDuration("ack_wait"))
     );
-    assert!(GroupFilter::new(&[0], vec![], vec![]).is_err(), "unspecified type");
-    assert!(GroupFilter::new(&[99], vec![], vec![]).is_err(), "unknown type");
+    assert!(
+        GroupFilter::new(&[0], vec![], vec![]).is_err(),
+        "unspecified type"
+    );
+    assert!(
+        GroupFilter::new(&[99], vec![], vec![]).is_err(),
+        "unknown type"
+    );
     assert_eq!(Ordering::from_proto(1), Ok(Ordering::PerUser));
     assert_eq!(Ordering::from_proto(7), Err(GroupError::InvalidOrdering(7)));
 }
@@ -105,8 +111,17 @@ fn max_in_flight_caps_deliveries_exactly() {
     let member = group.join(0).unwrap();
     let got = group.next_deliveries(member, 0, scan(&all)).unwrap();
     assert_eq!(got.len(), DEFAULT_MAX_IN_FLIGHT as usize, "0 means 64");
-    assert_eq!(group.read_cursor(), 65, "the cursor stops at the first event not taken");
-    assert!(group.next_deliveries(member, 0, scan(&all)).unwrap().is_empty());
+    assert_eq!(
+        group.read_cursor(),
+        65,
+        "the cursor stops at the first event not taken"
+    );
+    assert!(
+        group
+            .next_deliveries(member, 0, scan(&all))
+            .unwrap()
+            .is_empty()
+    );
 
     group.ack(member, &[1, 2, 3]).unwrap();
     let got = group.next_deliveries(member, 0, scan(&all[64..])).unwrap();
@@ -151,7 +166,10 @@ fn the_cursor_skips_what_did_not_match_only_when_every_candidate_was_taken() {
         matching: &sparse,
         end: 20,
     };
-    assert_eq!(sequences(&group.next_deliveries(member, 0, read).unwrap()), [3, 9]);
+    assert_eq!(
+        sequences(&group.next_deliveries(member, 0, read).unwrap()),
+        [3, 9]
+    );
     assert_eq!(group.read_cursor(), 20);
     group.ack(member, &[3, 9]).unwrap();
     assert_eq!(group.acked_through(), 19);
@@ -163,7 +181,9 @@ fn a_scan_that_breaks_its_contract_is_refused_before_anything_changes() {
     let member = group.join(5).unwrap();
     let mut backwards = events(1, 4, &["u"]);
     backwards.reverse();
-    let error = group.next_deliveries(member, 0, scan(&backwards)).unwrap_err();
+    let error = group
+        .next_deliveries(member, 0, scan(&backwards))
+        .unwrap_err();
     assert!(matches!(error, GroupError::InvalidScan(_)), "{error}");
     let short = Scan {
         matching: &events(1, 4, &["u"]),
@@ -196,7 +216,9 @@ fn acks_settle_move_the_position_and_never_come_back() {
     assert_eq!(group.counters().acks, 3);
 
     // Long past ack_wait, nothing acked comes back.
-    let later = group.next_deliveries(member, 10 * ACK_WAIT, Scan::NONE).unwrap();
+    let later = group
+        .next_deliveries(member, 10 * ACK_WAIT, Scan::NONE)
+        .unwrap();
     assert_eq!(sequences(&later), [4, 5]);
     assert!(later.iter().all(|d| d.attempt == 2));
 }
@@ -206,7 +228,10 @@ fn a_nak_redelivers_after_its_delay_with_the_next_attempt() {
     let mut group = unordered();
     let (a, b) = (group.join(1).unwrap(), group.join(1).unwrap());
     let all = events(1, 3, &["u"]);
-    assert_eq!(sequences(&group.next_deliveries(a, 0, scan(&all)).unwrap()), [1]);
+    assert_eq!(
+        sequences(&group.next_deliveries(a, 0, scan(&all)).unwrap()),
+        [1]
+    );
 
     assert_eq!(group.nak(b, &[1], 0, 0).unwrap().ignored, 1, "not b's");
     assert_eq!(group.nak(a, &[1], 300, 100).unwrap().applied, 1);
@@ -214,10 +239,20 @@ fn a_nak_redelivers_after_its_delay_with_the_next_attempt() {
     assert!(early.is_empty(), "not before the delay");
     assert_eq!(group.next_wakeup(399), Some(400));
     let due = group.next_deliveries(b, 400, scan(&all)).unwrap();
-    assert_eq!(due, [Delivery { sequence: 1, attempt: 2 }], "redelivery first");
+    assert_eq!(
+        due,
+        [Delivery {
+            sequence: 1,
+            attempt: 2
+        }],
+        "redelivery first"
+    );
     assert_eq!(group.counters().naks, 1);
     assert_eq!(group.counters().redeliveries, 1);
-    assert_eq!(group.nak(a, &[1], -1, 0), Err(GroupError::NegativeDuration("nak delay")));
+    assert_eq!(
+        group.nak(a, &[1], -1, 0),
+        Err(GroupError::NegativeDuration("nak delay"))
+    );
 }
 
 #[test]
@@ -229,10 +264,21 @@ fn after_ack_wait_another_member_gets_it_and_the_silent_one_stops_receiving() {
     assert_eq!(group.next_wakeup(0), Some(ACK_WAIT));
 
     let to_b = group.next_deliveries(b, ACK_WAIT, scan(&all[1..])).unwrap();
-    assert_eq!(to_b, [Delivery { sequence: 1, attempt: 2 }]);
+    assert_eq!(
+        to_b,
+        [Delivery {
+            sequence: 1,
+            attempt: 2
+        }]
+    );
     // a never answered: its room stays used until it does.
     assert_eq!(group.room(a), Ok(0));
-    assert!(group.next_deliveries(a, ACK_WAIT, scan(&all[1..])).unwrap().is_empty());
+    assert!(
+        group
+            .next_deliveries(a, ACK_WAIT, scan(&all[1..]))
+            .unwrap()
+            .is_empty()
+    );
 
     // a's late ack still settles the event, which b then holds as stale work.
     assert_eq!(group.ack(a, &[1]).unwrap().applied, 1);
@@ -263,7 +309,9 @@ fn a_term_never_comes_back_and_is_counted() {
     let all = events(1, 3, &["u"]);
     group.next_deliveries(member, 0, scan(&all)).unwrap();
     assert_eq!(group.term(member, &[1]).unwrap().applied, 1);
-    let later = group.next_deliveries(member, 5 * ACK_WAIT, Scan::NONE).unwrap();
+    let later = group
+        .next_deliveries(member, 5 * ACK_WAIT, Scan::NONE)
+        .unwrap();
     assert_eq!(sequences(&later), [2]);
     assert_eq!(group.counters().terminated, 1);
 }
@@ -281,11 +329,24 @@ fn per_user_ordering_keeps_one_event_per_user_out_and_lets_others_pass() {
     // x's next (3) goes out only after 1 is settled, and to whoever has room.
     group.nak(a, &[1], 0, 0).unwrap();
     let to_b = group.next_deliveries(b, 0, Scan::NONE).unwrap();
-    assert_eq!(to_b, [Delivery { sequence: 1, attempt: 2 }], "the nak'd one, not 3");
+    assert_eq!(
+        to_b,
+        [Delivery {
+            sequence: 1,
+            attempt: 2
+        }],
+        "the nak'd one, not 3"
+    );
     group.ack(b, &[1]).unwrap();
-    assert_eq!(sequences(&group.next_deliveries(b, 0, Scan::NONE).unwrap()), [3]);
+    assert_eq!(
+        sequences(&group.next_deliveries(b, 0, Scan::NONE).unwrap()),
+        [3]
+    );
     group.term(a, &[2]).unwrap();
-    assert_eq!(sequences(&group.next_deliveries(a, 0, Scan::NONE).unwrap()), [4]);
+    assert_eq!(
+        sequences(&group.next_deliveries(a, 0, Scan::NONE).unwrap()),
+        [4]
+    );
     assert_eq!(group.stats(0).pending, 4, "3 and 4 out, 5 and 6 queued");
 }
 
@@ -301,16 +362,31 @@ fn a_full_window_pauses_first_deliveries_but_not_redeliveries() {
     group.next_deliveries(member, 0, scan(&all[..3])).unwrap();
     group.nak(member, &[1, 2], 500, 0).unwrap();
     // Two events wait: the window is full, so nothing new is read.
-    assert!(group.next_deliveries(member, 0, scan(&all[3..])).unwrap().is_empty());
+    assert!(
+        group
+            .next_deliveries(member, 0, scan(&all[3..]))
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(group.read_cursor(), 4);
     // Once one is settled, reading resumes: what goes out at once does not wait, so it
     // does not fill the window.
     group.term(member, &[1]).unwrap();
     let got = group.next_deliveries(member, 0, scan(&all[3..])).unwrap();
-    assert_eq!(sequences(&got), (4..=12).collect::<Vec<_>>(), "the member's room");
+    assert_eq!(
+        sequences(&got),
+        (4..=12).collect::<Vec<_>>(),
+        "the member's room"
+    );
     group.ack(member, &[3, 4]).unwrap();
-    let due = group.next_deliveries(member, 500, scan(&all[12..])).unwrap();
-    assert_eq!(sequences(&due), [2, 13], "the redelivery, then the next event");
+    let due = group
+        .next_deliveries(member, 500, scan(&all[12..]))
+        .unwrap();
+    assert_eq!(
+        sequences(&due),
+        [2, 13],
+        "the redelivery, then the next event"
+    );
     assert_eq!(due[0].attempt, 2);
 }
 
@@ -374,19 +450,46 @@ fn a_restart_redelivers_what_was_unsettled_and_skips_what_was_settled() {
     let mut restored = Group::restore(&bytes, Limits::default()).unwrap();
     assert_eq!(restored.acked_through(), 1);
     assert_eq!(restored.read_cursor(), 2);
-    assert_eq!(restored.stats(5).pending, 2 + 5, "2 and 4 unsettled, 5..=9 unread");
+    assert_eq!(
+        restored.stats(5).pending,
+        2 + 5,
+        "2 and 4 unsettled, 5..=9 unread"
+    );
     let member = restored.join(10).unwrap();
-    let got = restored.next_deliveries(member, 0, scan(&all[1..])).unwrap();
+    let got = restored
+        .next_deliveries(member, 0, scan(&all[1..]))
+        .unwrap();
     assert_eq!(
         got,
         [
-            Delivery { sequence: 2, attempt: 2 },
-            Delivery { sequence: 4, attempt: 2 },
-            Delivery { sequence: 5, attempt: 1 },
-            Delivery { sequence: 6, attempt: 1 },
-            Delivery { sequence: 7, attempt: 1 },
-            Delivery { sequence: 8, attempt: 1 },
-            Delivery { sequence: 9, attempt: 1 },
+            Delivery {
+                sequence: 2,
+                attempt: 2
+            },
+            Delivery {
+                sequence: 4,
+                attempt: 2
+            },
+            Delivery {
+                sequence: 5,
+                attempt: 1
+            },
+            Delivery {
+                sequence: 6,
+                attempt: 1
+            },
+            Delivery {
+                sequence: 7,
+                attempt: 1
+            },
+            Delivery {
+                sequence: 8,
+                attempt: 1
+            },
+            Delivery {
+                sequence: 9,
+                attempt: 1
+            },
         ]
     );
     assert_eq!(restored.counters().acks, 2);
@@ -467,8 +570,9 @@ struct SimMember {
 struct LastDelivery {
     member: MemberId,
     at: Micros,
-    /// Its member naked it or left.
-    released: bool,
+    /// Its member naked it or left: it may go out again from then on (else only after
+    /// its `ack_wait`).
+    released: Option<Micros>,
 }
 
 /// What the model knows at a snapshot.
@@ -599,8 +703,8 @@ impl Sim {
         let member = self.members.remove(i);
         self.group.leave(member.id, self.now);
         for last in self.last.values_mut() {
-            if last.member == member.id {
-                last.released = true;
+            if last.member == member.id && last.released.is_none() {
+                last.released = Some(self.now);
             }
         }
     }
@@ -617,7 +721,10 @@ impl Sim {
             })
             .collect();
         let id = self.members[i].id;
-        let read = Scan { matching: &matching, end: to };
+        let read = Scan {
+            matching: &matching,
+            end: to,
+        };
         let deliveries = self.group.next_deliveries(id, self.now, read).unwrap();
         for delivery in deliveries {
             self.check_delivery(i, delivery)?;
@@ -628,12 +735,21 @@ impl Sim {
     fn check_delivery(&mut self, i: usize, delivery: Delivery) -> Result<(), TestCaseError> {
         let Delivery { sequence, attempt } = delivery;
         let member = self.members[i].id;
-        prop_assert!(self.live(sequence), "{sequence} handed out but gone or not matching");
-        prop_assert!(!self.settled.contains(&sequence), "settled {sequence} came back");
+        prop_assert!(
+            self.live(sequence),
+            "{sequence} handed out but gone or not matching"
+        );
+        prop_assert!(
+            !self.settled.contains(&sequence),
+            "settled {sequence} came back"
+        );
         if let Some(last) = self.last.get(&sequence) {
+            let free_from = last.released.unwrap_or(last.at + self.ack_wait);
             prop_assert!(
-                last.released || self.now >= last.at + self.ack_wait,
-                "{sequence} in flight to two members at once"
+                self.now >= free_from,
+                "{sequence} out again at {} before {free_from}: two members at once, or \
+                 a nak's delay not kept",
+                self.now
             );
         }
         let attempts = self.attempts.entry(sequence).or_default();
@@ -656,12 +772,15 @@ impl Sim {
             LastDelivery {
                 member,
                 at: self.now,
-                released: false,
+                released: None,
             },
         );
         let held = &mut self.members[i].held;
         held.insert(sequence);
-        prop_assert!(held.len() <= self.members[i].max_in_flight as usize, "max_in_flight");
+        prop_assert!(
+            held.len() <= self.members[i].max_in_flight as usize,
+            "max_in_flight"
+        );
         Ok(())
     }
 
@@ -675,7 +794,10 @@ impl Sim {
             if !self.live(other) || self.settled.contains(&other) {
                 continue;
             }
-            prop_assert!(other > sequence, "{user}: {sequence} before unsettled {other}");
+            prop_assert!(
+                other > sequence,
+                "{user}: {sequence} before unsettled {other}"
+            );
             prop_assert!(
                 !self.last.contains_key(&other),
                 "{user}: {sequence} and {other} out at once"
@@ -697,9 +819,12 @@ impl Sim {
                 let applied = self.group.nak(id, &[sequence], delay, self.now).unwrap();
                 if applied.applied == 1 {
                     let last = self.last.get_mut(&sequence);
-                    prop_assert!(last.as_ref().is_some_and(|l| l.member == id), "nak by non-holder");
+                    prop_assert!(
+                        last.as_ref().is_some_and(|l| l.member == id),
+                        "nak by non-holder"
+                    );
                     if let Some(last) = last {
-                        last.released = true;
+                        last.released = Some(self.now + delay);
                     }
                 }
                 false
@@ -711,7 +836,10 @@ impl Sim {
 
     fn record_settled(&mut self, sequence: u64, applied: bool) -> Result<(), TestCaseError> {
         if applied {
-            prop_assert!(self.last.contains_key(&sequence), "settled {sequence}, never delivered");
+            prop_assert!(
+                self.last.contains_key(&sequence),
+                "settled {sequence}, never delivered"
+            );
             prop_assert!(self.settled.insert(sequence), "settled {sequence} twice");
         }
         Ok(())
@@ -803,7 +931,11 @@ impl Sim {
             }
         }
         let unread = self.matching_unread(self.group.unread_from(), self.end());
-        prop_assert_eq!(self.group.stats(unread).pending, 0, "work left after draining");
+        prop_assert_eq!(
+            self.group.stats(unread).pending,
+            0,
+            "work left after draining"
+        );
         for sequence in 1..self.end() {
             prop_assert!(
                 !self.live(sequence) || self.settled.contains(&sequence),
