@@ -213,7 +213,8 @@ impl GroupConfig {
     }
 }
 
-/// Bounds on a group's memory (see the module docs for the resulting bound).
+/// Bounds on a group's memory (see the module docs for the resulting bound). Operator
+/// settings: the step that serves `Consume` makes them flags in `config.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest `max_in_flight` a member may ask for.
@@ -221,7 +222,7 @@ pub struct Limits {
     /// Events read but held back that a group keeps before it stops reading: waiting for
     /// a redelivery (nak delay, `ack_wait` expiry, a member's end) or, under per-user
     /// ordering, for their user's previous event. A full window pauses first deliveries
-    /// (redeliveries go on) until the oldest of them are settled.
+    /// (redeliveries go on) until the oldest of them are settled. At least 1 is used.
     pub max_waiting: usize,
 }
 

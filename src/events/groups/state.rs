@@ -339,10 +339,11 @@ impl Group {
         self.config.ordering == Ordering::PerUser
     }
 
-    /// A new member holding at most `max_in_flight` unacked deliveries (0 = 64).
+    /// A new member holding at most `max_in_flight` unacked deliveries (0 = 64, or the
+    /// limit when that is lower).
     pub fn join(&mut self, max_in_flight: u32) -> Result<MemberId, GroupError> {
         let max_in_flight = match max_in_flight {
-            0 => DEFAULT_MAX_IN_FLIGHT,
+            0 => DEFAULT_MAX_IN_FLIGHT.min(self.limits.max_in_flight).max(1),
             n if n > self.limits.max_in_flight => {
                 return Err(GroupError::MaxInFlightTooLarge {
                     requested: n,
@@ -487,7 +488,7 @@ impl Group {
                 }
                 // Already counted by the window: it was unsettled before the restart.
                 Known::Unsettled(attempts) => attempts,
-                Known::New if self.held() >= self.limits.max_waiting => {
+                Known::New if self.held() >= self.limits.max_waiting.max(1) => {
                     return self.stop_reading_at(sequence);
                 }
                 Known::New => 0,
