@@ -7,6 +7,7 @@
 //! - [`nats`]: NATS JetStream, shared by several replicas.
 //! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
 //! - [`health`]: what a log reports to readiness, and where data was found damaged.
+//! - [`groups`]: the consumer-group state machine (SPEC §4.3): pure, driven by a backend.
 //! - [`fanout`]: the bounded broadcast that carries freshly committed events to subscribers.
 //! - [`subscription`]: start positions, filters, the [`subscription::Feed`] a subscriber
 //!   reads, and the generic cursor that reads history and then live events without a gap
@@ -16,6 +17,7 @@
 pub mod committed;
 pub mod embedded;
 pub mod fanout;
+pub mod groups;
 pub mod health;
 pub mod log;
 pub mod memory;
