@@ -30,7 +30,7 @@ use crate::{
     grpc::{self, GrpcParts, event_stream::SubscriberCount},
     metrics::Metrics,
     spike::{SpikeClient, SpikeError},
-    webhook::{self, WebhookState, signature::Verifier},
+    webhook::{self, BodyBudget, WebhookState, server::ServerLimits, signature::Verifier},
 };
 
 /// How often retention and dedup expiry run.
@@ -58,6 +58,12 @@ pub enum RunError {
     Http(std::io::Error),
     #[error("gRPC server failed: {0}")]
     Grpc(tonic::transport::Error),
+    /// A server task panicked or was cancelled; `server` names which.
+    #[error("{server} server task failed: {reason}")]
+    Task {
+        server: &'static str,
+        reason: String,
+    },
 }
 
 /// A gateway with its listeners bound and its log open, ready to [`run`](Self::run).
@@ -141,7 +147,9 @@ impl Application {
         let streams_shutdown = CancellationToken::new();
         let stop_servers = CancellationToken::new();
 
-        let (health_reporter, health_server) = tonic_health::server::health_reporter();
+        let health_reporter = tonic_health::server::HealthReporter::new();
+        let health =
+            tonic_health::server::HealthService::from_health_reporter(health_reporter.clone());
         grpc::set_serving(&health_reporter, true).await;
 
         tracing::info!(
@@ -155,15 +163,19 @@ impl Application {
             log: log.clone(),
             verifier: Verifier::new(&config.webhook.signature_keys),
             max_body_bytes: config.webhook.max_body_bytes,
+            body_budget: BodyBudget::new(config.webhook.body_budget_bytes),
             accepting: accepting.clone(),
             metrics: metrics.clone(),
             request_timeout: config.webhook.request_timeout,
         });
         let mut http: JoinHandle<Result<(), RunError>> = tokio::spawn({
             let stop = stop_servers.clone().cancelled_owned();
-            let header_timeout = config.webhook.header_timeout;
+            let limits = ServerLimits {
+                header_timeout: config.webhook.header_timeout,
+                max_connections: config.webhook.max_connections,
+            };
             async move {
-                webhook::server::serve(http_listener, router, header_timeout, stop)
+                webhook::server::serve(http_listener, router, limits, stop)
                     .await
                     .map_err(RunError::Http)
             }
@@ -177,10 +189,11 @@ impl Application {
                 spike,
                 metrics,
                 tls,
+                limits: config.grpc.limits.clone(),
             };
             let stop = stop_servers.clone().cancelled_owned();
             async move {
-                grpc::serve(grpc_listener, parts, health_server, stop)
+                grpc::serve(grpc_listener, parts, health, stop)
                     .await
                     .map_err(RunError::Grpc)
             }
@@ -195,8 +208,8 @@ impl Application {
         let mut failure = None;
         tokio::select! {
             () = shutdown => tracing::info!("shutdown requested"),
-            result = &mut http => failure = Some(joined(result)),
-            result = &mut grpc_task => failure = Some(joined(result)),
+            result = &mut http => failure = Some(joined("HTTP", result)),
+            result = &mut grpc_task => failure = Some(joined("gRPC", result)),
         }
 
         accepting.store(false, std::sync::atomic::Ordering::Release);
@@ -232,10 +245,21 @@ impl Application {
     }
 }
 
-fn joined(result: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
+/// A server task's outcome, a panic attributed to the server that panicked.
+fn joined(
+    server: &'static str,
+    result: Result<Result<(), RunError>, tokio::task::JoinError>,
+) -> Result<(), RunError> {
     match result {
         Ok(inner) => inner,
-        Err(e) => Err(RunError::Http(std::io::Error::other(e))),
+        Err(e) => Err(RunError::Task {
+            server,
+            reason: if e.is_panic() {
+                "panicked".to_owned()
+            } else {
+                e.to_string()
+            },
+        }),
     }
 }
 
@@ -319,6 +343,76 @@ async fn report_readiness(
             grpc::set_serving(&reporter, ready).await;
             serving = ready;
         }
+    }
+}
+
+/// The process's exit deadline: `GATEWAY_SHUTDOWN_GRACE` after shutdown begins (SIGTERM,
+/// SIGINT or a server failure). [`Application::run`] drains within it; what is left of it
+/// bounds the runtime's shutdown ([`ExitDeadline::remaining`]); and a watchdog thread
+/// ends the process [`HARD_EXIT_MARGIN`] past it if anything still holds it, such as a
+/// blocking call that never returns.
+#[derive(Debug, Clone)]
+pub struct ExitDeadline {
+    grace: Duration,
+    at: Arc<std::sync::OnceLock<std::time::Instant>>,
+}
+
+/// How long past the grace the watchdog waits for an orderly exit before forcing one.
+pub const HARD_EXIT_MARGIN: Duration = Duration::from_millis(500);
+
+impl ExitDeadline {
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            at: Arc::default(),
+        }
+    }
+
+    /// Completes with `shutdown`, arming the deadline as it does.
+    pub fn armed_after(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = ()> + Send {
+        let deadline = self.clone();
+        async move {
+            shutdown.await;
+            deadline.arm();
+        }
+    }
+
+    /// Starts the clock (once) and the watchdog that enforces it.
+    pub fn arm(&self) {
+        let mut armed = false;
+        let at = *self.at.get_or_init(|| {
+            armed = true;
+            std::time::Instant::now() + self.grace
+        });
+        if !armed {
+            return;
+        }
+        let grace = self.grace;
+        let watchdog = std::thread::Builder::new()
+            .name("exit-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(
+                    (at + HARD_EXIT_MARGIN).saturating_duration_since(std::time::Instant::now()),
+                );
+                tracing::error!(
+                    ?grace,
+                    "shutdown grace period over and the process still running; exiting now"
+                );
+                std::process::exit(1);
+            });
+        if let Err(e) = watchdog {
+            tracing::warn!(error = %e, "cannot start the exit watchdog; exit is not bounded");
+        }
+    }
+
+    /// Time left before the deadline (arming it now if shutdown began otherwise).
+    pub fn remaining(&self) -> Duration {
+        self.arm();
+        let at = *self.at.get().expect("armed above");
+        at.saturating_duration_since(std::time::Instant::now())
     }
 }
 

@@ -10,11 +10,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
 
 use super::{
     AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
-    fanout::Fanout,
+    fanout::{self, Fanout},
     time::{Micros, from_micros, now_micros, to_micros},
 };
 use crate::{
@@ -186,7 +185,7 @@ impl EventLog for MemoryLog {
         Ok(state.events.get(index).map_or(state.next, |e| e.sequence()))
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
+    fn live(&self) -> fanout::Receiver {
         self.fanout.subscribe()
     }
 

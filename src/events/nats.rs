@@ -39,12 +39,11 @@ use async_nats::{
 use async_trait::async_trait;
 use futures_util::{StreamExt, future::try_join_all};
 use prost::Message;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
-    fanout::Fanout,
+    fanout::{self, Fanout},
     subscription::{Feed, Filter, Start, SubscriptionError, first_position},
     time::{Micros, from_micros, now_micros},
 };
@@ -515,7 +514,7 @@ impl EventLog for NatsLog {
         Ok(low)
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
+    fn live(&self) -> fanout::Receiver {
         // Subscribe before the tail starts, so the first receiver misses nothing it reads.
         let receiver = self.fanout.subscribe();
         self.tail_started.call_once(|| {
