@@ -101,7 +101,7 @@ pub struct Cli {
     #[arg(
         long,
         env = "GATEWAY_GRPC_MAX_STREAMS_PER_CONNECTION",
-        default_value_t = 100
+        default_value_t = 256
     )]
     pub grpc_max_streams_per_connection: u32,
     /// A gRPC connection from which nothing was read for this long is closed. Live clients
@@ -729,7 +729,7 @@ mod tests {
         assert_eq!(grpc.idle_timeout, Duration::from_secs(30));
         assert!(grpc.keepalive_interval < grpc.idle_timeout);
         assert_eq!(grpc.max_connections, 8192);
-        assert_eq!(grpc.max_streams_per_connection, 100);
+        assert_eq!(grpc.max_streams_per_connection, 256);
         assert_eq!(grpc.max_health_watches, 1024);
         assert_eq!(grpc.filter.max_items, 1024);
         assert_eq!(grpc.filter.max_item_bytes, 256);

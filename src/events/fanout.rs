@@ -206,7 +206,7 @@ mod tests {
     fn event(sequence: u64, raw_json_bytes: usize) -> Arc<CommittedEvent> {
         Arc::new(CommittedEvent::new(Event {
             sequence,
-            raw_json: vec![b'x'; raw_json_bytes],
+            raw_json: vec![b'x'; raw_json_bytes].into(),
             ..Default::default()
         }))
     }

@@ -52,7 +52,7 @@ const MAX_HEADERS: usize = 64;
 /// The answer to a connection past the limit: the request is never read.
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\n\
-content-length: 63\r\n\
+content-length: 65\r\n\
 connection: close\r\n\
 retry-after: 1\r\n\
 \r\n\
