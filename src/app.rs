@@ -449,3 +449,27 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_server_task_is_named_as_such() {
+        let panicked = tokio::spawn(async { panic!("boom") }).await;
+        let Err(e) = joined("gRPC", panicked.map(|()| Ok(()))) else {
+            panic!("a panic is a failure");
+        };
+        assert_eq!(e.to_string(), "gRPC server task failed: panicked");
+    }
+
+    #[test]
+    fn the_exit_deadline_counts_from_when_it_is_armed() {
+        let deadline = ExitDeadline::new(Duration::from_secs(3600));
+        let remaining = deadline.remaining();
+        assert!(remaining > Duration::from_secs(3590) && remaining <= Duration::from_secs(3600));
+        // Arming again does not move it.
+        deadline.arm();
+        assert!(deadline.remaining() <= remaining);
+    }
+}
