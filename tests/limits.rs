@@ -13,6 +13,8 @@ use std::{
 };
 
 use futures_util::future::join_all;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use spike_gateway::{
     proto::{SubscribeRequest, event_stream_client::EventStreamClient},
     webhook::signature::sign,
@@ -286,7 +288,8 @@ async fn held_bodies_are_bounded_in_total_and_webhooks_still_get_through() {
 async fn h2c_prior_knowledge_is_not_spoken() {
     let gateway = Gateway::start(&[]);
     let before = gateway.rss();
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // The client preface, then an empty SETTINGS frame, as an h2c client sends them.
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
     let filler: &'static [u8] = vec![0u8; (19 * MIB / 10) as usize].leak();
     let connections: Vec<_> = (0..300)
         .map(|_| {
@@ -296,18 +299,20 @@ async fn h2c_prior_knowledge_is_not_spoken() {
                 stream.write_all(PREFACE).await.unwrap();
                 let _ =
                     tokio::time::timeout(Duration::from_secs(5), stream.write_all(filler)).await;
-                // The server ends the connection instead of speaking HTTP/2.
+                // The server ends the connection instead of speaking HTTP/2: it never sends
+                // its SETTINGS frame, at most an HTTP/1.1 error.
+                let mut answer = Vec::new();
                 let mut buf = vec![0u8; 64 * 1024];
                 let closed = tokio::time::timeout(Duration::from_secs(5), async {
                     loop {
                         match stream.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
-                            Ok(_) => {}
+                            Ok(n) => answer.extend_from_slice(&buf[..n]),
                         }
                     }
                 })
                 .await;
-                closed.is_ok()
+                closed.is_ok() && (answer.is_empty() || answer.starts_with(b"HTTP/1.1 "))
             })
         })
         .collect();
@@ -441,26 +446,45 @@ async fn stalled_subscribers_hold_bounded_bytes_and_lose_nothing() {
     .await;
     let before = gateway.rss();
 
-    let padding = "p".repeat(MIB as usize);
+    // Bodies share a 1 MiB prefix, so the test signs it once and each body only adds its
+    // own tail to a copy of that HMAC state (debug-build SHA-256 of 300 MiB takes a minute).
+    let prefix = format!("{{\"padding\":\"{}\",", "p".repeat(MIB as usize));
+    let signed_prefix = {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(KEY.as_bytes()).unwrap();
+        mac.update(prefix.as_bytes());
+        mac
+    };
     let http = reqwest::Client::new();
-    for n in 0..300u64 {
-        let mut item = record_change(&format!("big-{n}"), n);
-        item["padding"] = serde_json::Value::String(padding.clone());
-        let body = serde_json::to_vec(&item).unwrap();
-        let status = http
-            .post(gateway.url(MAIN))
-            .header("X-Body-Signature", sign(KEY, &body))
-            .body(body)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status.as_u16(), 200, "event {n}");
-    }
+    // Four posters at once.
+    let posters = (0..4u64).map(|poster| {
+        let (http, url) = (http.clone(), gateway.url(MAIN));
+        let (prefix, signed_prefix) = (&prefix, &signed_prefix);
+        async move {
+            for n in (poster..300).step_by(4) {
+                let item = serde_json::to_string(&record_change(&format!("big-{n}"), n)).unwrap();
+                let tail = &item[1..]; // the record's fields after the padding
+                let mut mac = signed_prefix.clone();
+                mac.update(tail.as_bytes());
+                let signature = hex::encode(mac.finalize().into_bytes());
+                let status = http
+                    .post(&url)
+                    .header("X-Body-Signature", signature)
+                    .body(format!("{prefix}{tail}"))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(status.as_u16(), 200, "event {n}");
+            }
+        }
+    });
+    let started = Instant::now();
+    join_all(posters).await;
+    let posted = started.elapsed();
     let grown = gateway.rss().saturating_sub(before);
     println!(
-        "5 stalled subscribers, 300 events of 1 MiB: RSS +{} MiB ({} MiB each)",
+        "5 stalled subscribers, 300 events of 1 MiB (posted in {posted:?}): RSS +{} MiB ({} MiB each)",
         grown / MIB,
         grown / MIB / 5
     );
@@ -476,6 +500,7 @@ async fn stalled_subscribers_hold_bounded_bytes_and_lose_nothing() {
             .expect("stream open");
         assert_eq!(event.sequence, expected);
     }
+    println!("read back in {:?}", started.elapsed() - posted);
     drop(client);
 }
 
