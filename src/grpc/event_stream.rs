@@ -359,3 +359,31 @@ async fn finish(sender: &Inbox, status: Option<Status>) {
         let _ = sender.sender.send(Err(status)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn event(len: usize) -> EncodedEvent {
+        EncodedEvent(bytes::Bytes::from(vec![0u8; len]))
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_an_oversized_event_goes_alone() {
+        let (inbox, mut outbox) = Inbox::new(10);
+        assert!(inbox.try_send(event(6)).is_ok());
+        assert!(matches!(inbox.try_send(event(6)), Err(Full::Wait(_))));
+        // Taking the event returns its bytes to the budget.
+        assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), 6);
+        assert!(
+            inbox.try_send(event(100)).is_ok(),
+            "larger than the budget, alone"
+        );
+        assert!(matches!(inbox.try_send(event(1)), Err(Full::Wait(_))));
+        assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), 100);
+        drop(outbox);
+        assert!(!inbox.send(event(1)).await, "the client is gone");
+    }
+}

@@ -167,7 +167,8 @@ impl AsyncRead for FramingGuard {
         std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
         if this.scan.feed(&buf.filled()[before..]) {
             tracing::debug!("refusing a request with both Content-Length and Transfer-Encoding");
-            // The request is never dispatched, so nothing else writes to this socket.
+            // The request is never dispatched, so nothing else writes to this socket (short of
+            // a client pipelining behind an unanswered request, which then gets both).
             let _ = this.stream.try_write(AMBIGUOUS_FRAMING);
             this.refused = true;
             buf.set_filled(before);
