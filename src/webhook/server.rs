@@ -44,7 +44,7 @@ use tokio::{
 /// [`super::MAX_HEAD_BYTES`] but within this buffer get a JSON 431 from the router; only
 /// heads past this buffer get hyper's own (bodiless) 431. It also caps the read-ahead of a
 /// body, so it bounds per-connection memory outside the body budget.
-pub const READ_BUFFER_BYTES: usize = 64 * 1024;
+pub const READ_BUFFER_BYTES: usize = 32 * 1024;
 
 /// Most header fields in one request (hyper's default is 100; Spike sends about ten).
 const MAX_HEADERS: usize = 64;
