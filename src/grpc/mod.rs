@@ -123,8 +123,32 @@ pub async fn serve(
         auth.clone(),
     );
 
-    let mut server = Server::builder()
+    let mut server = bounded_server(&limits);
+    if let Some(tls) = parts.tls {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .add_service(health)
+        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, auth))
+        .add_service(event_stream)
+        .add_service(records)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            // HTTP/2 keepalive pings (see `bounded_server`) find dead peers behind idle streams.
+            connections::incoming(listener, limits.max_connections, limits.idle_timeout),
+            stop,
+        )
+        .await
+}
+
+/// The server with its per-connection bounds (SPEC §6) and a span per RPC.
+fn bounded_server(limits: &GrpcLimits) -> Server {
+    Server::builder()
+        // Without it one connection could open streams until memory runs out.
         .max_concurrent_streams(limits.max_streams_per_connection)
+        // Pings make every live client send something within the interval, so the idle
+        // timeout in `connections` only closes silent or dead peers.
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .trace_fn(|request| {
@@ -137,23 +161,7 @@ pub async fn serve(
                 method = %request.uri().path(),
                 request_id = %crate::telemetry::request_id(offered),
             )
-        });
-    if let Some(tls) = parts.tls {
-        server = server.tls_config(tls)?;
-    }
-    server
-        .add_service(health)
-        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
-        .add_service(InterceptedService::new(reflection_v1alpha, auth))
-        .add_service(event_stream)
-        .add_service(records)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(
-            // HTTP/2 keepalive pings (above) find dead peers behind idle streams.
-            connections::incoming(listener, limits.max_connections, limits.idle_timeout),
-            stop,
-        )
-        .await
+        })
 }
 
 /// Marks the gateway's services serving (or not) in `grpc.health.v1`.

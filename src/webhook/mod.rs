@@ -273,13 +273,6 @@ async fn verify_and_append(
     if !state.accepting.load(Ordering::Acquire) {
         return Err(WebhookError::ShuttingDown);
     }
-    let declared = declared_length(headers)?;
-    if declared.is_some_and(|length| length > state.max_body_bytes) {
-        // At once: waiting for a body that will be refused only holds the connection.
-        return Err(WebhookError::TooLarge {
-            limit: state.max_body_bytes,
-        });
-    }
     let signature = headers
         .get(SIGNATURE_HEADER)
         .ok_or(WebhookError::MissingSignature)?;
@@ -366,9 +359,14 @@ async fn read_body(
     limit: usize,
     budget: &BodyBudget,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), WebhookError> {
+    let declared = declared_length(headers)?;
+    if declared.is_some_and(|length| length > limit) {
+        // At once: waiting for a body that will be refused only holds the connection.
+        return Err(WebhookError::TooLarge { limit });
+    }
     let mut charged = None;
-    // Sized once when the length is declared (and already checked against `limit`).
-    let mut buffer = BytesMut::with_capacity(declared_length(headers)?.unwrap_or(0).min(limit));
+    // Sized once when the length is declared (already checked against `limit`).
+    let mut buffer = BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| WebhookError::UnreadableBody)?;
         let Ok(data) = frame.into_data() else {
