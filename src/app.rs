@@ -368,15 +368,16 @@ impl ExitDeadline {
         }
     }
 
-    /// Completes with `shutdown`, arming the deadline as it does.
+    /// Completes with `shutdown`, arming the deadline as it does, or when it is dropped:
+    /// [`Application::run`] drops it when a server fails, which begins shutdown too.
     pub fn armed_after(
         &self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> impl Future<Output = ()> + Send {
-        let deadline = self.clone();
+        let armed = ArmOnDrop(self.clone());
         async move {
+            let _armed = armed;
             shutdown.await;
-            deadline.arm();
         }
     }
 
@@ -413,6 +414,15 @@ impl ExitDeadline {
         self.arm();
         let at = *self.at.get().expect("armed above");
         at.saturating_duration_since(std::time::Instant::now())
+    }
+}
+
+/// Arms its deadline when dropped, however the future holding it ends.
+struct ArmOnDrop(ExitDeadline);
+
+impl Drop for ArmOnDrop {
+    fn drop(&mut self) {
+        self.0.arm();
     }
 }
 

@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
+
 use super::{
     CommittedEvent, fanout,
     subscription::{Feed, Filter, PageLimit, Start, SubscriptionError},
     time::Micros,
 };
 use crate::proto::{DeadLetter, Event};
-use async_trait::async_trait;
 
 /// What happened to one event handed to [`EventLog::append`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
