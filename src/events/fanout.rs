@@ -15,7 +15,7 @@ use std::{
     collections::VecDeque,
     fmt,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicUsize, Ordering},
     },
 };
@@ -42,8 +42,9 @@ pub struct Fanout {
 }
 
 struct Shared {
-    /// Held only to push or to clone one `Arc` out: never across an await.
-    ring: Mutex<Ring>,
+    /// Written to push, read to clone an `Arc` out (receivers read side by side); never
+    /// held across an await.
+    ring: RwLock<Ring>,
     /// Woken on every publish and on close.
     published: Notify,
     senders: AtomicUsize,
@@ -68,7 +69,7 @@ impl Default for Fanout {
     fn default() -> Self {
         Self {
             shared: Arc::new(Shared {
-                ring: Mutex::default(),
+                ring: RwLock::default(),
                 published: Notify::new(),
                 senders: AtomicUsize::new(1),
             }),
@@ -88,7 +89,7 @@ impl Clone for Fanout {
 impl Drop for Fanout {
     fn drop(&mut self) {
         if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.shared.lock().closed = true;
+            self.shared.write().closed = true;
             self.shared.published.notify_waiters();
         }
     }
@@ -96,7 +97,7 @@ impl Drop for Fanout {
 
 impl fmt::Debug for Fanout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ring = self.shared.lock();
+        let ring = self.shared.read();
         f.debug_struct("Fanout")
             .field("events", &ring.events.len())
             .field("bytes", &ring.bytes)
@@ -105,10 +106,17 @@ impl fmt::Debug for Fanout {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Ring> {
-        // A panic while holding the lock leaves the ring consistent (each step is whole).
+    // A panic while holding the lock leaves the ring consistent (each step is whole), so a
+    // poisoned lock is used as it is.
+    fn read(&self) -> RwLockReadGuard<'_, Ring> {
         self.ring
-            .lock()
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Ring> {
+        self.ring
+            .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -117,7 +125,7 @@ impl Fanout {
     /// Publishes committed events, in sequence order. Never blocks on a subscriber.
     pub fn publish(&self, events: impl IntoIterator<Item = Arc<CommittedEvent>>) {
         {
-            let mut ring = self.shared.lock();
+            let mut ring = self.shared.write();
             for event in events {
                 ring.bytes += size_of(&event);
                 ring.events.push_back(event);
@@ -135,7 +143,7 @@ impl Fanout {
 
     /// A receiver of the events published from now on.
     pub fn subscribe(&self) -> Receiver {
-        let next = self.shared.lock().end();
+        let next = self.shared.read().end();
         Receiver {
             shared: self.shared.clone(),
             next,
@@ -158,7 +166,7 @@ impl Receiver {
     /// The next event, without waiting. `Lagged(n)`: `n` events were dropped from the ring
     /// before this receiver read them; the next call returns the oldest one still held.
     pub fn try_recv(&mut self) -> Result<Arc<CommittedEvent>, TryRecvError> {
-        let ring = self.shared.lock();
+        let ring = self.shared.read();
         if self.next < ring.first {
             let missed = ring.first - self.next;
             self.next = ring.first;
@@ -238,7 +246,7 @@ mod tests {
         for sequence in 1..=100 {
             fanout.publish([event(sequence, big)]);
         }
-        let held = fanout.shared.lock().bytes;
+        let held = fanout.shared.read().bytes;
         assert!(held <= LIVE_BYTES, "{held} bytes held");
         let Err(TryRecvError::Lagged(missed)) = stalled.try_recv() else {
             panic!("a stalled receiver lags");
