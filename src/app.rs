@@ -31,7 +31,7 @@ use crate::{
     grpc::{self, GrpcParts, event_stream::SubscriberCount},
     metrics::Metrics,
     spike::{SpikeClient, SpikeError},
-    webhook::{self, WebhookState, signature::Verifier},
+    webhook::{self, BodyBudget, WebhookState, server::ServerLimits, signature::Verifier},
 };
 
 /// How often retention and dedup expiry run.
@@ -59,6 +59,12 @@ pub enum RunError {
     Http(std::io::Error),
     #[error("gRPC server failed: {0}")]
     Grpc(tonic::transport::Error),
+    /// A server task panicked or was cancelled; `server` names which.
+    #[error("{server} server task failed: {reason}")]
+    Task {
+        server: &'static str,
+        reason: String,
+    },
 }
 
 /// A gateway with its listeners bound and its log open, ready to [`run`](Self::run).
@@ -152,7 +158,9 @@ impl Application {
         let streams_shutdown = CancellationToken::new();
         let stop_servers = CancellationToken::new();
 
-        let (health_reporter, health_server) = tonic_health::server::health_reporter();
+        let health_reporter = tonic_health::server::HealthReporter::new();
+        let health =
+            tonic_health::server::HealthService::from_health_reporter(health_reporter.clone());
         // From the first request on, gRPC health says what /readyz says.
         let initial = crate::readiness::status(&accepting, log.as_ref());
         grpc::set_serving(&health_reporter, initial.ready).await;
@@ -168,15 +176,19 @@ impl Application {
             log: log.clone(),
             verifier: Verifier::new(&config.webhook.signature_keys),
             max_body_bytes: config.webhook.max_body_bytes,
+            body_budget: BodyBudget::new(config.webhook.body_budget_bytes),
             accepting: accepting.clone(),
             metrics: metrics.clone(),
             request_timeout: config.webhook.request_timeout,
         });
         let mut http: JoinHandle<Result<(), RunError>> = tokio::spawn({
             let stop = stop_servers.clone().cancelled_owned();
-            let header_timeout = config.webhook.header_timeout;
+            let limits = ServerLimits {
+                header_timeout: config.webhook.header_timeout,
+                max_connections: config.webhook.max_connections,
+            };
             async move {
-                webhook::server::serve(http_listener, router, header_timeout, stop)
+                webhook::server::serve(http_listener, router, limits, stop)
                     .await
                     .map_err(RunError::Http)
             }
@@ -192,10 +204,11 @@ impl Application {
                 spike,
                 metrics,
                 tls,
+                limits: config.grpc.limits.clone(),
             };
             let stop = stop_servers.clone().cancelled_owned();
             async move {
-                grpc::serve(grpc_listener, parts, health_server, stop)
+                grpc::serve(grpc_listener, parts, health, stop)
                     .await
                     .map_err(RunError::Grpc)
             }
@@ -219,8 +232,8 @@ impl Application {
         let mut failure = None;
         tokio::select! {
             () = shutdown => tracing::info!("shutdown requested"),
-            result = &mut http => failure = Some(joined(result)),
-            result = &mut grpc_task => failure = Some(joined(result)),
+            result = &mut http => failure = Some(joined("HTTP", result)),
+            result = &mut grpc_task => failure = Some(joined("gRPC", result)),
         }
 
         accepting.store(false, std::sync::atomic::Ordering::Release);
@@ -256,10 +269,21 @@ impl Application {
     }
 }
 
-fn joined(result: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
+/// A server task's outcome, a panic attributed to the server that panicked.
+fn joined(
+    server: &'static str,
+    result: Result<Result<(), RunError>, tokio::task::JoinError>,
+) -> Result<(), RunError> {
     match result {
         Ok(inner) => inner,
-        Err(e) => Err(RunError::Http(std::io::Error::other(e))),
+        Err(e) => Err(RunError::Task {
+            server,
+            reason: if e.is_panic() {
+                "panicked".to_owned()
+            } else {
+                e.to_string()
+            },
+        }),
     }
 }
 
@@ -368,6 +392,86 @@ async fn report_readiness(feed: ReadinessFeed, stop: CancellationToken) {
     }
 }
 
+/// The process's exit deadline: `GATEWAY_SHUTDOWN_GRACE` after shutdown begins (SIGTERM,
+/// SIGINT or a server failure). [`Application::run`] drains within it; what is left of it
+/// bounds the runtime's shutdown ([`ExitDeadline::remaining`]); and a watchdog thread
+/// ends the process [`HARD_EXIT_MARGIN`] past it if anything still holds it, such as a
+/// blocking call that never returns.
+#[derive(Debug, Clone)]
+pub struct ExitDeadline {
+    grace: Duration,
+    at: Arc<std::sync::OnceLock<std::time::Instant>>,
+}
+
+/// How long past the grace the watchdog waits for an orderly exit before forcing one.
+pub const HARD_EXIT_MARGIN: Duration = Duration::from_millis(500);
+
+impl ExitDeadline {
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            at: Arc::default(),
+        }
+    }
+
+    /// Completes with `shutdown`, arming the deadline as it does, or when it is dropped:
+    /// [`Application::run`] drops it when a server fails, which begins shutdown too.
+    pub fn armed_after(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = ()> + Send {
+        let armed = ArmOnDrop(self.clone());
+        async move {
+            let _armed = armed;
+            shutdown.await;
+        }
+    }
+
+    /// Starts the clock (once) and the watchdog that enforces it.
+    pub fn arm(&self) {
+        let mut armed = false;
+        let at = *self.at.get_or_init(|| {
+            armed = true;
+            std::time::Instant::now() + self.grace
+        });
+        if !armed {
+            return;
+        }
+        let grace = self.grace;
+        let watchdog = std::thread::Builder::new()
+            .name("exit-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(
+                    (at + HARD_EXIT_MARGIN).saturating_duration_since(std::time::Instant::now()),
+                );
+                tracing::error!(
+                    ?grace,
+                    "shutdown grace period over and the process still running; exiting now"
+                );
+                std::process::exit(1);
+            });
+        if let Err(e) = watchdog {
+            tracing::warn!(error = %e, "cannot start the exit watchdog; exit is not bounded");
+        }
+    }
+
+    /// Time left before the deadline (arming it now if shutdown began otherwise).
+    pub fn remaining(&self) -> Duration {
+        self.arm();
+        let at = *self.at.get().expect("armed above");
+        at.saturating_duration_since(std::time::Instant::now())
+    }
+}
+
+/// Arms its deadline when dropped, however the future holding it ends.
+struct ArmOnDrop(ExitDeadline);
+
+impl Drop for ArmOnDrop {
+    fn drop(&mut self) {
+        self.0.arm();
+    }
+}
+
 /// Registers SIGTERM and SIGINT handlers now and completes on the first of them.
 ///
 /// Registration happens in this call, not when the future is first polled: a signal that
@@ -399,5 +503,29 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
         async {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_server_task_is_named_as_such() {
+        let panicked = tokio::spawn(async { panic!("boom") }).await;
+        let Err(e) = joined("gRPC", panicked.map(|()| Ok(()))) else {
+            panic!("a panic is a failure");
+        };
+        assert_eq!(e.to_string(), "gRPC server task failed: panicked");
+    }
+
+    #[test]
+    fn the_exit_deadline_counts_from_when_it_is_armed() {
+        let deadline = ExitDeadline::new(Duration::from_secs(3600));
+        let remaining = deadline.remaining();
+        assert!(remaining > Duration::from_secs(3590) && remaining <= Duration::from_secs(3600));
+        // Arming again does not move it.
+        deadline.arm();
+        assert!(deadline.remaining() <= remaining);
     }
 }

@@ -87,9 +87,57 @@ pub struct Cli {
     /// Serve gRPC on a non-loopback address without tokens or mTLS anyway.
     #[arg(long, env = "GATEWAY_GRPC_ALLOW_INSECURE")]
     pub grpc_allow_insecure: bool,
-    /// How long a client may take to send a request's headers (slow-loris bound).
+    /// How long the HTTP front waits for a request's headers: from the connection's start,
+    /// and between requests on a kept-alive connection (slow-loris and idle bound).
     #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
+    /// Open connections the HTTP front serves at once; past it, new ones get 503 and close.
+    #[arg(long, env = "GATEWAY_HTTP_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub http_max_connections: usize,
+    /// Webhook body bytes buffered at once across all requests; past it, 503 before reading more.
+    #[arg(long, env = "GATEWAY_HTTP_BODY_BUDGET_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub http_body_budget_bytes: usize,
+    /// Open connections the gRPC server serves at once; past it, new ones are closed.
+    #[arg(long, env = "GATEWAY_GRPC_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub grpc_max_connections: usize,
+    /// Concurrent HTTP/2 streams (RPCs) per gRPC connection.
+    #[arg(
+        long,
+        env = "GATEWAY_GRPC_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 256
+    )]
+    pub grpc_max_streams_per_connection: u32,
+    /// A gRPC connection from which nothing was read for this long is closed. Live clients
+    /// answer the keepalive pings, so only silent or dead peers reach it.
+    #[arg(long, env = "GATEWAY_GRPC_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grpc_idle_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings on gRPC connections (shorter than the idle timeout).
+    #[arg(long, env = "GATEWAY_GRPC_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grpc_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "GATEWAY_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub grpc_keepalive_timeout: Duration,
+    /// Open `grpc.health.v1.Health/Watch` streams (unauthenticated) across all connections.
+    #[arg(long, env = "GATEWAY_GRPC_MAX_HEALTH_WATCHES", default_value_t = 1024)]
+    pub grpc_max_health_watches: usize,
+    /// Most entries in each `Subscribe` filter list (event types, user ids, provider slugs).
+    #[arg(
+        long,
+        env = "GATEWAY_SUBSCRIBE_MAX_FILTER_ITEMS",
+        default_value_t = 1024
+    )]
+    pub subscribe_max_filter_items: usize,
+    /// Longest user id or provider slug in a `Subscribe` filter, in bytes.
+    #[arg(
+        long,
+        env = "GATEWAY_SUBSCRIBE_MAX_FILTER_ITEM_BYTES",
+        default_value_t = 256
+    )]
+    pub subscribe_max_filter_item_bytes: usize,
+    /// Event bytes each subscriber may hold in its catch-up page and, separately, in its
+    /// queue to the client (an event larger than this still goes through, alone).
+    #[arg(long, env = "GATEWAY_SUBSCRIBER_BUFFER_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub subscriber_buffer_bytes: usize,
     /// Longest a webhook request may take, body included (Spike gives up after 30 s).
     #[arg(long, env = "GATEWAY_HTTP_REQUEST_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub http_request_timeout: Duration,
@@ -110,7 +158,7 @@ pub struct Cli {
     /// Most events the `memory` store keeps before dropping the oldest.
     #[arg(long, env = "GATEWAY_MEMORY_CAPACITY", default_value_t = 100_000)]
     pub memory_capacity: usize,
-    /// How long shutdown may take before the process exits anyway.
+    /// How long shutdown may take, blocking work included, before the process exits anyway.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     /// Log output format.
@@ -196,6 +244,9 @@ pub struct WebhookConfig {
     pub max_body_bytes: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
+    pub max_connections: usize,
+    /// Body bytes buffered at once across every webhook request.
+    pub body_budget_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +277,27 @@ pub struct GrpcConfig {
     /// Tokens for the Admin service; empty means it refuses every call.
     pub admin_tokens: Vec<Secret>,
     pub tls: Option<TlsFiles>,
+    pub limits: GrpcLimits,
+}
+
+/// The gRPC server's bounds against hostile or unlucky clients (SPEC §6).
+#[derive(Debug, Clone)]
+pub struct GrpcLimits {
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_health_watches: usize,
+    pub filter: FilterLimits,
+    pub subscriber_buffer_bytes: usize,
+}
+
+/// Bounds on a `Subscribe` filter: entries per list and bytes per entry.
+#[derive(Debug, Clone, Copy)]
+pub struct FilterLimits {
+    pub max_items: usize,
+    pub max_item_bytes: usize,
 }
 
 /// Where the gRPC server's TLS material lives; read at start-up.
@@ -314,6 +386,53 @@ impl Config {
             return Err(invalid("GATEWAY_MEMORY_CAPACITY", "must be at least 1"));
         }
         for (name, value) in [
+            ("GATEWAY_HTTP_MAX_CONNECTIONS", cli.http_max_connections),
+            ("GATEWAY_HTTP_BODY_BUDGET_BYTES", cli.http_body_budget_bytes),
+            ("GATEWAY_GRPC_MAX_CONNECTIONS", cli.grpc_max_connections),
+            (
+                "GATEWAY_GRPC_MAX_STREAMS_PER_CONNECTION",
+                cli.grpc_max_streams_per_connection as usize,
+            ),
+            (
+                "GATEWAY_GRPC_MAX_HEALTH_WATCHES",
+                cli.grpc_max_health_watches,
+            ),
+            (
+                "GATEWAY_SUBSCRIBE_MAX_FILTER_ITEMS",
+                cli.subscribe_max_filter_items,
+            ),
+            (
+                "GATEWAY_SUBSCRIBE_MAX_FILTER_ITEM_BYTES",
+                cli.subscribe_max_filter_item_bytes,
+            ),
+            (
+                "GATEWAY_SUBSCRIBER_BUFFER_BYTES",
+                cli.subscriber_buffer_bytes,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(name, "must be at least 1"));
+            }
+        }
+        if cli.http_body_budget_bytes < cli.max_body_bytes {
+            return Err(invalid(
+                "GATEWAY_HTTP_BODY_BUDGET_BYTES",
+                "must be at least GATEWAY_MAX_BODY_BYTES, or no body of the largest size fits",
+            ));
+        }
+        if cli.grpc_keepalive_interval >= cli.grpc_idle_timeout {
+            return Err(invalid(
+                "GATEWAY_GRPC_KEEPALIVE_INTERVAL",
+                "must be shorter than GATEWAY_GRPC_IDLE_TIMEOUT, or idle but live clients are cut off",
+            ));
+        }
+        for (name, value) in [
+            ("GATEWAY_GRPC_IDLE_TIMEOUT", cli.grpc_idle_timeout),
+            (
+                "GATEWAY_GRPC_KEEPALIVE_INTERVAL",
+                cli.grpc_keepalive_interval,
+            ),
+            ("GATEWAY_GRPC_KEEPALIVE_TIMEOUT", cli.grpc_keepalive_timeout),
             ("GATEWAY_DEDUP_WINDOW", cli.dedup_window),
             ("GATEWAY_RETENTION", cli.retention),
             ("GATEWAY_HTTP_HEADER_TIMEOUT", cli.http_header_timeout),
@@ -407,6 +526,8 @@ impl Config {
                 max_body_bytes: cli.max_body_bytes,
                 header_timeout: cli.http_header_timeout,
                 request_timeout: cli.http_request_timeout,
+                max_connections: cli.http_max_connections,
+                body_budget_bytes: cli.http_body_budget_bytes,
             },
             spike: SpikeConfig {
                 api_base_url: cli.spike_api_base_url.trim_end_matches('/').to_owned(),
@@ -428,6 +549,19 @@ impl Config {
                 tokens,
                 admin_tokens,
                 tls,
+                limits: GrpcLimits {
+                    max_connections: cli.grpc_max_connections,
+                    max_streams_per_connection: cli.grpc_max_streams_per_connection,
+                    idle_timeout: cli.grpc_idle_timeout,
+                    keepalive_interval: cli.grpc_keepalive_interval,
+                    keepalive_timeout: cli.grpc_keepalive_timeout,
+                    max_health_watches: cli.grpc_max_health_watches,
+                    filter: FilterLimits {
+                        max_items: cli.subscribe_max_filter_items,
+                        max_item_bytes: cli.subscribe_max_filter_item_bytes,
+                    },
+                    subscriber_buffer_bytes: cli.subscriber_buffer_bytes,
+                },
             },
             shutdown_grace: cli.shutdown_grace,
             log_format: cli.log_format,
@@ -628,5 +762,56 @@ mod tests {
         assert_eq!(config.store.dedup_window, Duration::from_secs(72 * 3600));
         assert_eq!(config.store.retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(config.webhook.max_body_bytes, 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn front_limits_default_to_bounded_values() {
+        let config = parse(&["--webhook-signature-key", "k"]).unwrap();
+        // Idle HTTP connections wait for a request head at most this long (SPEC §6: ≤ 30 s).
+        assert_eq!(config.webhook.header_timeout, Duration::from_secs(10));
+        assert_eq!(config.webhook.max_connections, 8192);
+        assert_eq!(config.webhook.body_budget_bytes, 64 * 1024 * 1024);
+        let grpc = &config.grpc.limits;
+        assert_eq!(grpc.idle_timeout, Duration::from_secs(30));
+        assert!(grpc.keepalive_interval < grpc.idle_timeout);
+        assert_eq!(grpc.max_connections, 8192);
+        assert_eq!(grpc.max_streams_per_connection, 256);
+        assert_eq!(grpc.max_health_watches, 1024);
+        assert_eq!(grpc.filter.max_items, 1024);
+        assert_eq!(grpc.filter.max_item_bytes, 256);
+        assert_eq!(grpc.subscriber_buffer_bytes, 4 * 1024 * 1024);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn inconsistent_front_limits_are_refused() {
+        let err = parse(&[
+            "--webhook-signature-key",
+            "k",
+            "--http-body-budget-bytes",
+            "1000",
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("GATEWAY_HTTP_BODY_BUDGET_BYTES"),
+            "{err}"
+        );
+        let err =
+            parse(&["--webhook-signature-key", "k", "--grpc-idle-timeout", "5s"]).unwrap_err();
+        assert!(
+            err.to_string().contains("GATEWAY_GRPC_KEEPALIVE_INTERVAL"),
+            "{err}"
+        );
+        let err = parse(&[
+            "--webhook-signature-key",
+            "k",
+            "--http-max-connections",
+            "0",
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("GATEWAY_HTTP_MAX_CONNECTIONS"),
+            "{err}"
+        );
     }
 }

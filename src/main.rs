@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use spike_gateway::{
-    app::{Application, shutdown_signal},
+    app::{Application, ExitDeadline, shutdown_signal},
     config::{Config, Invocation},
     events::embedded::salvage,
     telemetry,
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(config.log_format);
+    let deadline = ExitDeadline::new(config.shutdown_grace);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -29,8 +30,13 @@ fn main() -> ExitCode {
         let app = Application::build(config)
             .await
             .map_err(|e| e.to_string())?;
-        app.run(shutdown_signal()).await.map_err(|e| e.to_string())
+        let signal = shutdown_signal();
+        app.run(deadline.armed_after(signal))
+            .await
+            .map_err(|e| e.to_string())
     });
+    // Tasks still running (blocking ones included) get what is left of the grace.
+    runtime.shutdown_timeout(deadline.remaining());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

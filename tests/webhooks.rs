@@ -208,6 +208,7 @@ async fn webhooks_during_shutdown_get_503() {
         log: log.clone(),
         verifier: Verifier::new(&[Secret::new(KEY)]),
         max_body_bytes: 1 << 20,
+        body_budget: webhook::BodyBudget::new(8 << 20),
         accepting: Arc::new(AtomicBool::new(false)),
         metrics: Arc::default(),
         request_timeout: std::time::Duration::from_secs(5),

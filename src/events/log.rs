@@ -3,12 +3,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
 
 use super::{
-    CommittedEvent,
+    CommittedEvent, fanout,
     health::{Damage, LogHealth},
-    subscription::{Feed, Filter, Start, SubscriptionError},
+    subscription::{Feed, Filter, PageLimit, Start, SubscriptionError},
     time::Micros,
 };
 use crate::proto::{DeadLetter, Event};
@@ -166,6 +165,38 @@ pub trait EventLog: Send + Sync + 'static {
     /// Up to `limit` events with `sequence >= from`, in order.
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError>;
 
+    /// Like [`EventLog::read`], bounded in bytes too: stops after the event that brings the
+    /// page's encoded size to `limit.bytes` (so a page is never empty while events remain).
+    /// Subscription cursors read with it, so a catch-up page costs at most about
+    /// `limit.bytes` whatever the size of the events.
+    ///
+    /// The default reads short runs, so it holds at most one run past the bound; a backend
+    /// that allocates on reading can stop exactly.
+    async fn read_page(
+        &self,
+        from: u64,
+        limit: PageLimit,
+    ) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
+        /// Events per run of the default: small, for events up to the body limit (MiBs).
+        const RUN: usize = 8;
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        let mut at = from;
+        while page.len() < limit.events && bytes < limit.bytes {
+            let run = self.read(at, (limit.events - page.len()).min(RUN)).await?;
+            let Some(last) = run.last() else { break };
+            at = last.sequence() + 1;
+            for event in run {
+                if bytes >= limit.bytes {
+                    break;
+                }
+                bytes += event.encoded(true).len();
+                page.push(event);
+            }
+        }
+        Ok(page)
+    }
+
     async fn bounds(&self) -> Result<LogBounds, LogError>;
 
     /// The smallest position whose events were all received at or after `since`.
@@ -173,7 +204,7 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Events as they are committed. A receiver that falls behind gets `Lagged` and must
     /// read what it missed from [`EventLog::read`].
-    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>>;
+    fn live(&self) -> fanout::Receiver;
 
     /// A backend's own way of following the log from `start`, if it has one (NATS uses an
     /// ordered consumer per subscription). `None`: subscriptions use the generic cursor over

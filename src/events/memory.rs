@@ -10,12 +10,11 @@ use std::{
 };
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
 
 use super::{
     Admission, Admitted, AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
     NewEvent, dead_letter_key,
-    fanout::Fanout,
+    fanout::{self, Fanout},
     names_user,
     time::{Micros, from_micros, now_micros, to_micros},
 };
@@ -257,7 +256,7 @@ impl EventLog for MemoryLog {
         Ok(state.events.get(index).map_or(state.next, |e| e.sequence()))
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
+    fn live(&self) -> fanout::Receiver {
         self.fanout.subscribe()
     }
 

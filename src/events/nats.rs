@@ -61,13 +61,12 @@ use async_nats::{
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use prost::Message;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Admission, Admitted, AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
     NewEvent, dead_letter_key,
-    fanout::Fanout,
+    fanout::{self, Fanout},
     names_user,
     subscription::{Feed, Filter, Start, SubscriptionError, first_position},
     time::{Micros, from_micros, now_micros},
@@ -810,7 +809,7 @@ impl EventLog for NatsLog {
         Ok(low)
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
+    fn live(&self) -> fanout::Receiver {
         // Subscribe before the tail starts, so the first receiver misses nothing it reads.
         let receiver = self.fanout.subscribe();
         self.tail_started.call_once(|| {

@@ -11,16 +11,33 @@
 use std::{collections::HashSet, sync::Arc};
 
 use async_trait::async_trait;
-use tokio::sync::broadcast::{
-    self,
-    error::{RecvError, TryRecvError},
-};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::{CommittedEvent, EventLog, LogError, time::Micros};
+use super::{CommittedEvent, EventLog, LogError, fanout, time::Micros};
 use crate::proto::{Event, EventType, WebhookCategory};
 
-/// Events read from the log per page while catching up. Bounds a cursor's memory.
+/// Events read from the log per page while catching up, at most.
 pub const CATCH_UP_PAGE: usize = 256;
+
+/// Default bytes of a catch-up page (the gRPC server passes its configured budget).
+pub const CATCH_UP_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How much a cursor reads or drains at once: whichever bound comes first, but always at
+/// least one event. Bounds a cursor's memory in bytes whatever the size of the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+impl Default for PageLimit {
+    fn default() -> Self {
+        Self {
+            events: CATCH_UP_PAGE,
+            bytes: CATCH_UP_PAGE_BYTES,
+        }
+    }
+}
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,10 +153,20 @@ pub async fn open(
     start: Start,
     filter: &Filter,
 ) -> Result<Box<dyn Feed>, SubscriptionError> {
+    open_with(log, start, filter, PageLimit::default()).await
+}
+
+/// [`open`] with the generic cursor's pages bounded by `page`.
+pub async fn open_with(
+    log: Arc<dyn EventLog>,
+    start: Start,
+    filter: &Filter,
+    page: PageLimit,
+) -> Result<Box<dyn Feed>, SubscriptionError> {
     if let Some(feed) = log.follow(start, filter).await? {
         return Ok(feed);
     }
-    Ok(Box::new(Cursor::open(log, start).await?))
+    Ok(Box::new(Cursor::open(log, start).await?.with_pages(page)))
 }
 
 /// The first position `start` names, checked against what the log retains. Shared by the
@@ -188,10 +215,11 @@ pub fn first_position(
 /// A position in the log plus the live receiver that continues it.
 pub struct Cursor {
     log: Arc<dyn EventLog>,
-    live: broadcast::Receiver<Arc<CommittedEvent>>,
+    live: fanout::Receiver,
     /// Sequence of the next event to deliver.
     next: u64,
     catching_up: bool,
+    page: PageLimit,
 }
 
 impl Cursor {
@@ -209,7 +237,14 @@ impl Cursor {
             live,
             next,
             catching_up: next < bounds.next,
+            page: PageLimit::default(),
         })
+    }
+
+    /// Bounds each batch this cursor returns by `page`.
+    pub fn with_pages(mut self, page: PageLimit) -> Self {
+        self.page = page;
+        self
     }
 }
 
@@ -217,11 +252,13 @@ impl Cursor {
     /// Adds the live events already waiting to `batch`, without waiting for more: under load
     /// a subscriber then takes a run of events per wake-up instead of one.
     fn drain_live(&mut self, batch: &mut Vec<Arc<CommittedEvent>>) {
-        while batch.len() < CATCH_UP_PAGE {
+        let mut bytes: usize = batch.iter().map(|e| e.encoded(true).len()).sum();
+        while batch.len() < self.page.events && bytes < self.page.bytes {
             match self.live.try_recv() {
                 Ok(event) if event.sequence() < self.next => continue,
                 Ok(event) if event.sequence() == self.next => {
                     self.next += 1;
+                    bytes += event.encoded(true).len();
                     batch.push(event);
                 }
                 // A gap: the next call reads it from the log, as `next_batch` does.
@@ -246,7 +283,7 @@ impl Feed for Cursor {
     async fn next_batch(&mut self) -> Result<Vec<Arc<CommittedEvent>>, SubscriptionError> {
         loop {
             if self.catching_up {
-                let page = self.log.read(self.next, CATCH_UP_PAGE).await?;
+                let page = self.log.read_page(self.next, self.page).await?;
                 if page.first().is_some_and(|e| e.sequence() > self.next) || page.is_empty() {
                     // Nothing at our position: either caught up, or retention removed it.
                     let oldest = self.log.bounds().await?.oldest;

@@ -1,25 +1,36 @@
 //! `spike.gateway.v1.EventStream/Subscribe`.
 //!
 //! Each subscription is a spawned producer that drives a [`Feed`] and sends matching
-//! events, as the bytes the log encoded once ([`EncodedEvent`]), into a bounded channel
-//! that tonic drains to the client. The producer stops as soon as the client goes away (the
+//! events, as the bytes the log encoded once ([`EncodedEvent`]), into a queue bounded in
+//! events and in bytes ([`StreamLimits::buffer_bytes`]) that tonic drains to the client.
+//! A subscriber that stops reading holds at most its catch-up page and its queue, each
+//! within that byte budget, whatever the size of the events. The producer stops as soon as the client goes away (the
 //! channel closes) or the gateway shuts down (the stream ends with `UNAVAILABLE`, naming
 //! the sequence to resume after).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
+use futures_util::Stream;
 use prometheus_client::metrics::gauge::Gauge;
 
-use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{
+    OwnedSemaphorePermit, Semaphore,
+    mpsc::{self, error::TrySendError},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
+    config::FilterLimits,
     events::{
         EventLog, LogError,
-        subscription::{self, Feed, Filter, Start, SubscriptionError},
+        subscription::{self, Feed, Filter, PageLimit, Start, SubscriptionError},
         time::{now_micros, to_micros},
     },
     grpc::codec::EncodedEvent,
@@ -34,10 +45,19 @@ mod server {
     include!(concat!(env!("OUT_DIR"), "/spike.gateway.v1.EventStream.rs"));
 }
 
-/// Events buffered per subscriber between its producer and the HTTP/2 stream. Small: a
-/// subscriber that stops reading stalls only its own producer, which then falls behind
-/// the live ring and later catches up from the log; memory stays bounded either way.
+/// Events buffered per subscriber between its producer and the HTTP/2 stream, at most (the
+/// byte budget usually binds first). Small: a subscriber that stops reading stalls only its
+/// own producer, which then falls behind the live ring and later catches up from the log;
+/// memory stays bounded either way.
 const SUBSCRIBER_BUFFER: usize = 64;
+
+/// What one subscription may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub filter: FilterLimits,
+    /// Bytes of events in a subscriber's catch-up page, and separately in its queue.
+    pub buffer_bytes: usize,
+}
 
 pub struct EventStreamService {
     log: Arc<dyn EventLog>,
@@ -45,17 +65,140 @@ pub struct EventStreamService {
     shutdown: CancellationToken,
     subscribers: SubscriberCount,
     metrics: Arc<Metrics>,
+    limits: StreamLimits,
 }
 
 impl EventStreamService {
-    pub fn new(log: Arc<dyn EventLog>, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+        limits: StreamLimits,
+    ) -> Self {
         Self {
             log,
             shutdown,
             subscribers: SubscriberCount(metrics.subscribers()),
             metrics,
+            limits,
         }
     }
+}
+
+/// Refuses a filter past its limits, naming the list and the limit.
+fn check_filter(request: &SubscribeRequest, limits: FilterLimits) -> Result<(), Status> {
+    let too_many = |list: &str, len: usize| {
+        Status::invalid_argument(format!(
+            "{list} has {len} entries; the limit is {} (GATEWAY_SUBSCRIBE_MAX_FILTER_ITEMS)",
+            limits.max_items
+        ))
+    };
+    if request.event_types.len() > limits.max_items {
+        return Err(too_many("event_types", request.event_types.len()));
+    }
+    for (list, items) in [
+        ("application_user_ids", &request.application_user_ids),
+        ("provider_slugs", &request.provider_slugs),
+    ] {
+        if items.len() > limits.max_items {
+            return Err(too_many(list, items.len()));
+        }
+        if let Some(long) = items.iter().find(|i| i.len() > limits.max_item_bytes) {
+            return Err(Status::invalid_argument(format!(
+                "{list} has an entry of {} bytes; the limit is {} \
+                 (GATEWAY_SUBSCRIBE_MAX_FILTER_ITEM_BYTES)",
+                long.len(),
+                limits.max_item_bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A queued event and its share of the subscriber's byte budget, returned when tonic takes
+/// the event from the queue.
+struct Queued {
+    event: EncodedEvent,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// The receiving end of a subscriber's queue, as tonic reads it.
+pub struct Outbox(mpsc::Receiver<Result<Queued, Status>>);
+
+impl Stream for Outbox {
+    type Item = Result<EncodedEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0
+            .poll_recv(cx)
+            .map(|item| item.map(|queued| queued.map(|q| q.event)))
+    }
+}
+
+/// The sending end: events wait for room in events and in bytes.
+struct Inbox {
+    sender: mpsc::Sender<Result<Queued, Status>>,
+    /// One permit per queued byte (an event takes at most the whole budget, so an event
+    /// larger than the budget still goes, alone).
+    bytes: Arc<Semaphore>,
+    budget: usize,
+}
+
+impl Inbox {
+    fn new(budget: usize) -> (Self, Outbox) {
+        let (sender, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let budget = budget.clamp(1, u32::MAX as usize);
+        let inbox = Self {
+            sender,
+            bytes: Arc::new(Semaphore::new(budget)),
+            budget,
+        };
+        (inbox, Outbox(receiver))
+    }
+
+    fn cost(&self, event: &EncodedEvent) -> u32 {
+        // `budget` fits in u32 (clamped in `new`).
+        event.0.len().clamp(1, self.budget) as u32
+    }
+
+    /// Queues `event` if there is room now; otherwise hands it back.
+    fn try_send(&self, event: EncodedEvent) -> Result<(), Full> {
+        let Ok(permit) = self.bytes.clone().try_acquire_many_owned(self.cost(&event)) else {
+            return Err(Full::Wait(event));
+        };
+        let queued = Queued {
+            event,
+            _bytes: permit,
+        };
+        match self.sender.try_send(Ok(queued)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(Full::Closed),
+            Err(TrySendError::Full(Ok(queued))) => Err(Full::Wait(queued.event)),
+            Err(TrySendError::Full(Err(_))) => unreachable!("an event was sent"),
+        }
+    }
+
+    /// Queues `event`, waiting for room; false when the client is gone.
+    async fn send(&self, event: EncodedEvent) -> bool {
+        let Ok(permit) = self
+            .bytes
+            .clone()
+            .acquire_many_owned(self.cost(&event))
+            .await
+        else {
+            return false;
+        };
+        let queued = Queued {
+            event,
+            _bytes: permit,
+        };
+        self.sender.send(Ok(queued)).await.is_ok()
+    }
+}
+
+enum Full {
+    Wait(EncodedEvent),
+    Closed,
 }
 
 /// Number of live `Subscribe` producers (the `subscribers` gauge); a producer counts until
@@ -89,13 +232,14 @@ impl Drop for SubscriberGuard {
 
 #[tonic::async_trait]
 impl EventStream for EventStreamService {
-    type SubscribeStream = ReceiverStream<Result<EncodedEvent, Status>>;
+    type SubscribeStream = Outbox;
 
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
+        check_filter(&request, self.limits.filter)?;
         if self.shutdown.is_cancelled() {
             return Err(refused_while_shutting_down(request.start.as_ref()));
         }
@@ -112,10 +256,14 @@ impl EventStream for EventStreamService {
             Some(subscribe_request::Start::FromBeginning(false)) => Start::Live,
             Some(subscribe_request::Start::Since(since)) => Start::Since(to_micros(&since)),
         };
-        let cursor = subscription::open(self.log.clone(), start, &filter)
+        let page = PageLimit {
+            bytes: self.limits.buffer_bytes,
+            ..PageLimit::default()
+        };
+        let cursor = subscription::open_with(self.log.clone(), start, &filter, page)
             .await
             .map_err(status_of)?;
-        let (sender, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let (sender, receiver) = Inbox::new(self.limits.buffer_bytes);
         tracing::info!(?start, from = cursor.position(), "subscriber connected");
         let guard = self.subscribers.enter();
         tokio::spawn(produce(
@@ -127,7 +275,7 @@ impl EventStream for EventStreamService {
             self.shutdown.clone(),
             self.metrics.clone(),
         ));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(receiver))
     }
 }
 
@@ -229,14 +377,14 @@ async fn produce(
     mut cursor: Box<dyn Feed>,
     filter: Filter,
     include_raw_json: bool,
-    sender: mpsc::Sender<Result<EncodedEvent, Status>>,
+    sender: Inbox,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
     // Created once: each creation registers a waiter under a lock, which per batch (often
     // one event) was a measurable share of a delivery.
     let cancelled = shutdown.cancelled();
-    let client_gone = sender.closed();
+    let client_gone = sender.sender.closed();
     tokio::pin!(cancelled, client_gone);
     let end = loop {
         let batch = tokio::select! {
@@ -254,16 +402,16 @@ async fn produce(
         for event in events.iter().filter(|e| filter.matches(e)) {
             let sequence = event.sequence();
             let age = now - event.received_at();
-            let event = Ok(EncodedEvent(event.encoded(include_raw_json)));
+            let event = EncodedEvent(event.encoded(include_raw_json));
             // Waiting on shutdown costs a lock and a waiter per event, so only when the
             // subscriber's buffer is full; otherwise shutdown is seen at the next batch.
             match sender.try_send(event) {
                 Ok(()) => {}
-                Err(TrySendError::Closed(_)) => return,
-                Err(TrySendError::Full(event)) => tokio::select! {
+                Err(Full::Closed) => return,
+                Err(Full::Wait(event)) => tokio::select! {
                     biased;
                     () = &mut cancelled => return finish(&sender, Some(shutting_down_at(sequence))).await,
-                    sent = sender.send(event) => if sent.is_err() { return },
+                    sent = sender.send(event) => if !sent { return },
                 },
             }
             metrics.delivered(
@@ -278,16 +426,39 @@ async fn produce(
     tracing::debug!("subscriber gone");
 }
 
-async fn finish(sender: &mpsc::Sender<Result<EncodedEvent, Status>>, status: Option<Status>) {
+async fn finish(sender: &Inbox, status: Option<Status>) {
     if let Some(status) = status {
         // The client may already be gone; nothing more to do then.
-        let _ = sender.send(Err(status)).await;
+        let _ = sender.sender.send(Err(status)).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use futures_util::StreamExt;
+
     use super::*;
+
+    fn event(len: usize) -> EncodedEvent {
+        EncodedEvent(bytes::Bytes::from(vec![0u8; len]))
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_an_oversized_event_goes_alone() {
+        let (inbox, mut outbox) = Inbox::new(10);
+        assert!(inbox.try_send(event(6)).is_ok());
+        assert!(matches!(inbox.try_send(event(6)), Err(Full::Wait(_))));
+        // Taking the event returns its bytes to the budget.
+        assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), 6);
+        assert!(
+            inbox.try_send(event(100)).is_ok(),
+            "larger than the budget, alone"
+        );
+        assert!(matches!(inbox.try_send(event(1)), Err(Full::Wait(_))));
+        assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), 100);
+        drop(outbox);
+        assert!(!inbox.send(event(1)).await, "the client is gone");
+    }
 
     fn info(status: &Status) -> (String, HashMap<String, String>) {
         let info = status.get_details_error_info().expect("ErrorInfo");

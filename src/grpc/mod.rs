@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod auth;
 pub mod codec;
+pub mod connections;
 pub mod deadline;
 pub mod event_stream;
+pub mod health;
 pub mod records;
 pub mod validate;
 
@@ -13,16 +15,19 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::server::HealthReporter;
+use tonic::{service::interceptor::InterceptedService, transport::Server};
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::{
+    config::{FilterLimits, GrpcLimits},
     events::EventLog,
-    proto::{FILE_DESCRIPTOR_SET, spike_records_server::SpikeRecordsServer},
+    proto::{
+        FILE_DESCRIPTOR_SET, admin_server::AdminServer, spike_records_server::SpikeRecordsServer,
+    },
     spike::SpikeClient,
 };
 use auth::BearerAuth;
-use event_stream::{EventStreamServer, EventStreamService};
+use event_stream::{EventStreamServer, EventStreamService, StreamLimits};
 use records::RecordsService;
 
 /// Everything the gRPC server needs.
@@ -36,6 +41,19 @@ pub struct GrpcParts {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// TLS (and with a client CA, mTLS) for the whole gRPC server.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub limits: GrpcLimits,
+}
+
+/// Largest `Admin` request: a user id and a little framing.
+const ADMIN_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Largest `Subscribe` request: a filter at its limits, with room for protobuf framing and
+/// the start position. Bigger requests are refused before they are decoded, so an oversized
+/// filter costs nothing (a 4 MiB filter decoded into strings is ~27 MiB).
+pub fn subscribe_message_limit(filter: FilterLimits) -> usize {
+    let strings = 2 * filter.max_items * (filter.max_item_bytes + 8);
+    let event_types = filter.max_items * 11;
+    strings + event_types + 4096
 }
 
 /// Reads the configured certificate, key and client CA into a TLS configuration.
@@ -58,11 +76,11 @@ pub fn tls_config(
 pub async fn serve(
     listener: TcpListener,
     parts: GrpcParts,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    health: HealthService,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let limits = parts.limits;
+    let health = health::BoundedHealth::server(health, limits.max_health_watches);
     let auth = BearerAuth::new(parts.tokens);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -74,14 +92,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
-    let admin = crate::proto::admin_server::AdminServer::with_interceptor(
-        admin::AdminService::new(parts.log.clone(), parts.metrics.clone()),
+    let admin = InterceptedService::new(
+        AdminServer::new(admin::AdminService::new(
+            parts.log.clone(),
+            parts.metrics.clone(),
+        ))
+        .max_decoding_message_size(ADMIN_MESSAGE_BYTES),
         BearerAuth::required(
             parts.admin_tokens,
             "the Admin service is disabled: set GATEWAY_ADMIN_TOKENS to enable it",
         ),
     );
-    let records = tonic::service::interceptor::InterceptedService::new(
+    let records = InterceptedService::new(
         SpikeRecordsServer::new(RecordsService::new(
             parts.spike,
             parts.log.clone(),
@@ -90,48 +112,59 @@ pub async fn serve(
         .max_decoding_message_size(records::MAX_MESSAGE_BYTES),
         auth.clone(),
     );
-    let event_stream = EventStreamServer::with_interceptor(
-        EventStreamService::new(parts.log, parts.streams_shutdown, parts.metrics),
+    let event_stream = InterceptedService::new(
+        EventStreamServer::new(EventStreamService::new(
+            parts.log,
+            parts.streams_shutdown,
+            parts.metrics,
+            StreamLimits {
+                filter: limits.filter,
+                buffer_bytes: limits.subscriber_buffer_bytes,
+            },
+        ))
+        .max_decoding_message_size(subscribe_message_limit(limits.filter)),
         auth.clone(),
     );
 
-    let mut server = Server::builder().trace_fn(|request| {
-        let offered = request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok());
-        tracing::info_span!(
-            "rpc",
-            method = %request.uri().path(),
-            request_id = %crate::telemetry::request_id(offered),
-        )
-    });
+    let mut server = bounded_server(&limits);
     if let Some(tls) = parts.tls {
         server = server.tls_config(tls)?;
     }
     server
         .add_service(health)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection_v1,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection_v1alpha,
-            auth,
-        ))
+        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, auth))
         .add_service(event_stream)
         .add_service(records)
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small HTTP/2 frames wait on delayed ACKs: ~40 ms stalls
-            // in delivery (measured by the latency benchmark). Keepalive finds dead peers
-            // behind idle streams.
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(std::time::Duration::from_secs(60))),
+            // HTTP/2 keepalive pings (see `bounded_server`) find dead peers behind idle streams.
+            connections::incoming(listener, limits.max_connections, limits.idle_timeout),
             stop,
         )
         .await
+}
+
+/// The server with its per-connection bounds (SPEC §6) and a span per RPC.
+fn bounded_server(limits: &GrpcLimits) -> Server {
+    Server::builder()
+        // Without it one connection could open streams until memory runs out.
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        // Pings make every live client send something within the interval, so the idle
+        // timeout in `connections` only closes silent or dead peers.
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .trace_fn(|request| {
+            let offered = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok());
+            tracing::info_span!(
+                "rpc",
+                method = %request.uri().path(),
+                request_id = %crate::telemetry::request_id(offered),
+            )
+        })
 }
 
 /// Marks the gateway's services serving (or not) in `grpc.health.v1`.

@@ -1,6 +1,7 @@
 //! The HTTP front: Spike's webhooks in, `/healthz` and `/readyz` for operations.
 //!
-//! A webhook request goes: signature header → body (bounded) → HMAC over the raw bytes →
+//! A webhook request goes: signature header → body (bounded per request, and in total across
+//! requests by the [`BodyBudget`]) → HMAC over the raw bytes →
 //! JSON split into items → each item classified and normalized ([`crate::wire`]) or kept as a
 //! dead letter → one durable, atomic append of all the request's events and dead letters →
 //! exactly `200`.
@@ -22,13 +23,16 @@ use std::{
 use axum::{
     Json, Router,
     body::Body,
-    extract::State,
+    extract::{Request, State},
     http::{HeaderMap, StatusCode},
-    response::IntoResponse,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     deadletters,
@@ -46,12 +50,18 @@ use signature::{Signature, Verifier};
 /// Signature header (HTTP header names are case-insensitive; `HeaderMap` already is).
 pub const SIGNATURE_HEADER: &str = "x-body-signature";
 
+/// Largest request head (request line + headers) accepted, counted as on the wire; Spike's
+/// are well under 4 KiB. Bigger heads get a JSON 431.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
 /// Shared by every webhook request.
 #[derive(Clone)]
 pub struct WebhookState {
     pub log: Arc<dyn EventLog>,
     pub verifier: Verifier,
     pub max_body_bytes: usize,
+    /// Bytes of webhook bodies buffered at once, across every request.
+    pub body_budget: BodyBudget,
     /// Cleared when shutdown begins: new webhooks get 503 so Spike retries elsewhere/later.
     pub accepting: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
@@ -69,6 +79,7 @@ pub struct Accepted {
 }
 
 pub fn router(state: WebhookState) -> Router {
+    let timeout = state.request_timeout;
     Router::new()
         .route("/webhooks/spike", post(main_webhook))
         .route("/webhooks/spike/lab-reports", post(lab_report_webhook))
@@ -76,11 +87,109 @@ pub fn router(state: WebhookState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            state.request_timeout,
-        ))
+        .fallback(|| async { WebhookError::NotFound })
+        .method_not_allowed_fallback(|| async { WebhookError::MethodNotAllowed })
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            within(timeout, request, next)
+        }))
+        .layer(middleware::from_fn(bounded_head))
         .with_state(state)
+}
+
+/// The whole-request bound, answered like every other error (tower-http's is bodiless).
+async fn within(limit: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(timeout = ?limit, "request timed out");
+            WebhookError::Timeout(limit).into_response()
+        }
+    }
+}
+
+/// Refuses request heads over [`MAX_HEAD_BYTES`] with a JSON 431. hyper refuses heads past
+/// its read buffer on its own, with an empty body; this bound sits well below that buffer so
+/// every refusal a client normally meets carries a JSON body.
+async fn bounded_head(request: Request, next: Next) -> Response {
+    let head = request.method().as_str().len()
+        + request.uri().to_string().len()
+        + request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if head > MAX_HEAD_BYTES {
+        return WebhookError::HeadersTooLarge {
+            limit: MAX_HEAD_BYTES,
+        }
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Bodies up to this size may use the budget's reserve. Spike's webhooks are a few KiB.
+const SMALL_BODY_BYTES: usize = 64 * 1024;
+
+/// The total of webhook body bytes buffered at once (SPEC §6: past it, 503 before reading
+/// more). Bodies are buffered before their signature can be checked, so this is what bounds
+/// the memory unauthenticated clients can hold, whatever the number of connections.
+///
+/// The last eighth of the budget is kept for small bodies: clients that stall in the middle
+/// of large bodies can exhaust the rest until the request timeout, but ordinary webhooks
+/// still get through meanwhile.
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    /// One permit per buffered byte. A request holds its bytes' permits until it is answered.
+    bytes: Arc<Semaphore>,
+    total: usize,
+    /// Permits a body past [`SMALL_BODY_BYTES`] may not take.
+    reserve: usize,
+}
+
+impl BodyBudget {
+    pub fn new(total: usize) -> Self {
+        let total = total.min(Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+            reserve: total / 8,
+        }
+    }
+
+    /// Bytes not held by any request right now.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Charges `len` more bytes to `held`, or refuses without waiting.
+    fn charge(
+        &self,
+        held: &mut Option<OwnedSemaphorePermit>,
+        len: usize,
+    ) -> Result<(), WebhookError> {
+        let refused = WebhookError::BodyBudget { budget: self.total };
+        let already = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        // Checked before acquiring, so concurrent large bodies may dip into the reserve by
+        // at most a frame each: a soft edge, which is all the reserve needs.
+        if already + len > SMALL_BODY_BYTES
+            && self.bytes.available_permits() < len.saturating_add(self.reserve)
+        {
+            return Err(refused);
+        }
+        let Ok(len) = u32::try_from(len) else {
+            return Err(refused);
+        };
+        let permit = self
+            .bytes
+            .clone()
+            .try_acquire_many_owned(len)
+            .map_err(|_| refused)?;
+        match held {
+            Some(held) => held.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
 }
 
 /// `{"ready": bool, "reason": ..., "detail": ...}`: the same answer gRPC health follows.
@@ -173,7 +282,9 @@ async fn verify_and_append(
         .get(SIGNATURE_HEADER)
         .ok_or(WebhookError::MissingSignature)?;
     let signature = Signature::parse(signature.as_bytes())?;
-    let body = read_body(body, state.max_body_bytes).await?;
+    // Held until the request is answered: the body's bytes stay charged to the budget.
+    let (body, _charged) =
+        read_body(body, headers, state.max_body_bytes, &state.body_budget).await?;
     state.verifier.verify(&body, &signature)?;
 
     let received_at = from_micros(now_micros());
@@ -217,13 +328,45 @@ async fn verify_and_append(
     }))
 }
 
-/// Reads the whole body, refusing it as soon as it exceeds `limit` (before buffering more).
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, WebhookError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(WebhookError::TooLarge { limit })
-        }
-        Err(_) => Err(WebhookError::UnreadableBody),
+/// The body length the client declared, if it did. hyper has checked that it is a number.
+fn declared_length(headers: &HeaderMap) -> Result<Option<usize>, WebhookError> {
+    match headers.get(http::header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|v| Some(usize::try_from(v).unwrap_or(usize::MAX)))
+            .ok_or(WebhookError::UnreadableBody),
     }
+}
+
+/// Reads the whole body, refusing it as soon as it exceeds `limit` or the shared `budget`
+/// cannot hold its next frame (before buffering more). Returns the bytes and their charge.
+async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    budget: &BodyBudget,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), WebhookError> {
+    let declared = declared_length(headers)?;
+    if declared.is_some_and(|length| length > limit) {
+        // At once: waiting for a body that will be refused only holds the connection.
+        return Err(WebhookError::TooLarge { limit });
+    }
+    let mut charged = None;
+    // Sized once when the length is declared (already checked against `limit`).
+    let mut buffer = BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| WebhookError::UnreadableBody)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing we read
+        };
+        if buffer.len() + data.len() > limit {
+            return Err(WebhookError::TooLarge { limit });
+        }
+        budget.charge(&mut charged, data.len())?;
+        buffer.extend_from_slice(&data);
+    }
+    Ok((buffer.freeze(), charged))
 }

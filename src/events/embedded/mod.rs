@@ -41,12 +41,13 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Admission, Admitted, CommittedEvent, Erased, EventLog, LogBounds, LogError, LogHealth,
-    fanout::Fanout,
+    fanout::{self, Fanout},
     names_user,
+    subscription::PageLimit,
     time::{Micros, now_micros},
 };
 use crate::proto::DeadLetter;
@@ -418,13 +419,35 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
+        self.read_page(
+            from,
+            PageLimit {
+                events: limit,
+                bytes: usize::MAX,
+            },
+        )
+        .await
+    }
+
+    async fn read_page(
+        &self,
+        from: u64,
+        PageLimit {
+            events: limit,
+            bytes,
+        }: PageLimit,
+    ) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
         self.with_reader(Some(from), move |db, at| {
             let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let mut out = Vec::with_capacity(limit.min(1024));
             // One allocation for many events: each event's bytes are a view into `page`.
             let mut page = BytesMut::new();
+            let mut read = 0usize;
             for entry in events.range(from..)?.take(limit) {
+                if read >= bytes {
+                    break;
+                }
                 let decode = || -> Result<CommittedEvent, redb::Error> {
                     let (key, value) = entry?;
                     let value = value.value();
@@ -434,6 +457,7 @@ impl EventLog for EmbeddedLog {
                         page = BytesMut::with_capacity(READ_BUFFER_BYTES.max(wire.len()));
                     }
                     page.extend_from_slice(wire);
+                    read += wire.len();
                     stored_event_at(key.value(), received_of(value), page.split().freeze())
                 };
                 match decode() {
@@ -497,7 +521,7 @@ impl EventLog for EmbeddedLog {
         .await
     }
 
-    fn live(&self) -> broadcast::Receiver<Arc<CommittedEvent>> {
+    fn live(&self) -> fanout::Receiver {
         self.fanout.subscribe()
     }
 
