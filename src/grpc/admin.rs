@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::event_stream::log_status;
 use crate::{
     deadletters::{self, Selection},
-    events::{EventLog, LogError},
+    events::EventLog,
     metrics::Metrics,
     proto::{
         EraseUserRequest, EraseUserResponse, ListDeadLettersRequest, ListDeadLettersResponse,
@@ -30,10 +31,6 @@ impl AdminService {
     }
 }
 
-fn unavailable(e: LogError) -> Status {
-    Status::unavailable(e.to_string())
-}
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn erase_user(
@@ -44,7 +41,7 @@ impl Admin for AdminService {
         if user.is_empty() {
             return Err(Status::invalid_argument("application_user_id is required"));
         }
-        let erased = self.log.erase_user(&user).await.map_err(unavailable)?;
+        let erased = self.log.erase_user(&user).await.map_err(log_status)?;
         deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
         // An audit record of who was erased and how much; no health data.
         tracing::info!(
@@ -81,7 +78,7 @@ impl Admin for AdminService {
             .log
             .dead_letters(request.after_id, page_size + 1, user.as_deref())
             .await
-            .map_err(unavailable)?;
+            .map_err(log_status)?;
         let next_after_id = if letters.len() > page_size {
             letters.truncate(page_size);
             letters.last().map_or(0, |l| l.id)
@@ -115,7 +112,7 @@ impl Admin for AdminService {
         };
         let redriven = deadletters::redrive(self.log.as_ref(), selection)
             .await
-            .map_err(unavailable)?;
+            .map_err(log_status)?;
         deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
         tracing::info!(
             appended = redriven.appended,
