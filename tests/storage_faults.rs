@@ -18,7 +18,7 @@ use spike_gateway::{
     proto::{Event, event_stream_client::EventStreamClient},
     webhook::signature::sign,
 };
-use support::{KEY, MAIN, from_beginning, record_change};
+use support::{KEY, MAIN, from_beginning, record_change, wait_until};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -174,19 +174,6 @@ async fn grpc_serving(gateway: &Gateway) -> ServingStatus {
         .status()
 }
 
-/// Polls `check` until it holds, failing the test with `what` after `limit`.
-async fn wait_for<F: Future<Output = bool>>(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Reads the log from the beginning until 1 s of quiet or the stream ends. The error is the
 /// status the stream ended with, if any.
 async fn read_all(grpc: SocketAddr) -> (Vec<Event>, Option<tonic::Status>) {
@@ -297,19 +284,19 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
         }
     }
     assert!(refused, "a full disk refuses webhooks with 503");
-    wait_for(
+    wait_until(
         Duration::from_secs(5),
         "/readyz reports the write failure",
-        || async {
+        async || {
             let (status, body) = readyz(&client, &gateway).await;
             status == 503 && body["reason"] == "storage_write_failing"
         },
     )
     .await;
-    wait_for(
+    wait_until(
         Duration::from_secs(5),
         "gRPC health NOT_SERVING",
-        || async { grpc_serving(&gateway).await == ServingStatus::NotServing },
+        async || grpc_serving(&gateway).await == ServingStatus::NotServing,
     )
     .await;
     // Still full: every webhook is refused, none falsely acknowledged.
@@ -345,10 +332,10 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
     let recovered = freed.elapsed();
     let (ready, body) = readyz(&client, &gateway).await;
     assert_eq!((ready, &body["reason"]), (200, &serde_json::json!("ready")));
-    wait_for(
+    wait_until(
         Duration::from_secs(2),
         "gRPC health SERVING again",
-        || async { grpc_serving(&gateway).await == ServingStatus::Serving },
+        async || grpc_serving(&gateway).await == ServingStatus::Serving,
     )
     .await;
     for _ in 0..5 {
@@ -485,10 +472,10 @@ async fn reported(gateway: &Gateway) -> Vec<u64> {
         (503, &serde_json::json!("storage_damaged")),
         "{body}"
     );
-    wait_for(
+    wait_until(
         Duration::from_secs(2),
         "gRPC health NOT_SERVING",
-        || async { grpc_serving(gateway).await == ServingStatus::NotServing },
+        async || grpc_serving(gateway).await == ServingStatus::NotServing,
     )
     .await;
     let metrics = client
@@ -707,21 +694,17 @@ async fn readyz_and_grpc_health_agree_on_the_memory_store_too() {
     assert_eq!(response.status().as_u16(), 503);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["reason"], "closed", "{body}");
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
+    wait_until(
+        Duration::from_secs(2),
+        "gRPC health NOT_SERVING once the log is closed",
+        async || {
+            let request = HealthCheckRequest {
                 service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status();
-        if status == ServingStatus::NotServing {
-            break;
-        }
-        assert!(Instant::now() < deadline, "gRPC health still {status:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            };
+            let status = health.check(request).await.unwrap().into_inner().status();
+            status == ServingStatus::NotServing
+        },
+    )
+    .await;
     app.stop().await;
 }
