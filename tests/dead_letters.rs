@@ -379,3 +379,40 @@ async fn extreme_ids_find_nothing_and_are_no_error_on(store: &Store) {
         store.name
     );
 }
+
+/// A redrive of all letters reads each stored letter once: one that is still dead, with a
+/// new reason, counts once, although NATS republishes a rewritten letter under a new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_all_counts_a_rewritten_letter_once() {
+    for store in local_stores() {
+        redrive_all_counts_a_rewritten_letter_once_on(&store).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn redrive_all_counts_a_rewritten_letter_once_on_nats() {
+    redrive_all_counts_a_rewritten_letter_once_on(&nats_store()).await;
+}
+
+async fn redrive_all_counts_a_rewritten_letter_once_on(store: &Store) {
+    let app = spawn_app_with(&store.flags()).await;
+    let unknown = json!({"event_type": "sleep_changed", "application_user_id": "u"});
+    app.log
+        .admit(Admission {
+            dead_letters: vec![stored_earlier(&unknown, "an older reason")],
+            ..Admission::default()
+        })
+        .await
+        .unwrap();
+    let answer = redrive(&app, vec![], true).await;
+    assert_eq!(
+        (answer.appended, answer.duplicates, answer.still_dead),
+        (0, 0, 1),
+        "{}",
+        store.name
+    );
+    let left = all_letters(&app).await;
+    assert_eq!(left.len(), 1, "{}", store.name);
+    assert_ne!(left[0].reason, "an older reason", "{}", store.name);
+}
