@@ -160,16 +160,6 @@ async fn the_0_1_dead_letter_is_backfilled_and_erasable_by_its_numeric_user_id()
     assert_eq!(erased.dead_letters_removed, 1);
 }
 
-/// Where NATS tests connect: `NATS_URL`, or a server of their own.
-fn nats_server() -> (String, Option<nats::NatsServer>) {
-    if let Some(url) = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()) {
-        return (url, None);
-    }
-    nats::require_installed();
-    let server = nats::NatsServer::start();
-    (server.url(), Some(server))
-}
-
 fn settings(url: &str, stream: &(String, String)) -> NatsSettings {
     NatsSettings {
         url: url.to_owned(),
@@ -220,7 +210,7 @@ async fn redeliver(log: &NatsLog, id: &str, legacy: &str) -> AppendOutcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn a_nats_stream_seeded_by_0_1_keeps_its_ids_as_duplicates() {
-    let (url, _server) = nats_server();
+    let (url, _server) = nats::url_or_start();
     let stream = nats::unique_stream();
     // The streams exist (as 0.1 created them), then 0.1 publishes two events.
     NatsLog::connect(settings(&url, &stream))

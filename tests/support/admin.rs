@@ -57,14 +57,7 @@ pub fn local_stores() -> Vec<Store> {
 /// started for the test, which fails the test when none is installed (the NATS tests are
 /// ignored, so they only run when asked for).
 pub fn nats_store() -> Store {
-    let (url, server) = match std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()) {
-        Some(url) => (url, None),
-        None => {
-            nats::require_installed();
-            let server = nats::NatsServer::start();
-            (server.url(), Some(server))
-        }
-    };
+    let (url, server) = nats::url_or_start();
     let (stream, prefix) = nats::unique_stream();
     let flags = [
         "--store",
