@@ -6,11 +6,10 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,89 +17,25 @@ use spike_gateway::{
     proto::{Event, event_stream_client::EventStreamClient},
     webhook::signature::sign,
 };
-use support::{KEY, MAIN, from_beginning, record_change, wait_until};
+use support::{
+    KEY, MAIN, from_beginning,
+    real_binary::{self, Gateway},
+    record_change, wait_until,
+};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-/// A running gateway binary; killed when dropped.
-struct Gateway {
-    child: Child,
-    http: SocketAddr,
-    grpc: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn gateway_command(data_dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spike-gateway"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
-        .env("GATEWAY_DATA_DIR", data_dir)
-        .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
-        .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info");
-    command
-}
-
-/// Starts the binary; `Err(stderr)` if it exits before listening.
+/// Starts the binary; `Err(its log)` if it exits before listening.
 fn start(data_dir: &Path) -> Result<Gateway, String> {
     start_with(data_dir, &[])
 }
 
 fn start_with(data_dir: &Path, envs: &[(&str, &str)]) -> Result<Gateway, String> {
-    let mut child = gateway_command(data_dir)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let log = Arc::new(Mutex::new(String::new()));
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut listening = None;
-    for line in lines.by_ref().map_while(Result::ok) {
-        log.lock().unwrap().push_str(&format!("{line}\n"));
-        if line.contains("spike-gateway listening") {
-            listening = Some(line);
-            break;
-        }
-    }
-    let Some(line) = listening else {
-        // stderr closed: the process exited (or is about to).
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "a refusal exits non-zero");
-        return Err(log.lock().unwrap().clone());
-    };
-    let copy = log.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            copy.lock().unwrap().push_str(&format!("{line}\n"));
-        }
-    });
-    let field = |name: &str| -> SocketAddr {
-        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        line[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    Ok(Gateway {
-        http: field("http"),
-        grpc: field("grpc"),
-        child,
-        log,
-    })
+    let mut command = real_binary::command(data_dir, KEY);
+    command.envs(envs.iter().copied());
+    real_binary::start(command)
 }
 
 /// SIGTERM and wait for a clean exit (the log is closed cleanly).
