@@ -66,10 +66,10 @@ pub fn start(mut command: Command) -> Result<Gateway, String> {
             log.push_str(&line);
             log.push('\n');
             drop(log);
-            if line.contains("spike-gateway listening") {
-                if let Some(listening) = listening.take() {
-                    let _ = listening.send(line);
-                }
+            if line.contains("spike-gateway listening")
+                && let Some(listening) = listening.take()
+            {
+                let _ = listening.send(line);
             }
         }
     });
