@@ -81,49 +81,17 @@ fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
             "main event has no usable application_user_id or user_id",
         )
     })?;
-    let provider = item.provider_slug.clone().unwrap_or_default();
-    let at = |stamp: Option<&Stamp>| stamp.and_then(|s| s.at);
-    let earliest = at(item
-        .earliest_record_start_at
-        .as_ref()
-        .or(item.start_date.as_ref()));
-    let latest = at(item
-        .latest_record_end_at
-        .as_ref()
-        .or(item.end_date.as_ref()));
     let legacy_id = legacy::main_id(item, &user);
     let (r#type, payload) = match event_type {
-        "record_change" => (
-            EventType::RecordChange,
-            Payload::RecordChange(RecordChange {
-                provider_slug: provider,
-                metrics: item.metrics.clone().unwrap_or_default(),
-                activity_types: item.activity_types.clone().unwrap_or_default(),
-                data_types: item.data_types.clone().unwrap_or_default(),
-                earliest_record_start_at: earliest,
-                latest_record_end_at: latest,
-                customer_id: item.customer_id.clone().unwrap_or_default(),
-            }),
+        "record_change" => (EventType::RecordChange, record_change(item)),
+        "provider_integration_created" => (
+            EventType::ProviderIntegrationCreated,
+            provider_integration(item, IntegrationAction::Created),
         ),
-        "provider_integration_created" | "provider_integration_deleted" => {
-            let created = event_type.ends_with("created");
-            (
-                if created {
-                    EventType::ProviderIntegrationCreated
-                } else {
-                    EventType::ProviderIntegrationDeleted
-                },
-                Payload::ProviderIntegration(ProviderIntegration {
-                    provider_slug: provider,
-                    action: if created {
-                        IntegrationAction::Created
-                    } else {
-                        IntegrationAction::Deleted
-                    } as i32,
-                    customer_id: item.customer_id.clone().unwrap_or_default(),
-                }),
-            )
-        }
+        "provider_integration_deleted" => (
+            EventType::ProviderIntegrationDeleted,
+            provider_integration(item, IntegrationAction::Deleted),
+        ),
         other => {
             return Err(Unusable::new(
                 Reason::UnknownEventType,
@@ -139,6 +107,37 @@ fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
         ..Event::default()
     };
     Ok((event, legacy_id))
+}
+
+/// The instant of a timestamp field that parsed.
+fn at(stamp: Option<&Stamp>) -> Option<Timestamp> {
+    stamp.and_then(|s| s.at)
+}
+
+fn record_change(item: &WireItem) -> Payload {
+    Payload::RecordChange(RecordChange {
+        provider_slug: item.provider_slug.clone().unwrap_or_default(),
+        metrics: item.metrics.clone().unwrap_or_default(),
+        activity_types: item.activity_types.clone().unwrap_or_default(),
+        data_types: item.data_types.clone().unwrap_or_default(),
+        earliest_record_start_at: at(item
+            .earliest_record_start_at
+            .as_ref()
+            .or(item.start_date.as_ref())),
+        latest_record_end_at: at(item
+            .latest_record_end_at
+            .as_ref()
+            .or(item.end_date.as_ref())),
+        customer_id: item.customer_id.clone().unwrap_or_default(),
+    })
+}
+
+fn provider_integration(item: &WireItem, action: IntegrationAction) -> Payload {
+    Payload::ProviderIntegration(ProviderIntegration {
+        provider_slug: item.provider_slug.clone().unwrap_or_default(),
+        action: action as i32,
+        customer_id: item.customer_id.clone().unwrap_or_default(),
+    })
 }
 
 /// Fields of an enveloped result live under `data`; the envelope itself carries the ids.
