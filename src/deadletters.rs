@@ -5,8 +5,6 @@
 //! Storage never parses JSON: whatever needs Spike's JSON read (the items of a letter,
 //! the users it names) is read here through [`crate::wire`], and storage gets the result.
 
-use std::collections::HashSet;
-
 use prost_types::Timestamp;
 
 use crate::{
@@ -125,27 +123,36 @@ pub async fn redrive(log: &dyn EventLog, selection: Selection) -> Result<Redrive
             }
         }
         Selection::All => {
-            // Letters this redrive itself stores (the still-dead items of a merged letter)
-            // get larger ids; they were just read, so the scan skips them.
-            let mut created = HashSet::new();
+            // Only the letters stored when the redrive starts. What it stores itself comes
+            // after them and was just read: the still-dead items of a merged letter, and on
+            // NATS a letter rewritten with its current reason (republished under a new id),
+            // which would otherwise be read, and counted as still dead, twice.
+            let Some(last) = last_letter_id(log).await? else {
+                return Ok(total);
+            };
             let mut after = 0;
-            loop {
+            while after < last {
                 let page = log.dead_letters(after, BATCH, None).await?;
-                let Some(last) = page.last() else { break };
-                after = last.id;
-                let letters = page
-                    .into_iter()
-                    .filter(|l| !created.contains(&l.id))
-                    .collect();
-                let admitted = redrive_batch(log, letters, &mut total).await?;
-                created.extend(admitted.dead_letters.iter().filter_map(|o| match o {
-                    AppendOutcome::Appended { sequence } => Some(*sequence),
-                    AppendOutcome::Duplicate { .. } => None,
-                }));
+                let Some(tail) = page.last() else { break };
+                after = tail.id;
+                let letters: Vec<DeadLetter> = page.into_iter().filter(|l| l.id <= last).collect();
+                redrive_batch(log, letters, &mut total).await?;
             }
         }
     }
     Ok(total)
+}
+
+/// The largest id stored now, if any letter is.
+async fn last_letter_id(log: &dyn EventLog) -> Result<Option<u64>, LogError> {
+    let mut last = None;
+    loop {
+        let page = log.dead_letters(last.unwrap_or(0), BATCH, None).await?;
+        match page.last() {
+            Some(letter) => last = Some(letter.id),
+            None => return Ok(last),
+        }
+    }
 }
 
 async fn letters_by_id(log: &dyn EventLog, ids: &[u64]) -> Result<Vec<DeadLetter>, LogError> {

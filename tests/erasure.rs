@@ -93,10 +93,16 @@ async fn erases_one_user_and_keeps_the_others(store: &Store) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn erasure_on_every_store() {
-    for store in stores() {
+async fn erasure_on_embedded_and_memory() {
+    for store in local_stores() {
         erases_one_user_and_keeps_the_others(&store).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn erasure_on_nats() {
+    erases_one_user_and_keeps_the_others(&nats_store()).await;
 }
 
 async fn erase_as_admin(app: &TestApp, user: &str) -> spike_gateway::proto::EraseUserResponse {
@@ -114,6 +120,18 @@ async fn erase_as_admin(app: &TestApp, user: &str) -> spike_gateway::proto::Eras
 /// items, an item nested deeper than 32 levels, a numeric user id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_finds_every_dead_letter_naming_the_user() {
+    for store in local_stores() {
+        erasure_finds_every_dead_letter_naming_the_user_on(&store).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn erasure_finds_every_dead_letter_naming_the_user_on_nats() {
+    erasure_finds_every_dead_letter_naming_the_user_on(&nats_store()).await;
+}
+
+async fn erasure_finds_every_dead_letter_naming_the_user_on(store: &Store) {
     let mut deep = json!({"application_user_id": "victim"});
     for _ in 0..40 {
         deep = json!({"application_user_id": "victim", "data": [deep]});
@@ -122,23 +140,21 @@ async fn erasure_finds_every_dead_letter_naming_the_user() {
         .map(|n| json!({"event_type": "sleep_changed", "application_user_id": "victim", "n": n}))
         .collect();
     let numeric = json!({"event_type": "sleep_changed", "application_user_id": 4242});
-    for store in stores() {
-        let app = spawn_app_with(&store.flags()).await;
-        for body in [&deep, &json!(merged), &numeric] {
-            let answer: serde_json::Value = app.post_json(MAIN, body).await.json().await.unwrap();
-            assert_eq!(answer["dead_lettered"], 1, "{}: {answer}", store.name);
-        }
-        let victim = erase_as_admin(&app, "victim").await;
-        assert_eq!(victim.dead_letters_removed, 2, "{}", store.name);
-        let numbered = erase_as_admin(&app, "4242").await;
-        assert_eq!(numbered.dead_letters_removed, 1, "{}", store.name);
-        assert_eq!(
-            app.log.dead_letter_count().await.unwrap(),
-            0,
-            "{}",
-            store.name
-        );
+    let app = spawn_app_with(&store.flags()).await;
+    for body in [&deep, &json!(merged), &numeric] {
+        let answer: serde_json::Value = app.post_json(MAIN, body).await.json().await.unwrap();
+        assert_eq!(answer["dead_lettered"], 1, "{}: {answer}", store.name);
     }
+    let victim = erase_as_admin(&app, "victim").await;
+    assert_eq!(victim.dead_letters_removed, 2, "{}", store.name);
+    let numbered = erase_as_admin(&app, "4242").await;
+    assert_eq!(numbered.dead_letters_removed, 1, "{}", store.name);
+    assert_eq!(
+        app.log.dead_letter_count().await.unwrap(),
+        0,
+        "{}",
+        store.name
+    );
 }
 
 /// A letter as the 0.1 release stored it: no user ids recorded.
@@ -191,10 +207,7 @@ async fn letters_stored_without_user_ids_are_backfilled_at_start_and_erasable() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn nats_letters_stored_without_user_ids_are_backfilled_and_erasable() {
-    let store = stores()
-        .into_iter()
-        .find(|s| s.name == "nats")
-        .expect("this test needs nats-server on the PATH or NATS_URL");
+    let store = nats_store();
     {
         let seeding = spawn_app_with(&store.flags()).await;
         store_letters(seeding.log.as_ref(), vec![letter_from_0_1("old-user")]).await;

@@ -7,16 +7,6 @@ use std::time::Duration;
 use spike_gateway::proto::{EventType, SubscribeRequest};
 use support::{nats::*, *};
 
-/// Where the shared-server tests connect: `NATS_URL`, or a server of their own.
-fn shared_server() -> (String, Option<NatsServer>) {
-    if let Some(url) = std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()) {
-        return (url, None);
-    }
-    require_installed();
-    let server = NatsServer::start();
-    (server.url(), Some(server))
-}
-
 async fn replica(url: &str, stream: &(String, String)) -> TestApp {
     spawn_app_with(&[
         "--store",
@@ -34,7 +24,7 @@ async fn replica(url: &str, stream: &(String, String)) -> TestApp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn a_webhook_posted_to_one_replica_reaches_a_subscriber_on_another_once() {
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let stream = unique_stream();
     let (a, b) = (replica(&url, &stream).await, replica(&url, &stream).await);
     let mut on_b = b.subscribe(SubscribeRequest::default()).await.unwrap();
@@ -65,7 +55,7 @@ async fn a_webhook_posted_to_one_replica_reaches_a_subscriber_on_another_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn resume_by_sequence_works_across_replicas() {
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let stream = unique_stream();
     let (a, b) = (replica(&url, &stream).await, replica(&url, &stream).await);
     for n in 0..20 {
@@ -94,7 +84,7 @@ async fn resume_by_sequence_works_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn user_ids_with_dots_filter_exactly() {
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let stream = unique_stream();
     let app = replica(&url, &stream).await;
     for (n, user) in ["a.b", "a", "a.b.c", "a~2Eb", "a.b"].iter().enumerate() {
@@ -203,7 +193,7 @@ async fn start_positions_and_filters_map_onto_consumers() {
     use prost_types::Timestamp;
     use spike_gateway::proto::subscribe_request::Start;
     use tonic::Code;
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let stream = unique_stream();
     let app = replica(&url, &stream).await;
     for (name, path) in SAMPLES {
@@ -258,7 +248,7 @@ async fn start_positions_and_filters_map_onto_consumers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn a_stalled_subscriber_on_nats_later_receives_everything() {
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let stream = unique_stream();
     let app = replica(&url, &stream).await;
     let mut stalled = app.subscribe(from_beginning()).await.unwrap();
@@ -285,7 +275,7 @@ async fn await_result_works_across_replicas() {
         UploadNutritionImageRequest, spike_records_client::SpikeRecordsClient,
     };
     use support::fake_spike::{FakeSpike, Scripted, nutrition_record};
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let stream = unique_stream();
     let fake = FakeSpike::start().await;
     fake.script(
@@ -353,7 +343,7 @@ async fn await_result_works_across_replicas() {
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn erasure_purges_the_users_subjects() {
     use spike_gateway::proto::{EraseUserRequest, admin_client::AdminClient};
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let stream = unique_stream();
     let flags = [
         "--store",
@@ -408,7 +398,7 @@ async fn the_generic_log_contract_holds_on_nats() {
         },
         proto::Event,
     };
-    let (url, _server) = shared_server();
+    let (url, _server) = url_or_start();
     let (stream, prefix) = unique_stream();
     let log = NatsLog::connect(NatsSettings {
         url: url.clone(),

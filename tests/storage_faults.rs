@@ -6,11 +6,10 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,89 +17,25 @@ use spike_gateway::{
     proto::{Event, event_stream_client::EventStreamClient},
     webhook::signature::sign,
 };
-use support::{KEY, MAIN, from_beginning, record_change};
+use support::{
+    KEY, MAIN, from_beginning,
+    real_binary::{self, Gateway},
+    record_change, wait_until,
+};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-/// A running gateway binary; killed when dropped.
-struct Gateway {
-    child: Child,
-    http: SocketAddr,
-    grpc: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn gateway_command(data_dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spike-gateway"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
-        .env("GATEWAY_DATA_DIR", data_dir)
-        .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
-        .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info");
-    command
-}
-
-/// Starts the binary; `Err(stderr)` if it exits before listening.
+/// Starts the binary; `Err(its log)` if it exits before listening.
 fn start(data_dir: &Path) -> Result<Gateway, String> {
     start_with(data_dir, &[])
 }
 
 fn start_with(data_dir: &Path, envs: &[(&str, &str)]) -> Result<Gateway, String> {
-    let mut child = gateway_command(data_dir)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let log = Arc::new(Mutex::new(String::new()));
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut listening = None;
-    for line in lines.by_ref().map_while(Result::ok) {
-        log.lock().unwrap().push_str(&format!("{line}\n"));
-        if line.contains("spike-gateway listening") {
-            listening = Some(line);
-            break;
-        }
-    }
-    let Some(line) = listening else {
-        // stderr closed: the process exited (or is about to).
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "a refusal exits non-zero");
-        return Err(log.lock().unwrap().clone());
-    };
-    let copy = log.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            copy.lock().unwrap().push_str(&format!("{line}\n"));
-        }
-    });
-    let field = |name: &str| -> SocketAddr {
-        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        line[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    Ok(Gateway {
-        http: field("http"),
-        grpc: field("grpc"),
-        child,
-        log,
-    })
+    let mut command = real_binary::command(data_dir, KEY);
+    command.envs(envs.iter().copied());
+    real_binary::start(command)
 }
 
 /// SIGTERM and wait for a clean exit (the log is closed cleanly).
@@ -172,19 +107,6 @@ async fn grpc_serving(gateway: &Gateway) -> ServingStatus {
         .expect("health answers")
         .into_inner()
         .status()
-}
-
-/// Polls `check` until it holds, failing the test with `what` after `limit`.
-async fn wait_for<F: Future<Output = bool>>(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Reads the log from the beginning until 1 s of quiet or the stream ends. The error is the
@@ -297,19 +219,19 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
         }
     }
     assert!(refused, "a full disk refuses webhooks with 503");
-    wait_for(
+    wait_until(
         Duration::from_secs(5),
         "/readyz reports the write failure",
-        || async {
+        async || {
             let (status, body) = readyz(&client, &gateway).await;
             status == 503 && body["reason"] == "storage_write_failing"
         },
     )
     .await;
-    wait_for(
+    wait_until(
         Duration::from_secs(5),
         "gRPC health NOT_SERVING",
-        || async { grpc_serving(&gateway).await == ServingStatus::NotServing },
+        async || grpc_serving(&gateway).await == ServingStatus::NotServing,
     )
     .await;
     // Still full: every webhook is refused, none falsely acknowledged.
@@ -345,10 +267,10 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
     let recovered = freed.elapsed();
     let (ready, body) = readyz(&client, &gateway).await;
     assert_eq!((ready, &body["reason"]), (200, &serde_json::json!("ready")));
-    wait_for(
+    wait_until(
         Duration::from_secs(2),
         "gRPC health SERVING again",
-        || async { grpc_serving(&gateway).await == ServingStatus::Serving },
+        async || grpc_serving(&gateway).await == ServingStatus::Serving,
     )
     .await;
     for _ in 0..5 {
@@ -485,10 +407,10 @@ async fn reported(gateway: &Gateway) -> Vec<u64> {
         (503, &serde_json::json!("storage_damaged")),
         "{body}"
     );
-    wait_for(
+    wait_until(
         Duration::from_secs(2),
         "gRPC health NOT_SERVING",
-        || async { grpc_serving(gateway).await == ServingStatus::NotServing },
+        async || grpc_serving(gateway).await == ServingStatus::NotServing,
     )
     .await;
     let metrics = client
@@ -707,21 +629,17 @@ async fn readyz_and_grpc_health_agree_on_the_memory_store_too() {
     assert_eq!(response.status().as_u16(), 503);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["reason"], "closed", "{body}");
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
+    wait_until(
+        Duration::from_secs(2),
+        "gRPC health NOT_SERVING once the log is closed",
+        async || {
+            let request = HealthCheckRequest {
                 service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status();
-        if status == ServingStatus::NotServing {
-            break;
-        }
-        assert!(Instant::now() < deadline, "gRPC health still {status:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            };
+            let status = health.check(request).await.unwrap().into_inner().status();
+            status == ServingStatus::NotServing
+        },
+    )
+    .await;
     app.stop().await;
 }

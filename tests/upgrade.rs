@@ -5,12 +5,7 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use spike_gateway::{
     events::{
@@ -22,71 +17,35 @@ use spike_gateway::{
     },
     wire::sign,
 };
-use support::{SAMPLES, admin::*, fixture, nats};
+use support::{
+    SAMPLES,
+    admin::*,
+    fixture, nats,
+    real_binary::{self, Gateway},
+};
 
 /// The key the fixture's webhooks were signed with (its README).
 const LEGACY_KEY: &str = "legacy-key";
 /// Long enough to keep the fixture's entries (written on 2026-12-01) live.
 const LONG: &str = "3650d";
 
-struct Gateway {
-    child: Child,
-    http: SocketAddr,
-    grpc: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The real binary on a copy of the 0.1 data directory (never the fixture in place).
-fn start_on_legacy_copy() -> Gateway {
+/// The real binary on a copy of the 0.1 data directory (never the fixture in place), with
+/// the directory it runs on.
+fn start_on_legacy_copy() -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/legacy-0.1-data/events.redb"
     );
     std::fs::copy(fixture, dir.path().join("events.redb")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
-        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", LEGACY_KEY)
-        .env("GATEWAY_DATA_DIR", dir.path())
-        .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
-        .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
+    let mut command = real_binary::command(dir.path(), LEGACY_KEY);
+    command
         .env("GATEWAY_DEDUP_WINDOW", LONG)
         .env("GATEWAY_RETENTION", LONG)
-        .env("GATEWAY_ADMIN_TOKENS", ADMIN_TOKEN)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    // The binary logs its addresses once it listens; EOF (it exited) fails the find.
-    let line = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("spike-gateway listening"))
-        .expect("the gateway starts on the 0.1 data directory and logs its addresses");
-    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-    let field = |name: &str| -> SocketAddr {
-        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        line[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    Gateway {
-        http: field("http"),
-        grpc: field("grpc"),
-        child,
-        _dir: dir,
-    }
+        .env("GATEWAY_ADMIN_TOKENS", ADMIN_TOKEN);
+    let gateway = real_binary::start(command)
+        .unwrap_or_else(|log| panic!("the gateway starts on the 0.1 data directory:\n{log}"));
+    (gateway, dir)
 }
 
 async fn post(gateway: &Gateway, path: &str, body: &[u8]) -> serde_json::Value {
@@ -103,7 +62,7 @@ async fn post(gateway: &Gateway, path: &str, body: &[u8]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_on_a_0_1_data_directory_appends_no_redelivery() {
-    let gateway = start_on_legacy_copy();
+    let (gateway, _dir) = start_on_legacy_copy();
     for (name, path) in SAMPLES {
         let answer = post(&gateway, path, &fixture(name)).await;
         assert_eq!(answer["appended"], 0, "{name}: {answer}");
@@ -137,7 +96,7 @@ async fn the_binary_on_a_0_1_data_directory_appends_no_redelivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_0_1_dead_letter_is_backfilled_and_erasable_by_its_numeric_user_id() {
-    let gateway = start_on_legacy_copy();
+    let (gateway, _dir) = start_on_legacy_copy();
     let mut admin = AdminClient::connect(format!("http://{}", gateway.grpc))
         .await
         .unwrap();
@@ -158,16 +117,6 @@ async fn the_0_1_dead_letter_is_backfilled_and_erasable_by_its_numeric_user_id()
         .unwrap()
         .into_inner();
     assert_eq!(erased.dead_letters_removed, 1);
-}
-
-/// Where NATS tests connect: `NATS_URL`, or a server of their own.
-fn nats_server() -> (String, Option<nats::NatsServer>) {
-    if let Some(url) = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()) {
-        return (url, None);
-    }
-    nats::require_installed();
-    let server = nats::NatsServer::start();
-    (server.url(), Some(server))
 }
 
 fn settings(url: &str, stream: &(String, String)) -> NatsSettings {
@@ -220,7 +169,7 @@ async fn redeliver(log: &NatsLog, id: &str, legacy: &str) -> AppendOutcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn a_nats_stream_seeded_by_0_1_keeps_its_ids_as_duplicates() {
-    let (url, _server) = nats_server();
+    let (url, _server) = nats::url_or_start();
     let stream = nats::unique_stream();
     // The streams exist (as 0.1 created them), then 0.1 publishes two events.
     NatsLog::connect(settings(&url, &stream))

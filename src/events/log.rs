@@ -92,6 +92,28 @@ pub fn names_user(letter: &DeadLetter, user: &str) -> bool {
     letter.application_user_ids.iter().any(|id| id == user)
 }
 
+/// Places `event` at the tip of a log that assigns positions itself (embedded, memory; NATS
+/// takes both from JetStream): the next sequence, and `received_at` (now, when the event
+/// carries none) clamped so that it never decreases along the log, which keeps `since` a
+/// search. The one copy of that rule. Returns the stored `received_at`.
+pub(super) fn place_at_tip(
+    event: &mut Event,
+    now: Micros,
+    next: &mut u64,
+    last_received: &mut Micros,
+) -> Micros {
+    let received = event
+        .received_at
+        .as_ref()
+        .map_or(now, super::time::to_micros)
+        .max(*last_received);
+    *last_received = received;
+    event.received_at = Some(super::time::from_micros(received));
+    event.sequence = *next;
+    *next += 1;
+    received
+}
+
 /// What [`EventLog::erase_user`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Erased {

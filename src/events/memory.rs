@@ -15,8 +15,8 @@ use super::{
     Admission, Admitted, AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
     NewEvent, dead_letter_key,
     fanout::{self, Fanout},
-    names_user,
-    time::{Micros, from_micros, now_micros, to_micros},
+    names_user, place_at_tip,
+    time::{Micros, now_micros},
 };
 use crate::proto::DeadLetter;
 
@@ -116,15 +116,7 @@ impl State {
         if let Some(sequence) = self.seen(&event.event_id, now, window) {
             return (AppendOutcome::Duplicate { sequence }, None);
         }
-        let received = event
-            .received_at
-            .as_ref()
-            .map_or(now, to_micros)
-            .max(self.last_received);
-        self.last_received = received;
-        event.received_at = Some(from_micros(received));
-        event.sequence = self.next;
-        self.next += 1;
+        place_at_tip(&mut event, now, &mut self.next, &mut self.last_received);
         self.remember(event.event_id.clone(), event.sequence, now);
         let outcome = AppendOutcome::Appended {
             sequence: event.sequence,

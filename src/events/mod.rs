@@ -27,6 +27,7 @@ pub mod time;
 
 pub use committed::CommittedEvent;
 pub use health::{Damage, LogHealth};
+use log::place_at_tip;
 pub use log::{
     Admission, Admitted, AppendOutcome, Erased, EventLog, LogBounds, LogError, NewEvent,
     dead_letter_key, names_user,

@@ -4,13 +4,15 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::event_stream::log_status;
 use crate::{
     deadletters::{self, Selection},
     events::{EventLog, LogError},
     metrics::Metrics,
     proto::{
-        EraseUserRequest, EraseUserResponse, ListDeadLettersRequest, ListDeadLettersResponse,
-        RedriveDeadLettersRequest, RedriveDeadLettersResponse, admin_server::Admin,
+        DeadLetter, EraseUserRequest, EraseUserResponse, ListDeadLettersRequest,
+        ListDeadLettersResponse, RedriveDeadLettersRequest, RedriveDeadLettersResponse,
+        admin_server::Admin,
     },
 };
 
@@ -18,6 +20,10 @@ use crate::{
 const DEFAULT_PAGE_SIZE: u32 = 100;
 /// Largest `ListDeadLetters` page: bounds the answer's size (letters carry raw JSON).
 const MAX_PAGE_SIZE: u32 = 1000;
+/// Letters read from the log at a time while a page is assembled. A merged letter holds a
+/// whole request body (up to `GATEWAY_MAX_BODY_BYTES`), so this, not the page size, bounds
+/// what a page without raw JSON holds in memory.
+const READ_CHUNK: usize = 50;
 
 pub struct AdminService {
     log: Arc<dyn EventLog>,
@@ -28,10 +34,39 @@ impl AdminService {
     pub fn new(log: Arc<dyn EventLog>, metrics: Arc<Metrics>) -> Self {
         Self { log, metrics }
     }
-}
 
-fn unavailable(e: LogError) -> Status {
-    Status::unavailable(e.to_string())
+    /// Up to `page_size` letters after `after_id`, and the `next_after_id` of the next page
+    /// (0 when none follows). Read [`READ_CHUNK`] letters at a time, their raw JSON dropped
+    /// at once unless asked for, so a page without it never holds a page of request bodies.
+    async fn page(
+        &self,
+        after_id: u64,
+        page_size: usize,
+        user: Option<&str>,
+        include_raw_json: bool,
+    ) -> Result<(Vec<DeadLetter>, u64), LogError> {
+        let mut page: Vec<DeadLetter> = Vec::new();
+        let mut after = after_id;
+        loop {
+            // One more than the page still needs, to know whether another page follows.
+            let wanted = (page_size - page.len() + 1).min(READ_CHUNK);
+            let chunk = self.log.dead_letters(after, wanted, user).await?;
+            let exhausted = chunk.len() < wanted;
+            for mut letter in chunk {
+                if page.len() == page_size {
+                    return Ok((page, after));
+                }
+                if !include_raw_json {
+                    letter.raw_json = Vec::new();
+                }
+                after = letter.id;
+                page.push(letter);
+            }
+            if exhausted {
+                return Ok((page, 0));
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -44,7 +79,7 @@ impl Admin for AdminService {
         if user.is_empty() {
             return Err(Status::invalid_argument("application_user_id is required"));
         }
-        let erased = self.log.erase_user(&user).await.map_err(unavailable)?;
+        let erased = self.log.erase_user(&user).await.map_err(log_status)?;
         deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
         // An audit record of who was erased and how much; no health data.
         tracing::info!(
@@ -76,25 +111,17 @@ impl Admin for AdminService {
             n => n,
         } as usize;
         let user = request.application_user_id.filter(|u| !u.is_empty());
-        // One more than the page, to know whether another page follows.
-        let mut letters = self
-            .log
-            .dead_letters(request.after_id, page_size + 1, user.as_deref())
+        let (dead_letters, next_after_id) = self
+            .page(
+                request.after_id,
+                page_size,
+                user.as_deref(),
+                request.include_raw_json,
+            )
             .await
-            .map_err(unavailable)?;
-        let next_after_id = if letters.len() > page_size {
-            letters.truncate(page_size);
-            letters.last().map_or(0, |l| l.id)
-        } else {
-            0
-        };
-        if !request.include_raw_json {
-            for letter in &mut letters {
-                letter.raw_json.clear();
-            }
-        }
+            .map_err(log_status)?;
         Ok(Response::new(ListDeadLettersResponse {
-            dead_letters: letters,
+            dead_letters,
             next_after_id,
         }))
     }
@@ -115,7 +142,7 @@ impl Admin for AdminService {
         };
         let redriven = deadletters::redrive(self.log.as_ref(), selection)
             .await
-            .map_err(unavailable)?;
+            .map_err(log_status)?;
         deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
         tracing::info!(
             appended = redriven.appended,

@@ -321,9 +321,18 @@ fn status_of(error: SubscriptionError) -> Status {
             &[("oldest_sequence", oldest), ("last_sequence", last)],
         ),
         SubscriptionError::LiveClosed => Status::unavailable(message),
-        // Damage does not heal by retrying: DATA_LOSS, naming the sequence (SPEC §5).
-        SubscriptionError::Log(LogError::Damaged(_)) => Status::data_loss(message),
-        SubscriptionError::Log(_) => Status::unavailable(message),
+        SubscriptionError::Log(error) => log_status(error),
+    }
+}
+
+/// The status for a failed log call, the one mapping every service uses: damage does not
+/// heal by retrying, so `DATA_LOSS` naming the sequence (SPEC §5); anything else (closed,
+/// a storage fault the log recovers from) is `UNAVAILABLE`, worth a retry.
+pub(super) fn log_status(error: LogError) -> Status {
+    let message = error.to_string();
+    match error {
+        LogError::Damaged(_) => Status::data_loss(message),
+        LogError::Closed | LogError::Storage(_) => Status::unavailable(message),
     }
 }
 
@@ -490,5 +499,23 @@ mod tests {
         let (reason, metadata) = info(&live);
         assert_eq!(reason, "SHUTTING_DOWN");
         assert!(metadata.is_empty(), "{metadata:?}");
+    }
+
+    #[test]
+    fn every_service_answers_damage_with_data_loss_and_faults_with_unavailable() {
+        let damaged = LogError::Damaged(crate::events::Damage {
+            sequence: Some(12),
+            detail: "checksum".into(),
+        });
+        let status = log_status(damaged);
+        assert_eq!(status.code(), Code::DataLoss);
+        assert!(
+            status.message().contains("sequence 12"),
+            "{}",
+            status.message()
+        );
+        let fault = log_status(LogError::Storage("No space left on device".into()));
+        assert_eq!(fault.code(), Code::Unavailable);
+        assert_eq!(log_status(LogError::Closed).code(), Code::Unavailable);
     }
 }

@@ -81,49 +81,17 @@ fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
             "main event has no usable application_user_id or user_id",
         )
     })?;
-    let provider = item.provider_slug.clone().unwrap_or_default();
-    let at = |stamp: Option<&Stamp>| stamp.and_then(|s| s.at);
-    let earliest = at(item
-        .earliest_record_start_at
-        .as_ref()
-        .or(item.start_date.as_ref()));
-    let latest = at(item
-        .latest_record_end_at
-        .as_ref()
-        .or(item.end_date.as_ref()));
     let legacy_id = legacy::main_id(item, &user);
     let (r#type, payload) = match event_type {
-        "record_change" => (
-            EventType::RecordChange,
-            Payload::RecordChange(RecordChange {
-                provider_slug: provider,
-                metrics: item.metrics.clone().unwrap_or_default(),
-                activity_types: item.activity_types.clone().unwrap_or_default(),
-                data_types: item.data_types.clone().unwrap_or_default(),
-                earliest_record_start_at: earliest,
-                latest_record_end_at: latest,
-                customer_id: item.customer_id.clone().unwrap_or_default(),
-            }),
+        "record_change" => (EventType::RecordChange, record_change(item)),
+        "provider_integration_created" => (
+            EventType::ProviderIntegrationCreated,
+            provider_integration(item, IntegrationAction::Created),
         ),
-        "provider_integration_created" | "provider_integration_deleted" => {
-            let created = event_type.ends_with("created");
-            (
-                if created {
-                    EventType::ProviderIntegrationCreated
-                } else {
-                    EventType::ProviderIntegrationDeleted
-                },
-                Payload::ProviderIntegration(ProviderIntegration {
-                    provider_slug: provider,
-                    action: if created {
-                        IntegrationAction::Created
-                    } else {
-                        IntegrationAction::Deleted
-                    } as i32,
-                    customer_id: item.customer_id.clone().unwrap_or_default(),
-                }),
-            )
-        }
+        "provider_integration_deleted" => (
+            EventType::ProviderIntegrationDeleted,
+            provider_integration(item, IntegrationAction::Deleted),
+        ),
         other => {
             return Err(Unusable::new(
                 Reason::UnknownEventType,
@@ -139,6 +107,37 @@ fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
         ..Event::default()
     };
     Ok((event, legacy_id))
+}
+
+/// The instant of a timestamp field that parsed.
+fn at(stamp: Option<&Stamp>) -> Option<Timestamp> {
+    stamp.and_then(|s| s.at)
+}
+
+fn record_change(item: &WireItem) -> Payload {
+    Payload::RecordChange(RecordChange {
+        provider_slug: item.provider_slug.clone().unwrap_or_default(),
+        metrics: item.metrics.clone().unwrap_or_default(),
+        activity_types: item.activity_types.clone().unwrap_or_default(),
+        data_types: item.data_types.clone().unwrap_or_default(),
+        earliest_record_start_at: at(item
+            .earliest_record_start_at
+            .as_ref()
+            .or(item.start_date.as_ref())),
+        latest_record_end_at: at(item
+            .latest_record_end_at
+            .as_ref()
+            .or(item.end_date.as_ref())),
+        customer_id: item.customer_id.clone().unwrap_or_default(),
+    })
+}
+
+fn provider_integration(item: &WireItem, action: IntegrationAction) -> Payload {
+    Payload::ProviderIntegration(ProviderIntegration {
+        provider_slug: item.provider_slug.clone().unwrap_or_default(),
+        action: action as i32,
+        customer_id: item.customer_id.clone().unwrap_or_default(),
+    })
 }
 
 /// Fields of an enveloped result live under `data`; the envelope itself carries the ids.
@@ -212,37 +211,84 @@ pub fn lab_report_result(item: &WireItem) -> Result<LabReportResult, Unusable> {
 
 fn lab_report(item: &WireItem, tree: &Json<'_>) -> Result<Mapped, Unusable> {
     let result = lab_report_result(item)?;
-    let status = result.status();
-    let r#type = match status {
-        RecordStatus::Completed => EventType::LabReportCompleted,
-        RecordStatus::Failed => EventType::LabReportFailed,
-        _ => return Err(not_notified("lab report", status)),
-    };
-    let legacy_id = legacy::result_id(
-        "lab",
-        &result.record_id,
-        status,
-        pick(item, |i| i.modified_at.as_ref()),
+    let (mut event, legacy_id) = LAB_REPORT.event(
+        item,
         tree,
-    );
-    let event = Event {
-        r#type: r#type as i32,
-        application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
-        occurred_at: result.modified_at.or(result.uploaded_at),
-        payload: Some(Payload::LabReportResult(result)),
-        ..Event::default()
-    };
+        &result.record_id,
+        result.status(),
+        result.modified_at.or(result.uploaded_at),
+    )?;
+    event.payload = Some(Payload::LabReportResult(result));
     Ok((event, legacy_id))
 }
 
-fn not_notified(what: &str, status: RecordStatus) -> Unusable {
-    Unusable::new(
-        Reason::NotNotified,
-        format!(
-            "{what} status {} has no event type; Spike only notifies completed or failed",
-            status.as_str_name()
-        ),
-    )
+/// What lab reports and nutrition records map alike: written once so the two categories
+/// cannot drift apart in which statuses become events, whose event it is, or its 0.1 id.
+struct ResultRule {
+    /// Names the category in the reason of a result Spike does not notify.
+    name: &'static str,
+    /// The category prefix of the 0.1 release's `event_id`.
+    legacy_prefix: &'static str,
+    completed: EventType,
+    failed: EventType,
+}
+
+const LAB_REPORT: ResultRule = ResultRule {
+    name: "lab report",
+    legacy_prefix: "lab",
+    completed: EventType::LabReportCompleted,
+    failed: EventType::LabReportFailed,
+};
+
+const NUTRITION_RECORD: ResultRule = ResultRule {
+    name: "nutrition record",
+    legacy_prefix: "nutrition",
+    completed: EventType::NutritionRecordCompleted,
+    failed: EventType::NutritionRecordFailed,
+};
+
+impl ResultRule {
+    /// The event of a result, without its payload, and the result's 0.1 id. Only a
+    /// completed or failed result is an event.
+    fn event(
+        &self,
+        item: &WireItem,
+        tree: &Json<'_>,
+        record_id: &str,
+        status: RecordStatus,
+        occurred_at: Option<Timestamp>,
+    ) -> Result<Mapped, Unusable> {
+        let r#type = match status {
+            RecordStatus::Completed => self.completed,
+            RecordStatus::Failed => self.failed,
+            _ => return Err(self.not_notified(status)),
+        };
+        let legacy_id = legacy::result_id(
+            self.legacy_prefix,
+            record_id,
+            status,
+            pick(item, |i| i.modified_at.as_ref()),
+            tree,
+        );
+        let event = Event {
+            r#type: r#type as i32,
+            application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
+            occurred_at,
+            ..Event::default()
+        };
+        Ok((event, legacy_id))
+    }
+
+    fn not_notified(&self, status: RecordStatus) -> Unusable {
+        Unusable::new(
+            Reason::NotNotified,
+            format!(
+                "{} status {} has no event type; Spike only notifies completed or failed",
+                self.name,
+                status.as_str_name()
+            ),
+        )
+    }
 }
 
 fn section(wire: &WireSection) -> LabReportSection {
@@ -327,26 +373,14 @@ pub fn nutrition_result(item: &WireItem) -> Result<NutritionResult, Unusable> {
 
 fn nutrition_record(item: &WireItem, tree: &Json<'_>) -> Result<Mapped, Unusable> {
     let result = nutrition_result(item)?;
-    let status = result.status();
-    let r#type = match status {
-        RecordStatus::Completed => EventType::NutritionRecordCompleted,
-        RecordStatus::Failed => EventType::NutritionRecordFailed,
-        _ => return Err(not_notified("nutrition record", status)),
-    };
-    let legacy_id = legacy::result_id(
-        "nutrition",
-        &result.record_id,
-        status,
-        pick(item, |i| i.modified_at.as_ref()),
+    let (mut event, legacy_id) = NUTRITION_RECORD.event(
+        item,
         tree,
-    );
-    let event = Event {
-        r#type: r#type as i32,
-        application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
-        occurred_at: result.modified_at.or(result.uploaded_at),
-        payload: Some(Payload::NutritionResult(result)),
-        ..Event::default()
-    };
+        &result.record_id,
+        result.status(),
+        result.modified_at.or(result.uploaded_at),
+    )?;
+    event.payload = Some(Payload::NutritionResult(result));
     Ok((event, legacy_id))
 }
 

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod fake_spike;
 pub mod nats;
+pub mod real_binary;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

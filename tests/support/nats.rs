@@ -122,6 +122,18 @@ impl Drop for NatsServer {
     }
 }
 
+/// Where a NATS test connects: `NATS_URL` when set, else a server of its own, which fails
+/// the test when nats-server is not installed (the NATS tests are ignored, so they only run
+/// when asked for). Keep the server, if any, alive for the test.
+pub fn url_or_start() -> (String, Option<NatsServer>) {
+    if let Some(url) = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()) {
+        return (url, None);
+    }
+    require_installed();
+    let server = NatsServer::start();
+    (server.url(), Some(server))
+}
+
 /// A stream name and subject prefix no other test uses, so tests can share one server.
 pub fn unique_stream() -> (String, String) {
     static COUNTER: AtomicU32 = AtomicU32::new(0);

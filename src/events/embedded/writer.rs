@@ -24,8 +24,8 @@ use crate::{
         Admission, Admitted, AppendOutcome, CommittedEvent, Erased, LogError, NewEvent,
         dead_letter_key,
         fanout::Fanout,
-        names_user,
-        time::{Micros, from_micros, now_micros, to_micros},
+        names_user, place_at_tip,
+        time::{Micros, now_micros, to_micros},
     },
     proto::DeadLetter,
 };
@@ -464,15 +464,7 @@ fn append_event(
     now: Micros,
     tip: &mut Tip,
 ) -> Result<CommittedEvent, redb::Error> {
-    let received = event
-        .received_at
-        .as_ref()
-        .map_or(now, to_micros)
-        .max(tip.last_received);
-    tip.last_received = received;
-    event.received_at = Some(from_micros(received));
-    event.sequence = tip.next;
-    tip.next += 1;
+    let received = place_at_tip(&mut event, now, &mut tip.next, &mut tip.last_received);
     remember(
         &mut tables.dedup,
         &mut tables.expiry,
