@@ -852,7 +852,7 @@ fn exported(text: &str) -> BTreeMap<String, Vec<BTreeMap<String, String>>> {
 }
 
 /// What `query` asks for that the exposition does not have: series, labels on them, or
-/// (for `=` matchers) label values.
+/// (for `=` and `!=` matchers) label values.
 fn missing_series(query: &str, exposition: &str) -> Vec<String> {
     let exported = exported(exposition);
     let (selectors, grouping) = parse_query(query);
@@ -870,7 +870,8 @@ fn missing_series(query: &str, exposition: &str) -> Vec<String> {
         for (label, op, value) in &selector.matchers {
             let has_label = samples.iter().any(|s| s.contains_key(label));
             let has_value = samples.iter().any(|s| s.get(label) == Some(value));
-            if !has_label || (op == "=" && !has_value) {
+            // A misspelt value under `!=` silently matches everything, so it counts too.
+            if !has_label || (matches!(op.as_str(), "=" | "!=") && !has_value) {
                 missing.push(format!("{}{{{label}{op}\"{value}\"}}", selector.name));
             }
         }
@@ -1049,6 +1050,10 @@ spec:
         (
             "spike_gateway_webhooks_total{outcome=\"acepted\"}",
             "spike_gateway_webhooks_total{outcome=\"acepted\"}",
+        ),
+        (
+            "spike_gateway_webhooks_total{outcome!=\"acepted\"}",
+            "spike_gateway_webhooks_total{outcome!=\"acepted\"}",
         ),
         (
             "spike_gateway_webhooks_total{path!=\"x\"}",
