@@ -15,12 +15,13 @@
 //!
 //! Why a bad file fails a test: an env name not printed by `--help` is not in the map
 //! [`configuration`] builds from it, so [`unknown_env_names`] reports it; a queried series
-//! (or a label, or a label value in an `=` matcher) absent from `/metrics` is not in the
+//! (or a label, or a label value in an `=` or `!=` matcher) absent from `/metrics` is not in the
 //! map [`exported`] builds from the scrape, so [`missing_series`] reports it. Both checks
 //! come from the code's output, not from a list kept here, so a rename on either side
-//! fails. `the_checks_reject_bad_examples` runs both on bad inputs (a misspelt variable, a
+//! fails. `the_env_check_rejects_an_unknown_name` and
+//! `the_series_check_rejects_bad_queries` run them on bad inputs (a misspelt variable, a
 //! missing series, a histogram or counter queried without its suffix, a misspelt label
-//! value), and a parser that silently found nothing would fail it.
+//! value), and a parser that silently found nothing would fail them.
 
 mod support;
 
@@ -239,7 +240,7 @@ impl Dockerfile {
 }
 
 #[test]
-fn dockerfile_matches_the_configuration() {
+fn dockerfile_env_and_ports_match_the_configuration() {
     let known = configuration();
     let docker = parse_dockerfile(&read("deploy/Dockerfile"));
     let env = docker.env();
@@ -262,7 +263,12 @@ fn dockerfile_matches_the_configuration() {
     assert_eq!(http, port_of(&default_of(&known, "GATEWAY_HTTP_ADDR")));
     assert_eq!(grpc, port_of(&default_of(&known, "GATEWAY_GRPC_ADDR")));
     assert_eq!(env["GATEWAY_GRPC_ADDR"], "0.0.0.0:50051");
+}
 
+#[test]
+fn dockerfile_runs_non_root_with_the_data_dir_its_only_volume() {
+    let docker = parse_dockerfile(&read("deploy/Dockerfile"));
+    let env = docker.env();
     // Non-root by number (runAsNonRoot can only verify a numeric user), and the data dir
     // is the declared volume.
     let user = docker.all("USER");
@@ -287,7 +293,11 @@ fn dockerfile_matches_the_configuration() {
         docker.all("ENTRYPOINT"),
         [r#"["/usr/local/bin/spike-gateway"]"#]
     );
+}
 
+#[test]
+fn dockerfile_builds_the_crate_on_one_debian_release() {
+    let docker = parse_dockerfile(&read("deploy/Dockerfile"));
     // Builder and runtime on one Debian release (glibc), the builder's Rust no older
     // than the crate's rust-version.
     let froms: Vec<_> = docker.froms.iter().map(|f| docker.substitute(f)).collect();
@@ -297,12 +307,11 @@ fn dockerfile_matches_the_configuration() {
         froms[1].starts_with(&format!("debian:{release}-slim")),
         "{froms:?}"
     );
-    let manifest: toml_version::Manifest = toml_version::read(&read("Cargo.toml"));
+    let floor = rust_version(&read("Cargo.toml"));
+    let builder = &docker.args["RUST_VERSION"];
     assert!(
-        toml_version::at_least(&docker.args["RUST_VERSION"], &manifest.rust_version),
-        "builder Rust {} is older than rust-version {}",
-        docker.args["RUST_VERSION"],
-        manifest.rust_version
+        version_at_least(builder, &floor),
+        "builder Rust {builder} is older than rust-version {floor}"
     );
     dockerfile_copies_exist_and_are_not_ignored(&docker);
 }
@@ -342,28 +351,22 @@ fn dockerfile_copies_exist_and_are_not_ignored(docker: &Dockerfile) {
     }
 }
 
-/// The two fields of Cargo.toml this test needs, without a TOML dependency.
-mod toml_version {
-    pub struct Manifest {
-        pub rust_version: String,
-    }
+/// Cargo.toml's `rust-version`, without a TOML dependency for one line.
+fn rust_version(manifest: &str) -> String {
+    let line = manifest
+        .lines()
+        .find(|l| l.starts_with("rust-version"))
+        .expect("Cargo.toml sets rust-version");
+    line.split('"')
+        .nth(1)
+        .expect("rust-version is a string")
+        .to_owned()
+}
 
-    pub fn read(text: &str) -> Manifest {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("rust-version"))
-            .expect("Cargo.toml sets rust-version");
-        let value = line.split('"').nth(1).expect("rust-version is a string");
-        Manifest {
-            rust_version: value.to_owned(),
-        }
-    }
-
-    /// `a >= b` for dotted versions.
-    pub fn at_least(a: &str, b: &str) -> bool {
-        let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap()).collect() };
-        parse(a) >= parse(b)
-    }
+/// `a >= b` for dotted versions.
+fn version_at_least(a: &str, b: &str) -> bool {
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap()).collect() };
+    parse(a) >= parse(b)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -992,10 +995,10 @@ async fn every_series_the_dashboard_and_alerts_query_is_exported() {
     }
 }
 
-/// The checks themselves, on inputs that must fail them: without this, a parser that
-/// found nothing would pass every file.
+/// The env check on a manifest that must fail it: without this, a parser that found no
+/// env entries would pass every file.
 #[test]
-fn the_checks_reject_bad_examples() {
+fn the_env_check_rejects_an_unknown_name() {
     let known = configuration();
     let bad_manifest: Vec<Value> = vec![
         serde_yaml_ng::from_str(
@@ -1019,7 +1022,11 @@ spec:
         manifest_unknown_env(&bad_manifest, "Deployment", &known),
         ["GATEWAY_GRPC_TOKEN_FILE"]
     );
+}
 
+/// The series check on queries that must fail it, and on two that must pass.
+#[test]
+fn the_series_check_rejects_bad_queries() {
     let exposition = "# TYPE spike_gateway_webhooks counter\n\
         spike_gateway_webhooks_total{category=\"main\",outcome=\"accepted\"} 1\n\
         spike_gateway_delivery_seconds_bucket{le=\"0.1\"} 1\n\
