@@ -831,6 +831,12 @@ fn rule_queries(text: &str) -> Vec<(String, String)> {
     queries
 }
 
+/// Whether `query` is valid PromQL (Prometheus' grammar, as the `promql-parser` crate
+/// implements it), with Grafana's `$__rate_interval` read as a plain range.
+fn promql_syntax(query: &str) -> Result<(), String> {
+    promql_parser::parser::parse(&query.replace("$__rate_interval", "5m")).map(|_| ())
+}
+
 /// An OpenMetrics exposition: series name → every label set of its samples.
 fn exported(text: &str) -> BTreeMap<String, Vec<BTreeMap<String, String>>> {
     let mut series: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
@@ -860,6 +866,9 @@ fn missing_series(query: &str, exposition: &str) -> Vec<String> {
     let exported = exported(exposition);
     let (selectors, grouping) = parse_query(query);
     let mut missing = Vec::new();
+    if let Err(e) = promql_syntax(query) {
+        missing.push(format!("not PromQL: {e}: {query}"));
+    }
     if selectors.is_empty() {
         missing.push(format!("no spike_gateway_ series in {query}"));
     }
@@ -1068,6 +1077,7 @@ fn the_series_check_rejects_bad_queries() {
         ),
         ("sum by (kind) (spike_gateway_webhooks_total)", "label kind"),
         ("vector(1)", "no spike_gateway_ series"),
+        ("sum(rate(spike_gateway_webhooks_total[5m])", "not PromQL"),
     ] {
         let missing = missing_series(query, exposition);
         assert!(
