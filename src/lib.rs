@@ -34,6 +34,7 @@ pub mod deadletters;
 pub mod events;
 pub mod grpc;
 pub mod metrics;
+mod net;
 pub mod proto;
 pub mod readiness;
 pub mod spike;
