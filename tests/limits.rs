@@ -19,7 +19,7 @@ use spike_gateway::{
     proto::{SubscribeRequest, event_stream_client::EventStreamClient},
     webhook::signature::sign,
 };
-use support::{KEY, MAIN, record_change};
+use support::{KEY, MAIN, record_change, wait_until, wait_until_blocking};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -139,15 +139,6 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Polls `condition` every 50 ms until it holds, failing with `what` after `limit`.
-async fn eventually(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -379,7 +370,8 @@ async fn silent_connections_are_closed_on_both_ports_but_live_streams_stay() {
         .await
         .unwrap()
         .into_inner();
-    tokio::time::sleep(Duration::from_secs(4)).await; // twice the idle timeout, on purpose
+    // The idle timeout must really pass (twice over) to show pings keep the stream open.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(gateway.webhook("after-quiet").await, 200);
     let event = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
@@ -434,7 +426,7 @@ async fn stalled_subscribers_hold_bounded_bytes_and_lose_nothing() {
             .unwrap();
         stalled.push(own.subscribe(request).await.unwrap().into_inner());
     }
-    eventually(Duration::from_secs(5), "5 subscribers open", async || {
+    wait_until(Duration::from_secs(5), "5 subscribers open", async || {
         let metrics = reqwest::get(gateway.url("/metrics"))
             .await
             .unwrap()
@@ -703,7 +695,7 @@ async fn past_the_connection_limit_and_the_body_budget_clients_get_json_503s() {
     // Slots of connections closed above free up as the server notices; poll until a new
     // connection finds none. Refused ones are answered and closed within a second.
     let mut refused = Vec::new();
-    eventually(Duration::from_secs(5), "a refused connection", async || {
+    wait_until(Duration::from_secs(5), "a refused connection", async || {
         let mut extra = TcpStream::connect(gateway.http).await.unwrap();
         let mut answer = Vec::new();
         let read =
@@ -732,7 +724,9 @@ fn the_shutdown_grace_bounds_the_whole_exit() {
             .write_all(format!("POST {MAIN} HTTP/1.1\r\nhost: x\r\nx-body-signature: {BAD_SIGNATURE}\r\ncontent-length: 100\r\n\r\n{{").as_bytes())
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await; // let the request be dispatched
+        // No outside signal says the server has read the headers and is awaiting the body;
+        // time for that to happen on loopback is the only handle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         stream
     });
     let mut gateway = gateway;
@@ -742,17 +736,11 @@ fn the_shutdown_grace_bounds_the_whole_exit() {
         .status()
         .unwrap();
     assert!(status.success());
-    let limit = Duration::from_secs(3);
-    loop {
-        if gateway.child.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "still running {limit:?} after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_blocking(
+        Duration::from_secs(3),
+        "the gateway exits after SIGTERM with a 1 s grace",
+        || gateway.child.try_wait().unwrap().is_some(),
+    );
     println!(
         "exited {:?} after SIGTERM with a 1 s grace",
         started.elapsed()
