@@ -255,6 +255,7 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
             "webhooks still refused 10 s after space was freed:\n{}",
             gateway.log.lock().unwrap()
         );
+        // The polling interval (a hand loop, not `eventually`, to fail with the log).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recovered = freed.elapsed();
