@@ -5,68 +5,28 @@ mod support;
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader},
-    net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use spike_gateway::{proto::event_stream_client::EventStreamClient, webhook::signature::sign};
-use support::{KEY, MAIN, from_beginning, record_change, wait_until, wait_until_blocking};
+use support::{
+    KEY, MAIN, from_beginning,
+    real_binary::{self, Gateway},
+    record_change, wait_until, wait_until_blocking,
+};
 
-struct Gateway {
-    child: Child,
-    http: SocketAddr,
-    grpc: SocketAddr,
+/// The binary on `data_dir` with `key`, listening (under the shared start-up deadline).
+fn start_with(data_dir: &Path, key: &str, envs: &[(&str, &str)]) -> Gateway {
+    let mut command = real_binary::command(data_dir, key);
+    command.envs(envs.iter().copied());
+    real_binary::start(command).unwrap_or_else(|log| panic!("the gateway refused to start:\n{log}"))
 }
 
-/// Starts the binary on port 0 and reads the bound addresses from its log line.
 fn start(data_dir: &Path) -> Gateway {
-    start_with(data_dir, KEY, "info", Arc::default())
-}
-
-/// Like [`start`], copying every log line into `log`.
-fn start_with(data_dir: &Path, key: &str, level: &str, log: Arc<Mutex<String>>) -> Gateway {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
-        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", key)
-        .env("GATEWAY_DATA_DIR", data_dir)
-        .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
-        .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", level)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let copy = |log: &Arc<Mutex<String>>, line: &str| {
-        let mut log = log.lock().unwrap();
-        log.push_str(line);
-        log.push('\n');
-    };
-    let line = lines
-        .by_ref()
-        .map(|l| l.unwrap())
-        .inspect(|l| copy(&log, l))
-        .find(|l| l.contains("spike-gateway listening"))
-        .expect("the gateway logs its addresses");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| copy(&log, &l)));
-    let field = |name: &str| -> SocketAddr {
-        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        line[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    Gateway {
-        http: field("http"),
-        grpc: field("grpc"),
-        child,
-    }
+    start_with(data_dir, KEY, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,8 +185,8 @@ async fn debug_logs_contain_no_body_key_or_signature() {
     const SECRET_KEY: &str = "KEY-MARKER-6f1c0e";
     const BODY_MARKER: &str = "DISH-MARKER-93a7";
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let mut gateway = start_with(dir.path(), SECRET_KEY, "debug", log.clone());
+    let mut gateway = start_with(dir.path(), SECRET_KEY, &[("RUST_LOG", "debug")]);
+    let log = gateway.log.clone();
     let client = reqwest::Client::new();
     let post = |path: &'static str, body: Vec<u8>, signature: String| {
         let request = client
@@ -263,14 +223,19 @@ async fn debug_logs_contain_no_body_key_or_signature() {
         .unwrap();
     assert_eq!(traced.status().as_u16(), 200);
     // And every RPC runs in a span with one.
-    let mut stream = EventStreamClient::connect(format!("http://{}", gateway.grpc))
+    let stream = EventStreamClient::connect(format!("http://{}", gateway.grpc))
         .await
         .unwrap()
         .subscribe(from_beginning())
         .await
         .unwrap()
         .into_inner();
-    let _ = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    wait_until(
+        Duration::from_secs(5),
+        "the subscription is logged",
+        async || log.lock().unwrap().contains("subscriber connected"),
+    )
+    .await;
     drop(stream);
 
     let forged = sign("another-key", meal.as_bytes());
@@ -312,27 +277,17 @@ async fn debug_logs_contain_no_body_key_or_signature() {
 #[test]
 fn grpc_without_tls_on_a_routable_address_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
-        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
-        .env("GATEWAY_DATA_DIR", dir.path())
-        .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
-        .env("GATEWAY_GRPC_ADDR", "0.0.0.0:0")
-        .env("GATEWAY_GRPC_TOKENS", "tok-SECRET-77")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    for line in lines.map_while(Result::ok) {
-        log.lock().unwrap().push_str(&line);
-        if line.contains("spike-gateway listening") {
-            break;
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let log = log.lock().unwrap();
+    let mut gateway = start_with(
+        dir.path(),
+        KEY,
+        &[
+            ("GATEWAY_GRPC_ADDR", "0.0.0.0:0"),
+            ("GATEWAY_GRPC_TOKENS", "tok-SECRET-77"),
+        ],
+    );
+    gateway.child.kill().unwrap();
+    gateway.child.wait().unwrap();
+    let log = gateway.log.lock().unwrap();
     assert!(log.contains("cleartext"), "{log}");
     assert!(!log.contains("tok-SECRET-77"), "{log}");
 }

@@ -147,7 +147,10 @@ async fn live_receivers_get_events_in_order_once_readable() {
         let mut live = log.live();
         log.append(events(&["x", "y"])).await.unwrap();
         for expected in [1, 2] {
-            let event = live.recv().await.unwrap();
+            let event = tokio::time::timeout(Duration::from_secs(5), live.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: event {expected} live within 5 s"))
+                .unwrap();
             assert_eq!(event.sequence(), expected, "{name}");
             let stored = log.read(event.sequence(), 1).await.unwrap();
             assert_eq!(
@@ -163,6 +166,7 @@ async fn live_receivers_get_events_in_order_once_readable() {
 async fn retention_removes_old_events_and_records_how_far() {
     for (name, log, _dir) in backends(HOUR, Duration::from_millis(300)) {
         log.append(events(&["old-1", "old-2"])).await.unwrap();
+        // The 300 ms retention must really pass for the old events to age out.
         tokio::time::sleep(Duration::from_millis(400)).await;
         log.append(events(&["new"])).await.unwrap();
         log.housekeeping().await.unwrap();
@@ -189,6 +193,7 @@ async fn an_event_id_may_return_after_the_dedup_window() {
             [AppendOutcome::Duplicate { sequence: 1 }],
             "{name}"
         );
+        // The 300 ms dedup window must really pass for the id to be accepted again.
         tokio::time::sleep(Duration::from_millis(400)).await;
         log.housekeeping().await.unwrap();
         assert_eq!(
@@ -264,6 +269,7 @@ async fn dead_letter_dedup_expires_with_the_window() {
         log.admit(request(&[], &[letter("[1]", &[])]))
             .await
             .unwrap();
+        // The 1 ms dedup window must really pass for the letter to count as new.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let again = log
             .admit(request(&[], &[letter("[1]", &[])]))
@@ -481,6 +487,7 @@ async fn sequences_never_go_back_after_the_newest_events_are_removed_and_reopene
     {
         let log = EmbeddedLog::open(dir.path(), HOUR, Duration::from_millis(300)).unwrap();
         log.append(events(&["a", "b", "c"])).await.unwrap();
+        // The 300 ms retention must really pass for every event to age out.
         tokio::time::sleep(Duration::from_millis(400)).await;
         log.housekeeping().await.unwrap();
         let bounds = log.bounds().await.unwrap();

@@ -4,7 +4,6 @@
 mod support;
 
 use support::*;
-use tokio_stream::StreamExt;
 use tonic::{Code, Request, transport::Channel};
 
 async fn channel(app: &TestApp) -> Channel {
@@ -39,7 +38,7 @@ async fn reflection_v1_lists_the_services_and_serves_their_files() {
         .unwrap()
         .into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) =
-        answers.next().await.unwrap().unwrap().message_response
+        next_answer(&mut answers).await.message_response
     else {
         panic!("expected a service list");
     };
@@ -48,7 +47,7 @@ async fn reflection_v1_lists_the_services_and_serves_their_files() {
         assert!(names.contains(&expected), "{names:?}");
     }
     let Some(MessageResponse::FileDescriptorResponse(files)) =
-        answers.next().await.unwrap().unwrap().message_response
+        next_answer(&mut answers).await.message_response
     else {
         panic!("expected file descriptors");
     };
@@ -73,7 +72,7 @@ async fn reflection_v1alpha_works_for_older_grpcurl() {
         .unwrap()
         .into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) =
-        answers.next().await.unwrap().unwrap().message_response
+        next_answer(&mut answers).await.message_response
     else {
         panic!("expected a service list");
     };
@@ -141,4 +140,13 @@ async fn with_tokens_configured_every_rpc_but_health_needs_one() {
         })
         .await
         .expect("health needs no token");
+}
+
+/// The next reflection answer, failing the test if none arrives within 5 s.
+async fn next_answer<T>(answers: &mut tonic::Streaming<T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(5), answers.message())
+        .await
+        .expect("a reflection answer within 5 s")
+        .expect("no error")
+        .expect("an answer, not the end of the stream")
 }

@@ -6,9 +6,8 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -19,7 +18,7 @@ use spike_gateway::{
     proto::{SubscribeRequest, event_stream_client::EventStreamClient},
     webhook::signature::sign,
 };
-use support::{KEY, MAIN, record_change};
+use support::{KEY, MAIN, real_binary, record_change, wait_until, wait_until_blocking};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -34,65 +33,33 @@ const BAD_SIGNATURE: &str = "000000000000000000000000000000000000000000000000000
 
 /// The real binary on port 0, with `envs` on top of the test defaults.
 struct Gateway {
-    child: Child,
+    binary: real_binary::Gateway,
     http: SocketAddr,
     grpc: SocketAddr,
     _data: tempfile::TempDir,
 }
 
 impl Gateway {
+    /// Starts under the shared start-up deadline; a refusal fails the test with its log.
     fn start(envs: &[(&str, &str)]) -> Self {
         let data = tempfile::tempdir().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_spike-gateway"));
+        let mut command = real_binary::command(data.path(), KEY);
         command
-            .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
-            .env("GATEWAY_DATA_DIR", data.path())
-            .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
-            .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn,spike_gateway=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, value) in envs {
-            command.env(name, value);
-        }
-        let mut child = command.spawn().expect("binary starts");
-        let (found, lines) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        // Reads the addresses, then keeps draining so the child never blocks on the pipe.
-        std::thread::spawn(move || {
-            let echo = std::env::var_os("LIMITS_ECHO_LOG").is_some();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if echo {
-                    eprintln!("gateway: {line}");
-                }
-                if line.contains("spike-gateway listening") {
-                    let _ = found.send(line);
-                }
-            }
-        });
-        let line = lines
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway logs its addresses within 20 s");
-        let field = |name: &str| -> SocketAddr {
-            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
+            .envs(envs.iter().copied());
+        let binary = real_binary::start(command)
+            .unwrap_or_else(|log| panic!("the gateway refused to start:\n{log}"));
         Self {
-            http: field("http"),
-            grpc: field("grpc"),
-            child,
+            http: binary.http,
+            grpc: binary.grpc,
+            binary,
             _data: data,
         }
     }
 
     /// Resident memory of the gateway process.
     fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.binary.child.id()))
             .expect("/proc is readable");
         let kib: u64 = status
             .lines()
@@ -135,19 +102,14 @@ impl Gateway {
     }
 }
 
+/// `LIMITS_ECHO_LOG=1` prints the gateway's log when a test ends, to see what it did.
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `condition` every 50 ms until it holds, failing with `what` after `limit`.
-async fn eventually(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if std::env::var_os("LIMITS_ECHO_LOG").is_some() {
+            for line in self.binary.log.lock().unwrap().lines() {
+                eprintln!("gateway: {line}");
+            }
+        }
     }
 }
 
@@ -379,7 +341,8 @@ async fn silent_connections_are_closed_on_both_ports_but_live_streams_stay() {
         .await
         .unwrap()
         .into_inner();
-    tokio::time::sleep(Duration::from_secs(4)).await; // twice the idle timeout, on purpose
+    // The idle timeout must really pass (twice over) to show pings keep the stream open.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(gateway.webhook("after-quiet").await, 200);
     let event = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
@@ -434,7 +397,7 @@ async fn stalled_subscribers_hold_bounded_bytes_and_lose_nothing() {
             .unwrap();
         stalled.push(own.subscribe(request).await.unwrap().into_inner());
     }
-    eventually(Duration::from_secs(5), "5 subscribers open", async || {
+    wait_until(Duration::from_secs(5), "5 subscribers open", async || {
         let metrics = reqwest::get(gateway.url("/metrics"))
             .await
             .unwrap()
@@ -703,7 +666,7 @@ async fn past_the_connection_limit_and_the_body_budget_clients_get_json_503s() {
     // Slots of connections closed above free up as the server notices; poll until a new
     // connection finds none. Refused ones are answered and closed within a second.
     let mut refused = Vec::new();
-    eventually(Duration::from_secs(5), "a refused connection", async || {
+    wait_until(Duration::from_secs(5), "a refused connection", async || {
         let mut extra = TcpStream::connect(gateway.http).await.unwrap();
         let mut answer = Vec::new();
         let read =
@@ -732,27 +695,23 @@ fn the_shutdown_grace_bounds_the_whole_exit() {
             .write_all(format!("POST {MAIN} HTTP/1.1\r\nhost: x\r\nx-body-signature: {BAD_SIGNATURE}\r\ncontent-length: 100\r\n\r\n{{").as_bytes())
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await; // let the request be dispatched
+        // No outside signal says the server has read the headers and is awaiting the body;
+        // time for that to happen on loopback is the only handle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         stream
     });
     let mut gateway = gateway;
     let started = Instant::now();
     let status = Command::new("kill")
-        .args(["-TERM", &gateway.child.id().to_string()])
+        .args(["-TERM", &gateway.binary.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let limit = Duration::from_secs(3);
-    loop {
-        if gateway.child.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "still running {limit:?} after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_blocking(
+        Duration::from_secs(3),
+        "the gateway exits after SIGTERM with a 1 s grace",
+        || gateway.binary.child.try_wait().unwrap().is_some(),
+    );
     println!(
         "exited {:?} after SIGTERM with a 1 s grace",
         started.elapsed()

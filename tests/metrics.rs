@@ -144,14 +144,12 @@ async fn webhook_subscriber_and_upstream_series_move() {
     assert!(!text.contains("User1"), "no user ids in labels");
 
     drop(stream);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while value(&scrape(&app).await, "spike_gateway_subscribers") != Some(0.0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gauge falls when the client leaves"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(2),
+        "the subscribers gauge falls to 0 when the client leaves",
+        async || value(&scrape(&app).await, "spike_gateway_subscribers") == Some(0.0),
+    )
+    .await;
 }
 
 #[tokio::test]

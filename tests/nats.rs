@@ -221,6 +221,8 @@ async fn start_positions_and_filters_map_onto_consumers() {
     );
     assert_quiet(&mut failed).await;
 
+    // The clock must move on so `now` falls strictly after the earlier events' receipt
+    // time and strictly before the next one's: the times themselves are under test.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -20,7 +20,7 @@ use spike_gateway::{
 use support::{
     KEY, MAIN, from_beginning,
     real_binary::{self, Gateway},
-    record_change, wait_until,
+    record_change, wait_until, wait_until_blocking,
 };
 use tonic::Code;
 use tonic_health::pb::{
@@ -45,18 +45,16 @@ fn stop(mut gateway: Gateway) {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = gateway.child.try_wait().unwrap() {
-            assert!(status.success(), "clean exit: {status:?}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 15 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut exit = None;
+    wait_until_blocking(
+        Duration::from_secs(15),
+        "the gateway exits after SIGTERM",
+        || {
+            exit = gateway.child.try_wait().unwrap();
+            exit.is_some()
+        },
+    );
+    assert!(exit.unwrap().success(), "clean exit: {exit:?}");
 }
 
 /// Posts one webhook with an event per user; the status, or 0 if no answer.
@@ -236,6 +234,7 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
         let (ready, _) = readyz(&client, &gateway).await;
         assert_eq!(ready, 503, "/readyz while the disk is full");
         assert_eq!(grpc_serving(&gateway).await, ServingStatus::NotServing);
+        // Spread over a second on purpose: the refusal must hold while time passes.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -256,6 +255,7 @@ async fn a_full_disk_heals_by_itself_without_losing_or_doubling_an_event() {
             "webhooks still refused 10 s after space was freed:\n{}",
             gateway.log.lock().unwrap()
         );
+        // The polling interval (a hand loop, not `eventually`, to fail with the log).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recovered = freed.elapsed();

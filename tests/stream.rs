@@ -265,6 +265,7 @@ async fn a_stalled_subscriber_slows_no_one_and_later_receives_everything() {
 async fn a_position_the_log_no_longer_retains_is_out_of_range() {
     let app = spawn_app_with(&["--retention", "1s"]).await;
     app.post(MAIN, &fixture("main-batch.json")).await;
+    // The 1 s retention must really pass for the first batch to age out.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     app.log.housekeeping().await.unwrap();
     app.post(LAB, &fixture("lab-report-failed.json")).await;
@@ -321,6 +322,8 @@ async fn after_sequence_ahead_of_the_log_is_out_of_range() {
 async fn since_starts_at_the_first_event_received_at_or_after_it() {
     let app = spawn_app().await;
     app.post(MAIN, &fixture("main-batch.json")).await;
+    // The clock must move on so `now` falls strictly after the earlier events' receipt
+    // time and strictly before the next one's: the times themselves are under test.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -171,6 +171,7 @@ async fn answer(
             "webhook delivered before the upload answer"
         );
     }
+    // A deliberately slow Spike: the delay is what the test scripted.
     tokio::time::sleep(scripted.delay).await;
     let mut response = (
         StatusCode::from_u16(scripted.status).unwrap(),

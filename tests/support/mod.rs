@@ -203,6 +203,7 @@ pub async fn eventually<T>(
         if tokio::time::Instant::now() >= deadline {
             timed_out();
         }
+        // The polling interval itself: the deadline above bounds the wait.
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
@@ -220,6 +221,7 @@ pub fn wait_until_blocking(within: Duration, what: &str, mut condition: impl FnM
             std::time::Instant::now() < deadline,
             "timed out after {within:?} waiting until {what}"
         );
+        // The polling interval itself: the deadline above bounds the wait.
         std::thread::sleep(POLL_INTERVAL);
     }
 }
