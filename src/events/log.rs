@@ -186,6 +186,12 @@ pub trait EventLog: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether `EventStream/Consume` is served over this log by
+    /// [`super::consumers::ConsumerGroups`] (the local backends); NATS serves none yet.
+    fn serves_consumer_groups(&self) -> bool {
+        false
+    }
+
     /// Applies retention and forgets expired dedup entries.
     async fn housekeeping(&self) -> Result<(), LogError>;
 

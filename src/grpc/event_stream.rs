@@ -19,6 +19,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::{
     events::{
         EventLog, LogError,
+        consumers::ConsumerGroups,
         subscription::{self, Feed, Filter, Start, SubscriptionError},
         time::{now_micros, to_micros},
     },
@@ -41,6 +42,8 @@ const SUBSCRIBER_BUFFER: usize = 64;
 
 pub struct EventStreamService {
     log: Arc<dyn EventLog>,
+    /// `Consume`'s groups; `None` on a backend that serves none (NATS, for now).
+    groups: Option<Arc<ConsumerGroups>>,
     /// Cancelled when the gateway shuts down; every producer watches it.
     shutdown: CancellationToken,
     subscribers: SubscriberCount,
@@ -48,9 +51,15 @@ pub struct EventStreamService {
 }
 
 impl EventStreamService {
-    pub fn new(log: Arc<dyn EventLog>, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        groups: Option<Arc<ConsumerGroups>>,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             log,
+            groups,
             shutdown,
             subscribers: SubscriberCount(metrics.subscribers()),
             metrics,
@@ -90,6 +99,14 @@ impl Drop for SubscriberGuard {
 #[tonic::async_trait]
 impl EventStream for EventStreamService {
     type SubscribeStream = ReceiverStream<Result<EncodedEvent, Status>>;
+    type ConsumeStream = super::consume::DeliveryStream;
+
+    async fn consume(
+        &self,
+        request: Request<tonic::Streaming<crate::proto::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        super::consume::consume(self.groups.as_ref(), request).await
+    }
 
     async fn subscribe(
         &self,

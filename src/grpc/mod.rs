@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod codec;
+pub mod consume;
 pub mod deadline;
 pub mod event_stream;
 pub mod records;
@@ -17,7 +18,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    events::EventLog,
+    events::{EventLog, consumers::ConsumerGroups, groups::Limits},
     proto::{FILE_DESCRIPTOR_SET, spike_records_server::SpikeRecordsServer},
     spike::SpikeClient,
 };
@@ -90,8 +91,20 @@ pub async fn serve(
         .max_decoding_message_size(records::MAX_MESSAGE_BYTES),
         auth.clone(),
     );
+    let groups = parts.log.serves_consumer_groups().then(|| {
+        Arc::new(ConsumerGroups::new(
+            parts.log.clone(),
+            Limits::default(),
+            parts.streams_shutdown.clone(),
+        ))
+    });
     let event_stream = EventStreamServer::with_interceptor(
-        EventStreamService::new(parts.log, parts.streams_shutdown, parts.metrics),
+        EventStreamService::new(
+            parts.log,
+            groups.clone(),
+            parts.streams_shutdown,
+            parts.metrics,
+        ),
         auth.clone(),
     );
 
@@ -131,7 +144,13 @@ pub async fn serve(
                 .with_keepalive(Some(std::time::Duration::from_secs(60))),
             stop,
         )
-        .await
+        .await?;
+    // The groups' tasks end with the streams (their shutdown is `streams_shutdown`) and
+    // save their state on the way: wait, so the log closes after them.
+    if let Some(groups) = groups {
+        groups.stopped().await;
+    }
+    Ok(())
 }
 
 /// Marks the gateway's services serving (or not) in `grpc.health.v1`.

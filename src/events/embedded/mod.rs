@@ -383,6 +383,10 @@ fn next_sequence(
 
 #[async_trait]
 impl EventLog for EmbeddedLog {
+    fn serves_consumer_groups(&self) -> bool {
+        true
+    }
+
     async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         if admission.is_empty() {
             return Ok(Admitted::default());

@@ -1,0 +1,552 @@
+//! The consumer-group service of the local backends (`memory`, `embedded`): one task per
+//! group drives its [`Group`] state machine over the log, as the design note of
+//! [`super::groups`] describes.
+//!
+//! A group's task owns its `Group`, so no lock is held across I/O: members and admin
+//! calls talk to it over one bounded command channel, and it hands each member its
+//! deliveries over a bounded channel of its own. It follows the log from the group's read
+//! cursor with the sources `Subscribe`'s cursor uses ([`EventLog::read`], woken by
+//! [`EventLog::live`]), and its timer is [`Group::next_wakeup`]. On shutdown every member
+//! ends with [`MemberEnd::ShuttingDown`] and what it held returns to the group.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::{
+    broadcast::error::TryRecvError,
+    mpsc::{self, error::TrySendError},
+    oneshot,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    CommittedEvent, EventLog, LogError,
+    groups::{Candidate, Delivery, Group, GroupConfig, GroupError, GroupName, Limits, MemberId},
+    subscription::{CATCH_UP_PAGE, Filter, Start, SubscriptionError, first_position},
+    time::{Micros, now_micros},
+};
+
+/// Commands queued per group. Members wait (and so push back on their client) when it is
+/// full; a group's task handles a command in microseconds, so a small queue suffices.
+const COMMAND_QUEUE: usize = 256;
+
+/// Why a member's stream ended from the gateway's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEnd {
+    /// The gateway is shutting down (`UNAVAILABLE`).
+    ShuttingDown,
+    /// An operator deleted the group (`FAILED_PRECONDITION`).
+    Deleted,
+    /// The member broke the stream's protocol (`INVALID_ARGUMENT`).
+    Protocol(String),
+}
+
+/// What a member receives.
+#[derive(Debug)]
+pub enum MemberMessage {
+    Delivery {
+        event: Arc<CommittedEvent>,
+        attempt: u32,
+    },
+    /// The last message: the member is out of the group.
+    End(MemberEnd),
+}
+
+/// Why an open could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    #[error(transparent)]
+    Start(#[from] SubscriptionError),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// A member's `open`, validated.
+#[derive(Debug, Clone)]
+pub struct Open {
+    pub group: GroupName,
+    pub config: GroupConfig,
+    /// Applies only when this open creates the group.
+    pub start: Start,
+    /// 0 = the default.
+    pub max_in_flight: u32,
+}
+
+/// A joined member's side: it sends its answers through it, and watches `ended` to stop
+/// reading its client once the group let it go.
+pub struct Member {
+    pub id: MemberId,
+    commands: mpsc::Sender<Command>,
+    pub deliveries: mpsc::Receiver<MemberMessage>,
+    pub ended: CancellationToken,
+}
+
+/// A member's answers and its end, for [`MemberHandle::send`].
+#[derive(Debug)]
+pub enum Answer {
+    Ack(Vec<u64>),
+    Nak {
+        sequences: Vec<u64>,
+        delay: Micros,
+    },
+    Term(Vec<u64>),
+    /// The member broke the protocol: it ends with this reason.
+    Violation(String),
+    /// Its stream ended (the client went away or closed its side).
+    Leave,
+}
+
+/// The sending half of a [`Member`], for the task that reads the member's client.
+#[derive(Clone)]
+pub struct MemberHandle {
+    id: MemberId,
+    commands: mpsc::Sender<Command>,
+}
+
+impl MemberHandle {
+    /// Passes an answer to the group; `false` when the group is gone.
+    pub async fn send(&self, answer: Answer) -> bool {
+        let member = self.id;
+        self.commands
+            .send(Command::Answer { member, answer })
+            .await
+            .is_ok()
+    }
+}
+
+impl Member {
+    /// Splits off the handle for the answers, keeping the deliveries here.
+    pub fn handle(&self) -> MemberHandle {
+        MemberHandle {
+            id: self.id,
+            commands: self.commands.clone(),
+        }
+    }
+}
+
+enum Command {
+    Join {
+        open: Open,
+        reply: oneshot::Sender<Result<Member, JoinError>>,
+    },
+    Answer {
+        member: MemberId,
+        answer: Answer,
+    },
+}
+
+/// Every consumer group of one local log.
+pub struct ConsumerGroups {
+    log: Arc<dyn EventLog>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    /// Each group's command queue, by name. A std mutex: held only to look up or insert,
+    /// never across an await.
+    groups: Mutex<HashMap<GroupName, mpsc::Sender<Command>>>,
+    /// The groups' tasks, so shutdown can wait for them to save their state.
+    tasks: TaskTracker,
+}
+
+impl ConsumerGroups {
+    pub fn new(log: Arc<dyn EventLog>, limits: Limits, shutdown: CancellationToken) -> Self {
+        Self {
+            log,
+            limits,
+            shutdown,
+            groups: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Waits until every group's task has ended (they end on shutdown).
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn lookup(&self, name: &GroupName) -> Option<mpsc::Sender<Command>> {
+        let groups = self.groups.lock().expect("groups lock is never poisoned");
+        groups.get(name).filter(|g| !g.is_closed()).cloned()
+    }
+
+    /// Joins `open.group`, creating it (at `open.start`) if it does not exist.
+    pub async fn join(&self, open: Open) -> Result<Member, JoinError> {
+        if self.shutdown.is_cancelled() {
+            return Err(JoinError::ShuttingDown);
+        }
+        let commands = match self.lookup(&open.group) {
+            Some(commands) => commands,
+            None => self.create(&open).await?,
+        };
+        let (reply, answer) = oneshot::channel();
+        commands
+            .send(Command::Join { open, reply })
+            .await
+            .map_err(|_| JoinError::ShuttingDown)?;
+        answer.await.map_err(|_| JoinError::ShuttingDown)?
+    }
+
+    /// Starts the group's task, unless a concurrent open started it first.
+    async fn create(&self, open: &Open) -> Result<mpsc::Sender<Command>, JoinError> {
+        // Subscribed before the start is resolved, so no event after it is missed.
+        let live = self.log.live();
+        let position = resolve_start(self.log.as_ref(), open.start).await?;
+        let mut groups = self.groups.lock().expect("groups lock is never poisoned");
+        if let Some(existing) = groups.get(&open.group).filter(|g| !g.is_closed()) {
+            return Ok(existing.clone());
+        }
+        let group = Group::create(
+            open.group.clone(),
+            open.config.clone(),
+            now_micros(),
+            position,
+            self.limits,
+        );
+        let (commands, queue) = mpsc::channel(COMMAND_QUEUE);
+        let driver = Driver::new(group, self.log.clone(), commands.clone());
+        self.tasks
+            .spawn(driver.run(queue, live, self.shutdown.clone()));
+        groups.insert(open.group.clone(), commands.clone());
+        Ok(commands)
+    }
+}
+
+/// The first sequence a new group reads.
+async fn resolve_start(log: &dyn EventLog, start: Start) -> Result<u64, SubscriptionError> {
+    let bounds = log.bounds().await?;
+    match (first_position(start, &bounds)?, start) {
+        (Some(position), _) => Ok(position),
+        (None, Start::Since(since)) => Ok(log.position_at(since).await?),
+        (None, _) => unreachable!("only `since` needs a search"),
+    }
+}
+
+/// One member as its group's task sees it.
+struct Link {
+    /// Capacity `max_in_flight` + 1: the group never gives a member more than
+    /// `max_in_flight` unanswered deliveries, so they always fit, and the one slot left is
+    /// for its [`MemberMessage::End`]. `try_send` therefore never waits on a slow member.
+    sender: mpsc::Sender<MemberMessage>,
+    ended: CancellationToken,
+}
+
+/// The matching events read from the log and not yet taken, from the group's cursor up
+/// to `end` (exclusive).
+#[derive(Default)]
+struct Page {
+    candidates: Vec<Candidate>,
+    events: Vec<Arc<CommittedEvent>>,
+    end: u64,
+}
+
+/// One group's task.
+struct Driver {
+    group: Group,
+    log: Arc<dyn EventLog>,
+    filter: Filter,
+    members: BTreeMap<MemberId, Link>,
+    /// Given to each joining member for its answers.
+    commands: mpsc::Sender<Command>,
+    page: Page,
+    /// The last read found nothing after the page: wait for a live append.
+    caught_up: bool,
+    /// Where the next round of deliveries starts among the members, so work spreads.
+    turn: usize,
+}
+
+impl Driver {
+    fn new(group: Group, log: Arc<dyn EventLog>, commands: mpsc::Sender<Command>) -> Self {
+        let filter = group.config().filter.matcher();
+        let end = group.read_cursor();
+        Self {
+            group,
+            log,
+            filter,
+            members: BTreeMap::new(),
+            commands,
+            page: Page {
+                end,
+                ..Page::default()
+            },
+            caught_up: false,
+            turn: 0,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<Command>,
+        mut live: tokio::sync::broadcast::Receiver<Arc<CommittedEvent>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut live_open = true;
+        loop {
+            let wakeup = self.group.next_wakeup(now_micros()).map(instant_at);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                command = queue.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                appended = live.recv(), if live_open => {
+                    live_open = !matches!(appended, Err(tokio::sync::broadcast::error::RecvError::Closed));
+                    self.caught_up = false;
+                    // Coalesce a burst of appends into one round.
+                    while !matches!(live.try_recv(), Err(TryRecvError::Empty | TryRecvError::Closed)) {}
+                }
+                () = sleep_until(wakeup) => {}
+            }
+            if let Err(error) = self.dispatch().await {
+                tracing::warn!(group = %self.group.name(), %error, "consumer group could not read the log; retrying on the next wake-up");
+            }
+        }
+        self.end_all(MemberEnd::ShuttingDown);
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Join { open, reply } => {
+                let _ = reply.send(self.join(open));
+            }
+            Command::Answer { member, answer } => self.answer(member, answer),
+        }
+    }
+
+    fn join(&mut self, open: Open) -> Result<Member, JoinError> {
+        self.group.check_open(&open.config)?;
+        let id = self.group.join(open.max_in_flight)?;
+        let capacity = self.group.room(id)? + 1;
+        let (sender, deliveries) = mpsc::channel(capacity);
+        let ended = CancellationToken::new();
+        self.members.insert(
+            id,
+            Link {
+                sender,
+                ended: ended.clone(),
+            },
+        );
+        tracing::info!(group = %self.group.name(), member = id.get(), "consumer group member joined");
+        Ok(Member {
+            id,
+            commands: self.commands.clone(),
+            deliveries,
+            ended,
+        })
+    }
+
+    fn answer(&mut self, member: MemberId, answer: Answer) {
+        let now = now_micros();
+        // An unknown member is one that already ended: its late answers are ignored.
+        let _ = match answer {
+            Answer::Ack(sequences) => self.group.ack(member, &sequences).map(drop),
+            Answer::Term(sequences) => self.group.term(member, &sequences).map(drop),
+            Answer::Nak { sequences, delay } => {
+                self.group.nak(member, &sequences, delay, now).map(drop)
+            }
+            Answer::Violation(why) => {
+                self.end(member, MemberEnd::Protocol(why));
+                Ok(())
+            }
+            Answer::Leave => {
+                self.leave(member);
+                Ok(())
+            }
+        };
+    }
+
+    /// The member is out: what it held is due again at once.
+    fn leave(&mut self, member: MemberId) {
+        let returned = self.group.leave(member, now_micros());
+        if let Some(link) = self.members.remove(&member) {
+            link.ended.cancel();
+            tracing::info!(group = %self.group.name(), member = member.get(), returned, "consumer group member left");
+        }
+    }
+
+    fn end(&mut self, member: MemberId, why: MemberEnd) {
+        if let Some(link) = self.members.get(&member) {
+            // Fits: the last slot of the channel is kept for it (see `Link`).
+            let _ = link.sender.try_send(MemberMessage::End(why));
+        }
+        self.leave(member);
+    }
+
+    fn end_all(&mut self, why: MemberEnd) {
+        let members: Vec<MemberId> = self.members.keys().copied().collect();
+        for member in members {
+            self.end(member, why.clone());
+        }
+    }
+
+    /// Hands out whatever can go now, reading the log as far as members have room.
+    async fn dispatch(&mut self) -> Result<(), LogError> {
+        self.group.expire_deadlines(now_micros());
+        loop {
+            if !self.members_with_room().is_empty() && self.page_taken() && !self.caught_up {
+                self.fill_page().await?;
+            }
+            let sent = self.round().await?;
+            let more_to_read = self.page_taken() && !self.caught_up;
+            if sent == 0 && !(more_to_read && !self.members_with_room().is_empty()) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn page_taken(&self) -> bool {
+        self.group.read_cursor() >= self.page.end
+    }
+
+    fn members_with_room(&self) -> Vec<MemberId> {
+        let mut members: Vec<MemberId> = self
+            .members
+            .keys()
+            .copied()
+            .filter(|&m| self.group.room(m).is_ok_and(|room| room > 0))
+            .collect();
+        if !members.is_empty() {
+            let turn = self.turn % members.len();
+            members.rotate_left(turn);
+        }
+        members
+    }
+
+    /// One pass over the members with room; returns how many deliveries went out.
+    async fn round(&mut self) -> Result<usize, LogError> {
+        let mut sent = 0;
+        for member in self.members_with_room() {
+            let scan = super::groups::Scan {
+                matching: &self.page.candidates,
+                end: self.page.end,
+            };
+            let deliveries = match self.group.next_deliveries(member, now_micros(), scan) {
+                Ok(deliveries) => deliveries,
+                Err(error) => {
+                    tracing::error!(group = %self.group.name(), %error, "consumer group state refused a scan");
+                    continue;
+                }
+            };
+            // First deliveries' events are on the page; take them before it moves on.
+            let found: Vec<_> = deliveries
+                .iter()
+                .map(|d| self.on_page(d.sequence))
+                .collect();
+            self.drop_taken();
+            for (delivery, event) in deliveries.into_iter().zip(found) {
+                sent += usize::from(self.deliver(member, delivery, event).await?);
+            }
+        }
+        self.turn = self.turn.wrapping_add(1);
+        Ok(sent)
+    }
+
+    /// Forgets the page's candidates below the group's cursor.
+    fn drop_taken(&mut self) {
+        let cursor = self.group.read_cursor();
+        let taken = self
+            .page
+            .candidates
+            .partition_point(|c| c.sequence < cursor);
+        self.page.candidates.drain(..taken);
+        self.page.events.drain(..taken);
+    }
+
+    async fn fill_page(&mut self) -> Result<(), LogError> {
+        let from = self.group.read_cursor();
+        let events = self.log.read(from, CATCH_UP_PAGE).await?;
+        if events.first().is_none_or(|e| e.sequence() > from) {
+            // A gap at the cursor: retention may have removed what the group had not read.
+            let oldest = self.log.bounds().await?.oldest;
+            if oldest > from {
+                self.group.expire_before(oldest, 0);
+            }
+        }
+        let Some(last) = events.last() else {
+            self.caught_up = true;
+            return Ok(());
+        };
+        let end = last.sequence() + 1;
+        let (candidates, events): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .filter(|e| self.filter.matches(e))
+            .map(|e| {
+                let candidate = Candidate {
+                    sequence: e.sequence(),
+                    user: Arc::from(e.event().application_user_id.as_str()),
+                };
+                (candidate, e)
+            })
+            .unzip();
+        self.page = Page {
+            candidates,
+            events,
+            end,
+        };
+        Ok(())
+    }
+
+    /// Sends one delivery; `false` if its event left the log or its member is gone.
+    async fn deliver(
+        &mut self,
+        member: MemberId,
+        delivery: Delivery,
+        on_page: Option<Arc<CommittedEvent>>,
+    ) -> Result<bool, LogError> {
+        let event = match on_page {
+            Some(event) => Some(event),
+            None => self.read_one(delivery.sequence).await?,
+        };
+        let Some(event) = event else {
+            self.group.discard(delivery.sequence);
+            return Ok(false);
+        };
+        let Some(link) = self.members.get(&member) else {
+            return Ok(false);
+        };
+        let message = MemberMessage::Delivery {
+            event,
+            attempt: delivery.attempt,
+        };
+        match link.sender.try_send(message) {
+            Ok(()) => Ok(true),
+            // The client went away (or overran its own window by acking what it had not
+            // received): it is out, and what it held goes to the others.
+            Err(TrySendError::Closed(_) | TrySendError::Full(_)) => {
+                self.leave(member);
+                Ok(false)
+            }
+        }
+    }
+
+    fn on_page(&self, sequence: u64) -> Option<Arc<CommittedEvent>> {
+        let index = self
+            .page
+            .candidates
+            .binary_search_by_key(&sequence, |c| c.sequence)
+            .ok()?;
+        self.page.events.get(index).cloned()
+    }
+
+    /// A redelivery's event, read back from the log; `None` if it left the log.
+    async fn read_one(&self, sequence: u64) -> Result<Option<Arc<CommittedEvent>>, LogError> {
+        let page = self.log.read(sequence, 1).await?;
+        Ok(page.into_iter().next().filter(|e| e.sequence() == sequence))
+    }
+}
+
+fn instant_at(at: Micros) -> tokio::time::Instant {
+    let wait = at.saturating_sub(now_micros()).max(0) as u64;
+    tokio::time::Instant::now() + std::time::Duration::from_micros(wait)
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

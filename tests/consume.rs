@@ -1,0 +1,414 @@
+//! `EventStream/Consume` (SPEC §4.3) over a real gateway and real tonic clients: members
+//! split a group's events, acks, naks, terms, `ack_wait`, `max_in_flight`, per-user
+//! ordering, filter mismatches, restarts, and auth.
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use spike_gateway::proto::{
+    Ack, ConsumeOpen, ConsumeOrdering, ConsumeRequest, Delivery, EventType, Nak, Term,
+    consume_open, consume_request, event_stream_client::EventStreamClient,
+};
+use support::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, Streaming, transport::Channel};
+
+/// One member's stream: what it sends, and what it receives.
+struct TestMember {
+    requests: mpsc::Sender<ConsumeRequest>,
+    deliveries: Streaming<Delivery>,
+}
+
+fn open_request(group: &str) -> ConsumeOpen {
+    ConsumeOpen {
+        group: group.to_owned(),
+        start: Some(consume_open::Start::FromBeginning(true)),
+        ..ConsumeOpen::default()
+    }
+}
+
+fn request(request: consume_request::Request) -> ConsumeRequest {
+    ConsumeRequest {
+        request: Some(request),
+    }
+}
+
+async fn consume_with(
+    mut client: EventStreamClient<Channel>,
+    first: ConsumeRequest,
+) -> Result<TestMember, Status> {
+    // Requests queued for the stream; the test sends only a few at a time.
+    let (requests, outgoing) = mpsc::channel(64);
+    requests.send(first).await.unwrap();
+    let deliveries = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.consume(ReceiverStream::new(outgoing)),
+    )
+    .await
+    .expect("Consume answers within 5 s")?
+    .into_inner();
+    Ok(TestMember {
+        requests,
+        deliveries,
+    })
+}
+
+async fn join(app: &TestApp, open: ConsumeOpen) -> Result<TestMember, Status> {
+    consume_with(
+        app.grpc_client().await,
+        request(consume_request::Request::Open(open)),
+    )
+    .await
+}
+
+impl TestMember {
+    /// The next delivery, failing the test if none comes within 5 s.
+    async fn next(&mut self) -> Result<Delivery, Status> {
+        tokio::time::timeout(Duration::from_secs(5), self.deliveries.message())
+            .await
+            .expect("a delivery within 5 s")
+            .map(|d| d.expect("stream still open"))
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<Delivery> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            out.push(self.next().await.expect("a delivery, not an error"));
+        }
+        out
+    }
+
+    /// Asserts nothing arrives for a while (the time a delivery would take to show up).
+    async fn assert_quiet(&mut self) {
+        if let Ok(item) =
+            tokio::time::timeout(Duration::from_millis(300), self.deliveries.message()).await
+        {
+            panic!("expected no delivery, got {item:?}");
+        }
+    }
+
+    async fn send(&self, message: consume_request::Request) {
+        self.requests.send(request(message)).await.unwrap();
+    }
+
+    async fn ack(&self, sequences: Vec<u64>) {
+        self.send(consume_request::Request::Ack(Ack { sequences }))
+            .await;
+    }
+
+    /// The stream's end status, within 5 s.
+    async fn end(&mut self) -> Status {
+        loop {
+            match self.next().await {
+                Ok(_) => continue,
+                Err(status) => return status,
+            }
+        }
+    }
+}
+
+fn seq(delivery: &Delivery) -> u64 {
+    delivery
+        .event
+        .as_ref()
+        .expect("a delivery has its event")
+        .sequence
+}
+
+async fn post_events(app: &TestApp, user: &str, range: std::ops::Range<u64>) {
+    for n in range {
+        let response = app.post_json(MAIN, &record_change(user, n)).await;
+        assert_eq!(response.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn two_members_split_200_events_exactly_once_while_subscribe_sees_all() {
+    let app = spawn_app().await;
+    let mut plain = app.subscribe(from_beginning()).await.unwrap();
+    let open = ConsumeOpen {
+        max_in_flight: 8,
+        ..open_request("split")
+    };
+    let mut a = join(&app, open.clone()).await.unwrap();
+    let mut b = join(&app, open).await.unwrap();
+    post_events(&app, "u", 0..200).await;
+
+    let mut seen: BTreeMap<u64, char> = BTreeMap::new();
+    let mut per_member = [0usize; 2];
+    while seen.len() < 200 {
+        // Whichever member has a delivery ready; each acks what it gets.
+        let (name, delivery) = tokio::select! {
+            d = a.next() => ('a', d.unwrap()),
+            d = b.next() => ('b', d.unwrap()),
+        };
+        assert_eq!(
+            delivery.attempt, 1,
+            "nothing fails, so nothing is redelivered"
+        );
+        let member = if name == 'a' { &a } else { &b };
+        member.ack(vec![seq(&delivery)]).await;
+        per_member[usize::from(name == 'b')] += 1;
+        if let Some(first) = seen.insert(seq(&delivery), name) {
+            panic!("{} delivered twice ({first} then {name})", seq(&delivery));
+        }
+    }
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>()
+    );
+    assert!(
+        per_member.iter().all(|&n| n > 0),
+        "both members worked: {per_member:?}"
+    );
+    a.assert_quiet().await;
+    b.assert_quiet().await;
+    let all = take(&mut plain, 200).await;
+    assert_eq!(all.len(), 200);
+}
+
+#[tokio::test]
+async fn a_dead_members_deliveries_go_to_the_other_with_a_higher_attempt() {
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    let open = ConsumeOpen {
+        max_in_flight: 5,
+        ..open_request("failover")
+    };
+    let mut doomed = join(&app, open.clone()).await.unwrap();
+    post_events(&app, "u", 0..5).await;
+    let held: BTreeSet<u64> = doomed.take(5).await.iter().map(seq).collect();
+    let mut survivor = join(&app, open).await.unwrap();
+    survivor.assert_quiet().await;
+    drop(doomed);
+    let redelivered = survivor.take(5).await;
+    assert_eq!(redelivered.iter().map(seq).collect::<BTreeSet<_>>(), held);
+    assert!(
+        redelivered.iter().all(|d| d.attempt >= 2),
+        "{redelivered:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unacked_delivery_comes_back_after_ack_wait() {
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    let mut member = join(
+        &app,
+        ConsumeOpen {
+            ack_wait: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 400_000_000,
+            }),
+            ..open_request("slow")
+        },
+    )
+    .await
+    .unwrap();
+    post_events(&app, "u", 0..1).await;
+    let first = member.next().await.unwrap();
+    assert_eq!(first.attempt, 1);
+    let started = std::time::Instant::now();
+    let again = member.next().await.unwrap();
+    assert_eq!((seq(&again), again.attempt), (seq(&first), 2));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "redelivered after ack_wait, not at once: {:?}",
+        started.elapsed()
+    );
+    member.ack(vec![seq(&again)]).await;
+    member.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn nak_redelivers_and_term_never_does() {
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    let mut member = join(&app, open_request("naks")).await.unwrap();
+    post_events(&app, "u", 0..2).await;
+    let got = member.take(2).await;
+    let (naked, termed) = (seq(&got[0]), seq(&got[1]));
+    member
+        .send(consume_request::Request::Term(Term {
+            sequences: vec![termed],
+            reason: "poison".into(),
+        }))
+        .await;
+    member
+        .send(consume_request::Request::Nak(Nak {
+            sequences: vec![naked],
+            delay: None,
+        }))
+        .await;
+    let again = member.next().await.unwrap();
+    assert_eq!((seq(&again), again.attempt), (naked, 2));
+    member.ack(vec![naked]).await;
+    member.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn max_in_flight_caps_deliveries_exactly() {
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    let mut member = join(
+        &app,
+        ConsumeOpen {
+            max_in_flight: 3,
+            ..open_request("capped")
+        },
+    )
+    .await
+    .unwrap();
+    post_events(&app, "u", 0..10).await;
+    let first = member.take(3).await;
+    member.assert_quiet().await;
+    member.ack(vec![seq(&first[0])]).await;
+    let one_more = member.take(1).await;
+    assert_eq!(seq(&one_more[0]), 4, "the next in sequence order");
+    member.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn a_later_open_with_another_filter_is_a_failed_precondition() {
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    let _first = join(&app, open_request("defined")).await.unwrap();
+    let status = join(
+        &app,
+        ConsumeOpen {
+            event_types: vec![EventType::RecordChange as i32],
+            ..open_request("defined")
+        },
+    )
+    .await
+    .err()
+    .expect("a different filter is refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("event_types"),
+        "{}",
+        status.message()
+    );
+    let status = join(
+        &app,
+        ConsumeOpen {
+            ordering: ConsumeOrdering::PerUser as i32,
+            ..open_request("defined")
+        },
+    )
+    .await
+    .err()
+    .expect("a different ordering is refused");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("ordering"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn the_protocol_is_open_first_and_once() {
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    let status = consume_with(
+        app.grpc_client().await,
+        request(consume_request::Request::Ack(Ack { sequences: vec![1] })),
+    )
+    .await
+    .err()
+    .expect("ack before open is refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let bad_name = join(&app, open_request("no spaces")).await.err().unwrap();
+    assert_eq!(bad_name.code(), Code::InvalidArgument);
+    let negative = join(
+        &app,
+        ConsumeOpen {
+            ack_wait: Some(prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+            ..open_request("g")
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(negative.code(), Code::InvalidArgument);
+    let mut member = join(&app, open_request("g")).await.unwrap();
+    member
+        .send(consume_request::Request::Open(open_request("g")))
+        .await;
+    let status = member.end().await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("open"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn per_user_ordering_keeps_each_users_events_in_order_and_one_at_a_time() {
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    let open = ConsumeOpen {
+        ordering: ConsumeOrdering::PerUser as i32,
+        max_in_flight: 10,
+        ..open_request("ordered")
+    };
+    let mut a = join(&app, open.clone()).await.unwrap();
+    let mut b = join(&app, open).await.unwrap();
+    // Three users interleaved: u0, u1, u2, u0, u1, u2, ...
+    for n in 0..30 {
+        let user = format!("u{}", n % 3);
+        post_events(&app, &user, n..n + 1).await;
+    }
+    // Each round the group can hand out exactly one event per user (three), whichever
+    // member takes them; nothing more until they are acked.
+    let mut order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for round in 0..10 {
+        let mut held: BTreeMap<String, (char, u64)> = BTreeMap::new();
+        while held.len() < 3 {
+            let (name, delivery) = tokio::select! {
+                d = a.next() => ('a', d.unwrap()),
+                d = b.next() => ('b', d.unwrap()),
+            };
+            let event = delivery.event.unwrap();
+            let user = event.application_user_id;
+            if let Some(previous) = held.insert(user.clone(), (name, event.sequence)) {
+                panic!(
+                    "round {round}: {user} has two in flight: {previous:?} and {}",
+                    event.sequence
+                );
+            }
+            order.entry(user).or_default().push(event.sequence);
+        }
+        a.assert_quiet().await;
+        b.assert_quiet().await;
+        for (name, sequence) in held.into_values() {
+            let member = if name == 'a' { &a } else { &b };
+            member.ack(vec![sequence]).await;
+        }
+    }
+    for (user, sequences) in &order {
+        assert_eq!(sequences.len(), 10, "{user}");
+        assert!(sequences.is_sorted(), "{user}: {sequences:?}");
+    }
+}
+
+#[tokio::test]
+async fn consume_needs_a_grpc_token() {
+    let app = spawn_app_with(&["--store", "memory", "--grpc-tokens", "secret-token"]).await;
+    let status = join(&app, open_request("g")).await.err().unwrap();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+#[tokio::test]
+async fn shutdown_ends_members_with_unavailable() {
+    let mut app = spawn_app_with(&["--store", "memory"]).await;
+    let mut member = join(&app, open_request("g")).await.unwrap();
+    let stopping = tokio::spawn(async move {
+        app.stop().await;
+    });
+    let status = member.end().await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the app stops")
+        .unwrap();
+}
