@@ -32,6 +32,11 @@ use super::{
 /// full; a group's task handles a command in microseconds, so a small queue suffices.
 const COMMAND_QUEUE: usize = 256;
 
+/// How long a group's changes wait before its snapshot is saved: batches a busy group's
+/// acks into one small write a second, which is also what a crash can lose (those acks
+/// are redelivered; nothing unacked is skipped, SPEC §4.3).
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a member's stream ended from the gateway's side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberEnd {
@@ -149,6 +154,8 @@ pub struct ConsumerGroups {
     groups: Mutex<HashMap<GroupName, mpsc::Sender<Command>>>,
     /// The groups' tasks, so shutdown can wait for them to save their state.
     tasks: TaskTracker,
+    /// Set once the saved groups are running again (on the first call that needs them).
+    restored: tokio::sync::OnceCell<()>,
 }
 
 impl ConsumerGroups {
@@ -159,7 +166,49 @@ impl ConsumerGroups {
             shutdown,
             groups: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            restored: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Restarts the groups the log saved, once. Lazily, on the first call that needs
+    /// them, so a store that cannot be read now is retried by the next call instead of
+    /// serving without its groups (which would restart them from their opens' starts).
+    async fn restore(&self) -> Result<(), LogError> {
+        self.restored
+            .get_or_try_init(|| async {
+                for snapshot in self.log.load_consumer_groups().await? {
+                    let group = Group::restore(&snapshot, self.limits).map_err(|e| {
+                        LogError::Storage(format!(
+                            "a consumer group's saved state is unreadable: {e}"
+                        ))
+                    })?;
+                    tracing::info!(group = %group.name(), "consumer group restored");
+                    let mut groups = self.groups.lock().expect("groups lock is never poisoned");
+                    self.spawn(&mut groups, group, false);
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Starts `group`'s task and registers it in `groups` (the caller's guard, so two
+    /// opens of a new group cannot both start it).
+    fn spawn(
+        &self,
+        groups: &mut HashMap<GroupName, mpsc::Sender<Command>>,
+        group: Group,
+        fresh: bool,
+    ) -> mpsc::Sender<Command> {
+        let name = group.name().clone();
+        // Subscribed before the task's first read, so no append after it is missed.
+        let live = self.log.live();
+        let (commands, queue) = mpsc::channel(COMMAND_QUEUE);
+        let driver = Driver::new(group, fresh, self.log.clone(), commands.clone());
+        self.tasks
+            .spawn(driver.run(queue, live, self.shutdown.clone()));
+        groups.insert(name, commands.clone());
+        commands
     }
 
     /// Waits until every group's task has ended (they end on shutdown).
@@ -178,6 +227,7 @@ impl ConsumerGroups {
         if self.shutdown.is_cancelled() {
             return Err(JoinError::ShuttingDown);
         }
+        self.restore().await.map_err(SubscriptionError::Log)?;
         let commands = match self.lookup(&open.group) {
             Some(commands) => commands,
             None => self.create(&open).await?,
@@ -192,8 +242,6 @@ impl ConsumerGroups {
 
     /// Starts the group's task, unless a concurrent open started it first.
     async fn create(&self, open: &Open) -> Result<mpsc::Sender<Command>, JoinError> {
-        // Subscribed before the start is resolved, so no event after it is missed.
-        let live = self.log.live();
         let position = resolve_start(self.log.as_ref(), open.start).await?;
         let mut groups = self.groups.lock().expect("groups lock is never poisoned");
         if let Some(existing) = groups.get(&open.group).filter(|g| !g.is_closed()) {
@@ -206,12 +254,7 @@ impl ConsumerGroups {
             position,
             self.limits,
         );
-        let (commands, queue) = mpsc::channel(COMMAND_QUEUE);
-        let driver = Driver::new(group, self.log.clone(), commands.clone());
-        self.tasks
-            .spawn(driver.run(queue, live, self.shutdown.clone()));
-        groups.insert(open.group.clone(), commands.clone());
-        Ok(commands)
+        Ok(self.spawn(&mut groups, group, true))
     }
 }
 
@@ -256,10 +299,20 @@ struct Driver {
     caught_up: bool,
     /// Where the next round of deliveries starts among the members, so work spreads.
     turn: usize,
+    /// [`Group::changes`] at the last save.
+    saved: u64,
+    /// When the next save is due: set by the first change after a save.
+    save_at: Option<tokio::time::Instant>,
 }
 
 impl Driver {
-    fn new(group: Group, log: Arc<dyn EventLog>, commands: mpsc::Sender<Command>) -> Self {
+    fn new(
+        group: Group,
+        fresh: bool,
+        log: Arc<dyn EventLog>,
+        commands: mpsc::Sender<Command>,
+    ) -> Self {
+        let changes = group.changes();
         let filter = group.config().filter.matcher();
         let end = group.read_cursor();
         Self {
@@ -274,6 +327,10 @@ impl Driver {
             },
             caught_up: false,
             turn: 0,
+            // A new group is saved at once, so a restart finds it (and its start);
+            // a restored one only once it changes.
+            saved: if fresh { u64::MAX } else { changes },
+            save_at: fresh.then(tokio::time::Instant::now),
         }
     }
 
@@ -284,6 +341,10 @@ impl Driver {
         shutdown: CancellationToken,
     ) {
         let mut live_open = true;
+        // After a restore, what retention removed meanwhile is skipped before reading.
+        if let Ok(bounds) = self.log.bounds().await {
+            self.group.expire_before(bounds.oldest, 0);
+        }
         loop {
             let wakeup = self.group.next_wakeup(now_micros()).map(instant_at);
             tokio::select! {
@@ -300,12 +361,44 @@ impl Driver {
                     while !matches!(live.try_recv(), Err(TryRecvError::Empty | TryRecvError::Closed)) {}
                 }
                 () = sleep_until(wakeup) => {}
+                () = sleep_until(self.save_at) => self.save().await,
             }
             if let Err(error) = self.dispatch().await {
                 tracing::warn!(group = %self.group.name(), %error, "consumer group could not read the log; retrying on the next wake-up");
             }
+            if self.group.changes() != self.saved && self.save_at.is_none() {
+                self.save_at = Some(tokio::time::Instant::now() + SAVE_EVERY);
+            }
+        }
+        // Answers already queued still count: an ack the member sent before the end is
+        // saved, not redelivered after the restart. Joins queued now are refused (their
+        // reply is dropped: the caller sees the gateway shutting down).
+        while let Ok(command) = queue.try_recv() {
+            if let Command::Answer { member, answer } = command {
+                self.answer(member, answer);
+            }
         }
         self.end_all(MemberEnd::ShuttingDown);
+        if self.group.changes() != self.saved {
+            self.save().await;
+        }
+    }
+
+    /// Writes the group's snapshot; on failure the next try is a second later, and until
+    /// then a crash redelivers more, never less.
+    async fn save(&mut self) {
+        let changes = self.group.changes();
+        let write = vec![(self.group.name().to_string(), Some(self.group.snapshot()))];
+        match self.log.save_consumer_groups(write).await {
+            Ok(()) => {
+                self.saved = changes;
+                self.save_at = None;
+            }
+            Err(error) => {
+                tracing::warn!(group = %self.group.name(), %error, "consumer group state not saved; retrying");
+                self.save_at = Some(tokio::time::Instant::now() + SAVE_EVERY);
+            }
+        }
     }
 
     fn handle(&mut self, command: Command) {
