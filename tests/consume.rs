@@ -548,3 +548,118 @@ async fn after_sigkill_no_unacked_event_is_skipped() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+mod admin_calls {
+    use super::*;
+    use spike_gateway::proto::{
+        DeleteConsumerGroupRequest, EraseUserRequest, ListConsumerGroupsRequest,
+        SeekConsumerGroupRequest, seek_consumer_group_request,
+    };
+    use support::admin::{ADMIN_TOKEN, admin, authed};
+
+    async fn list(app: &TestApp) -> Vec<spike_gateway::proto::ConsumerGroupInfo> {
+        admin(app)
+            .await
+            .list_consumer_groups(authed(ListConsumerGroupsRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+    }
+
+    #[tokio::test]
+    async fn list_seek_and_delete() {
+        let app = spawn_app_with(&["--store", "memory", "--admin-tokens", ADMIN_TOKEN]).await;
+        let mut member = join(&app, open_request("ops")).await.unwrap();
+        post_events(&app, "u", 0..5).await;
+        member.take(5).await;
+        member.ack(vec![1, 2]).await;
+        let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
+            list(&app).await.into_iter().find(|g| g.acked_through == 2)
+        })
+        .await;
+        assert_eq!(
+            (row.group.as_str(), row.in_flight, row.pending, row.members),
+            ("ops", 3, 3, 1)
+        );
+        assert_eq!(row.ack_wait.unwrap().seconds, 30);
+
+        let moved = admin(&app)
+            .await
+            .seek_consumer_group(authed(SeekConsumerGroupRequest {
+                group: "ops".into(),
+                start: Some(seek_consumer_group_request::Start::AfterSequence(3)),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(moved.next_sequence, 4);
+        let again = member.take(2).await;
+        assert_eq!(again.iter().map(seq).collect::<Vec<_>>(), vec![4, 5]);
+
+        let deleted = admin(&app)
+            .await
+            .delete_consumer_group(authed(DeleteConsumerGroupRequest {
+                group: "ops".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(deleted.members_ended, 1);
+        assert_eq!(member.end().await.code(), Code::FailedPrecondition);
+        assert!(list(&app).await.is_empty());
+        let missing = admin(&app)
+            .await
+            .delete_consumer_group(authed(DeleteConsumerGroupRequest {
+                group: "ops".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound);
+        // A later open creates it anew, at its own start.
+        let mut fresh = join(&app, open_request("ops")).await.unwrap();
+        assert_eq!(seq(&fresh.next().await.unwrap()), 1);
+    }
+
+    #[tokio::test]
+    async fn the_group_rpcs_need_an_admin_token() {
+        let app = spawn_app_with(&["--store", "memory", "--admin-tokens", ADMIN_TOKEN]).await;
+        let status = admin(&app)
+            .await
+            .list_consumer_groups(ListConsumerGroupsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn erasure_removes_the_users_events_from_the_groups_work() {
+        let app = spawn_app_with(&["--admin-tokens", ADMIN_TOKEN]).await;
+        let mut member = join(
+            &app,
+            ConsumeOpen {
+                max_in_flight: 1,
+                ..open_request("erase")
+            },
+        )
+        .await
+        .unwrap();
+        post_events(&app, "gone", 0..1).await;
+        post_events(&app, "kept", 1..2).await;
+        post_events(&app, "gone", 2..3).await;
+        let held = member.next().await.unwrap();
+        assert_eq!(held.event.unwrap().application_user_id, "gone");
+        admin(&app)
+            .await
+            .erase_user(authed(EraseUserRequest {
+                application_user_id: "gone".into(),
+            }))
+            .await
+            .unwrap();
+        member.ack(vec![1]).await;
+        let next = member.next().await.unwrap();
+        assert_eq!(next.event.unwrap().application_user_id, "kept");
+        member.ack(vec![2]).await;
+        member.assert_quiet().await;
+    }
+}

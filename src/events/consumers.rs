@@ -23,7 +23,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     CommittedEvent, EventLog, LogError,
-    groups::{Candidate, Delivery, Group, GroupConfig, GroupError, GroupName, Limits, MemberId},
+    groups::{
+        Candidate, Delivery, Group, GroupConfig, GroupError, GroupName, GroupStats, Limits,
+        MemberId,
+    },
     subscription::{CATCH_UP_PAGE, Filter, Start, SubscriptionError, first_position},
     time::{Micros, now_micros},
 };
@@ -138,10 +141,47 @@ enum Command {
         open: Open,
         reply: oneshot::Sender<Result<Member, JoinError>>,
     },
+    /// The group's row, and where to count its unread matching events from.
+    Describe {
+        reply: oneshot::Sender<(GroupRow, u64)>,
+    },
+    Seek {
+        position: u64,
+        reply: oneshot::Sender<()>,
+    },
+    /// Ends the members, deletes the saved state, and ends the task.
+    Delete {
+        reply: oneshot::Sender<Result<usize, LogError>>,
+    },
+    EraseUser {
+        user: Arc<str>,
+        reply: oneshot::Sender<usize>,
+    },
     Answer {
         member: MemberId,
         answer: Answer,
     },
+}
+
+/// One group as `ListConsumerGroups` shows it.
+#[derive(Debug, Clone)]
+pub struct GroupRow {
+    pub name: GroupName,
+    pub config: GroupConfig,
+    pub created_at: Micros,
+    /// With `pending` counting the matching events not read yet (see [`ConsumerGroups::list`]).
+    pub stats: GroupStats,
+}
+
+/// Why an admin call on a group failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("consumer group {0} does not exist")]
+    NotFound(GroupName),
+    #[error(transparent)]
+    Start(#[from] SubscriptionError),
+    #[error(transparent)]
+    Log(#[from] LogError),
 }
 
 /// Every consumer group of one local log.
@@ -258,6 +298,104 @@ impl ConsumerGroups {
     }
 }
 
+impl ConsumerGroups {
+    fn all(&self) -> Vec<mpsc::Sender<Command>> {
+        let groups = self.groups.lock().expect("groups lock is never poisoned");
+        groups.values().cloned().collect()
+    }
+
+    /// Every group, in name order. `pending` includes the matching events a group has
+    /// not read yet, counted by reading the log from where it stopped (an admin call's
+    /// cost, proportional to how far behind the group is).
+    pub async fn list(&self) -> Result<Vec<GroupRow>, LogError> {
+        self.restore().await?;
+        let mut rows = Vec::new();
+        for commands in self.all() {
+            let (reply, answer) = oneshot::channel();
+            if commands.send(Command::Describe { reply }).await.is_err() {
+                continue; // deleted meanwhile
+            }
+            let Ok((mut row, unread_from)) = answer.await else {
+                continue;
+            };
+            row.stats.pending += self.count_matching(&row.config, unread_from).await?;
+            rows.push(row);
+        }
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(rows)
+    }
+
+    async fn count_matching(&self, config: &GroupConfig, from: u64) -> Result<u64, LogError> {
+        let filter = config.filter.matcher();
+        let (mut next, mut count) = (from, 0);
+        loop {
+            let page = self.log.read(next, CATCH_UP_PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(count);
+            };
+            next = last.sequence() + 1;
+            count += page.iter().filter(|e| filter.matches(e)).count() as u64;
+        }
+    }
+
+    fn existing(&self, name: &GroupName) -> Result<mpsc::Sender<Command>, AdminError> {
+        self.lookup(name)
+            .ok_or_else(|| AdminError::NotFound(name.clone()))
+    }
+
+    /// `SeekConsumerGroup`: returns the first sequence the group reads next.
+    pub async fn seek(&self, name: &GroupName, start: Start) -> Result<u64, AdminError> {
+        self.restore().await?;
+        let commands = self.existing(name)?;
+        let position = resolve_start(self.log.as_ref(), start).await?;
+        let (reply, answer) = oneshot::channel();
+        let gone = || AdminError::NotFound(name.clone());
+        commands
+            .send(Command::Seek { position, reply })
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?;
+        Ok(position)
+    }
+
+    /// `DeleteConsumerGroup`: returns how many members were ended.
+    pub async fn delete(&self, name: &GroupName) -> Result<usize, AdminError> {
+        self.restore().await?;
+        let commands = self.existing(name)?;
+        let (reply, answer) = oneshot::channel();
+        let gone = || AdminError::NotFound(name.clone());
+        commands
+            .send(Command::Delete { reply })
+            .await
+            .map_err(|_| gone())?;
+        let ended = answer.await.map_err(|_| gone())??;
+        let mut groups = self.groups.lock().expect("groups lock is never poisoned");
+        if groups.get(name).is_some_and(|g| g.same_channel(&commands)) {
+            groups.remove(name);
+        }
+        Ok(ended)
+    }
+
+    /// Erasure: the user's events leave every group's unsettled work. Returns how many.
+    pub async fn erase_user(&self, user: &str) -> Result<usize, LogError> {
+        self.restore().await?;
+        let user: Arc<str> = Arc::from(user);
+        let mut erased = 0;
+        for commands in self.all() {
+            let (reply, answer) = oneshot::channel();
+            let user = user.clone();
+            if commands
+                .send(Command::EraseUser { user, reply })
+                .await
+                .is_ok()
+            {
+                erased += answer.await.unwrap_or(0);
+            }
+        }
+        Ok(erased)
+    }
+}
+
 /// The first sequence a new group reads.
 async fn resolve_start(log: &dyn EventLog, start: Start) -> Result<u64, SubscriptionError> {
     let bounds = log.bounds().await?;
@@ -351,6 +489,14 @@ impl Driver {
                 biased;
                 () = shutdown.cancelled() => break,
                 command = queue.recv() => match command {
+                    Some(Command::Delete { reply }) => {
+                        let result = self.delete().await;
+                        let deleted = result.is_ok();
+                        let _ = reply.send(result);
+                        if deleted {
+                            return;
+                        }
+                    }
                     Some(command) => self.handle(command),
                     None => break,
                 },
@@ -407,7 +553,59 @@ impl Driver {
                 let _ = reply.send(self.join(open));
             }
             Command::Answer { member, answer } => self.answer(member, answer),
+            Command::Describe { reply } => {
+                let row = GroupRow {
+                    name: self.group.name().clone(),
+                    config: self.group.config().clone(),
+                    created_at: self.group.created_at(),
+                    stats: self.group.stats(0),
+                };
+                let _ = reply.send((row, self.group.unread_from()));
+            }
+            Command::Seek { position, reply } => {
+                self.group.seek(position);
+                // The page was read for the old position.
+                self.page = Page {
+                    end: position,
+                    ..Page::default()
+                };
+                self.caught_up = false;
+                let _ = reply.send(());
+            }
+            Command::EraseUser { user, reply } => {
+                let erased = self.group.erase_user(&user);
+                // Read but not yet taken: they must not go out either.
+                self.drop_user(&user);
+                let _ = reply.send(erased);
+            }
+            // Handled by `run`: it ends the task.
+            Command::Delete { .. } => {}
         }
+    }
+
+    fn drop_user(&mut self, user: &str) {
+        let page = std::mem::take(&mut self.page);
+        let (candidates, events) = page
+            .candidates
+            .into_iter()
+            .zip(page.events)
+            .filter(|(c, _)| &*c.user != user)
+            .unzip();
+        self.page = Page {
+            candidates,
+            events,
+            end: page.end,
+        };
+    }
+
+    /// `DeleteConsumerGroup`: members end, the saved state goes. `Err` keeps the group.
+    async fn delete(&mut self) -> Result<usize, LogError> {
+        let write = vec![(self.group.name().to_string(), None)];
+        self.log.save_consumer_groups(write).await?;
+        let members = self.members.len();
+        self.end_all(MemberEnd::Deleted);
+        tracing::info!(group = %self.group.name(), members, "consumer group deleted");
+        Ok(members)
     }
 
     fn join(&mut self, open: Open) -> Result<Member, JoinError> {

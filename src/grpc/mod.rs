@@ -7,6 +7,7 @@ pub mod codec;
 pub mod consume;
 pub mod deadline;
 pub mod event_stream;
+pub mod group_admin;
 pub mod records;
 pub mod validate;
 
@@ -75,8 +76,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
+    let groups = parts.log.serves_consumer_groups().then(|| {
+        Arc::new(ConsumerGroups::new(
+            parts.log.clone(),
+            Limits::default(),
+            parts.streams_shutdown.clone(),
+        ))
+    });
     let admin = crate::proto::admin_server::AdminServer::with_interceptor(
-        admin::AdminService::new(parts.log.clone(), parts.metrics.clone()),
+        admin::AdminService::new(parts.log.clone(), parts.metrics.clone())
+            .with_groups(groups.clone()),
         BearerAuth::required(
             parts.admin_tokens,
             "the Admin service is disabled: set GATEWAY_ADMIN_TOKENS to enable it",
@@ -91,13 +100,6 @@ pub async fn serve(
         .max_decoding_message_size(records::MAX_MESSAGE_BYTES),
         auth.clone(),
     );
-    let groups = parts.log.serves_consumer_groups().then(|| {
-        Arc::new(ConsumerGroups::new(
-            parts.log.clone(),
-            Limits::default(),
-            parts.streams_shutdown.clone(),
-        ))
-    });
     let event_stream = EventStreamServer::with_interceptor(
         EventStreamService::new(
             parts.log,
