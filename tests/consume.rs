@@ -663,3 +663,27 @@ mod admin_calls {
         member.assert_quiet().await;
     }
 }
+
+#[tokio::test]
+async fn on_nats_consume_and_the_group_rpcs_say_not_yet() {
+    use spike_gateway::proto::ListConsumerGroupsRequest;
+    use support::admin::{admin, authed, stores};
+    let Some(store) = stores().into_iter().find(|s| s.name == "nats") else {
+        // `stores` printed why; nothing was tested.
+        return;
+    };
+    let app = spawn_app_with(&store.flags()).await;
+    let status = join(&app, open_request("g")).await.err().unwrap();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(
+        status.message().contains("not available yet"),
+        "{}",
+        status.message()
+    );
+    let status = admin(&app)
+        .await
+        .list_consumer_groups(authed(ListConsumerGroupsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+}

@@ -678,19 +678,23 @@ impl Driver {
     async fn dispatch(&mut self) -> Result<(), LogError> {
         self.group.expire_deadlines(now_micros());
         loop {
-            if !self.members_with_room().is_empty() && self.page_taken() && !self.caught_up {
+            let room = !self.members_with_room().is_empty();
+            if room && self.needs_page() {
                 self.fill_page().await?;
             }
             let sent = self.round().await?;
-            let more_to_read = self.page_taken() && !self.caught_up;
-            if sent == 0 && !(more_to_read && !self.members_with_room().is_empty()) {
+            // Stop when nothing went out, unless the page was used up (every candidate,
+            // or a page of non-matching events) and someone could take from the next one.
+            let room = !self.members_with_room().is_empty();
+            if sent == 0 && (!room || !self.needs_page()) {
                 return Ok(());
             }
         }
     }
 
-    fn page_taken(&self) -> bool {
-        self.group.read_cursor() >= self.page.end
+    /// The page is used up and the log may have more.
+    fn needs_page(&self) -> bool {
+        self.group.read_cursor() >= self.page.end && !self.caught_up
     }
 
     fn members_with_room(&self) -> Vec<MemberId> {
