@@ -687,3 +687,40 @@ async fn on_nats_consume_and_the_group_rpcs_say_not_yet() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
 }
+
+#[tokio::test]
+async fn max_in_flight_over_the_configured_limit_is_refused() {
+    let app = spawn_app_with(&["--store", "memory", "--group-max-in-flight", "8"]).await;
+    let status = join(
+        &app,
+        ConsumeOpen {
+            max_in_flight: 9,
+            ..open_request("g")
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("limit of 8"),
+        "{}",
+        status.message()
+    );
+    let too_long = join(
+        &app,
+        ConsumeOpen {
+            ack_wait: Some(prost_types::Duration {
+                seconds: 25 * 3600,
+                nanos: 0,
+            }),
+            ..open_request("g")
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    // The default (64) is capped by the lower limit, so a 0 still joins.
+    join(&app, open_request("g")).await.unwrap();
+}

@@ -32,6 +32,8 @@ pub struct GrpcParts {
     pub log: Arc<dyn EventLog>,
     pub tokens: Vec<crate::config::Secret>,
     pub admin_tokens: Vec<crate::config::Secret>,
+    /// Bounds on each consumer group's memory.
+    pub group_limits: Limits,
     /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
     pub spike: Arc<SpikeClient>,
@@ -79,7 +81,7 @@ pub async fn serve(
     let groups = parts.log.serves_consumer_groups().then(|| {
         Arc::new(ConsumerGroups::new(
             parts.log.clone(),
-            Limits::default(),
+            parts.group_limits,
             parts.streams_shutdown.clone(),
         ))
     });
