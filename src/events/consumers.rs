@@ -500,12 +500,7 @@ impl Driver {
                     Some(command) => self.handle(command),
                     None => break,
                 },
-                appended = live.recv(), if live_open => {
-                    live_open = !matches!(appended, Err(tokio::sync::broadcast::error::RecvError::Closed));
-                    self.caught_up = false;
-                    // Coalesce a burst of appends into one round.
-                    while !matches!(live.try_recv(), Err(TryRecvError::Empty | TryRecvError::Closed)) {}
-                }
+                appended = live.recv(), if live_open => live_open = self.appended(appended, &mut live),
                 () = sleep_until(wakeup) => {}
                 () = sleep_until(self.save_at) => self.save().await,
             }
@@ -516,6 +511,28 @@ impl Driver {
                 self.save_at = Some(tokio::time::Instant::now() + SAVE_EVERY);
             }
         }
+        self.stop(queue).await;
+    }
+
+    /// A live append (or a lag, or the end of the feed): the log has more to read.
+    /// Returns whether the live feed is still open.
+    fn appended(
+        &mut self,
+        appended: Result<Arc<CommittedEvent>, tokio::sync::broadcast::error::RecvError>,
+        live: &mut tokio::sync::broadcast::Receiver<Arc<CommittedEvent>>,
+    ) -> bool {
+        use tokio::sync::broadcast::error::RecvError;
+        self.caught_up = false;
+        // Coalesce a burst of appends into one round.
+        while !matches!(
+            live.try_recv(),
+            Err(TryRecvError::Empty | TryRecvError::Closed)
+        ) {}
+        !matches!(appended, Err(RecvError::Closed))
+    }
+
+    /// Shutdown: members end with `UNAVAILABLE`, what they held returns, the state is saved.
+    async fn stop(mut self, mut queue: mpsc::Receiver<Command>) {
         // Answers already queued still count: an ack the member sent before the end is
         // saved, not redelivered after the restart. Joins queued now are refused (their
         // reply is dropped: the caller sees the gateway shutting down).

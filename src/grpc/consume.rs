@@ -156,13 +156,13 @@ fn parse_open(open: ConsumeOpen) -> Result<(Open, bool), Status> {
         Some(consume_open::Start::FromBeginning(false)) => Start::Live,
         Some(consume_open::Start::Since(since)) => Start::Since(to_micros(&since)),
     };
-    let open_ = Open {
+    let parsed = Open {
         group,
         config,
         start,
         max_in_flight: open.max_in_flight,
     };
-    Ok((open_, open.include_raw_json))
+    Ok((parsed, open.include_raw_json))
 }
 
 fn join_status(error: JoinError) -> Status {
