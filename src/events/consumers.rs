@@ -40,6 +40,10 @@ const COMMAND_QUEUE: usize = 256;
 /// are redelivered; nothing unacked is skipped, SPEC §4.3).
 const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a group waits to read the log again after a read failed: the store is
+/// recovering (webhooks get 503 meanwhile), and a retry loop would only add load.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a member's stream ended from the gateway's side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberEnd {
@@ -441,6 +445,8 @@ struct Driver {
     saved: u64,
     /// When the next save is due: set by the first change after a save.
     save_at: Option<tokio::time::Instant>,
+    /// When to read the log again after a read failed (nothing else may wake the task).
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Driver {
@@ -469,6 +475,7 @@ impl Driver {
             // a restored one only once it changes.
             saved: if fresh { u64::MAX } else { changes },
             save_at: fresh.then(tokio::time::Instant::now),
+            retry_at: None,
         }
     }
 
@@ -503,9 +510,11 @@ impl Driver {
                 appended = live.recv(), if live_open => live_open = self.appended(appended, &mut live),
                 () = sleep_until(wakeup) => {}
                 () = sleep_until(self.save_at) => self.save().await,
+                () = sleep_until(self.retry_at) => self.retry_at = None,
             }
             if let Err(error) = self.dispatch().await {
-                tracing::warn!(group = %self.group.name(), %error, "consumer group could not read the log; retrying on the next wake-up");
+                tracing::warn!(group = %self.group.name(), %error, "consumer group could not read the log; retrying in a second");
+                self.retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
             }
             if self.group.changes() != self.saved && self.save_at.is_none() {
                 self.save_at = Some(tokio::time::Instant::now() + SAVE_EVERY);
