@@ -19,7 +19,7 @@ use tokio::sync::{
     mpsc::{self, error::TrySendError},
     oneshot,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     CommittedEvent, EventLog, LogError,
@@ -196,8 +196,9 @@ pub struct ConsumerGroups {
     /// Each group's command queue, by name. A std mutex: held only to look up or insert,
     /// never across an await.
     groups: Mutex<HashMap<GroupName, mpsc::Sender<Command>>>,
-    /// The groups' tasks, so shutdown can wait for them to save their state.
-    tasks: TaskTracker,
+    /// The groups' tasks, so shutdown can wait for them to save their state. A std mutex:
+    /// held only to push or take, never across an await.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Set once the saved groups are running again (on the first call that needs them).
     restored: tokio::sync::OnceCell<()>,
 }
@@ -209,7 +210,7 @@ impl ConsumerGroups {
             limits,
             shutdown,
             groups: Mutex::new(HashMap::new()),
-            tasks: TaskTracker::new(),
+            tasks: Mutex::new(Vec::new()),
             restored: tokio::sync::OnceCell::new(),
         }
     }
@@ -249,16 +250,23 @@ impl ConsumerGroups {
         let live = self.log.live();
         let (commands, queue) = mpsc::channel(COMMAND_QUEUE);
         let driver = Driver::new(group, fresh, self.log.clone(), commands.clone());
-        self.tasks
-            .spawn(driver.run(queue, live, self.shutdown.clone()));
+        let task = tokio::spawn(driver.run(queue, live, self.shutdown.clone()));
+        let mut tasks = self.tasks.lock().expect("tasks lock is never poisoned");
+        // Deleted groups' tasks have ended: forget them, so the list stays one per group.
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task);
         groups.insert(name, commands.clone());
         commands
     }
 
     /// Waits until every group's task has ended (they end on shutdown).
     pub async fn stopped(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock is never poisoned"));
+        for task in tasks {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "a consumer group's task failed");
+            }
+        }
     }
 
     fn lookup(&self, name: &GroupName) -> Option<mpsc::Sender<Command>> {
