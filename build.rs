@@ -45,10 +45,22 @@ fn event_stream_server() {
         .codec_path("crate::grpc::codec::SubscribeCodec")
         .server_streaming()
         .build();
+    // `Consume` sends each delivery around the event bytes the log encoded once, like
+    // `Subscribe` (`grpc::codec::ConsumeCodec`).
+    let consume = tonic_build::manual::Method::builder()
+        .name("consume")
+        .route_name("Consume")
+        .input_type("crate::proto::ConsumeRequest")
+        .output_type("crate::grpc::codec::EncodedDelivery")
+        .codec_path("crate::grpc::codec::ConsumeCodec")
+        .client_streaming()
+        .server_streaming()
+        .build();
     let service = tonic_build::manual::Service::builder()
         .name("EventStream")
         .package("spike.gateway.v1")
         .method(subscribe)
+        .method(consume)
         .build();
     // Writes `spike.gateway.v1.EventStream.rs`, next to prost's `spike.gateway.v1.rs`.
     tonic_build::manual::Builder::new()

@@ -200,6 +200,7 @@ impl Application {
                 log: log.clone(),
                 tokens: config.grpc.tokens.clone(),
                 admin_tokens: config.grpc.admin_tokens.clone(),
+                group_limits: config.grpc.group_limits,
                 streams_shutdown: streams_shutdown.clone(),
                 spike,
                 metrics,

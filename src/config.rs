@@ -141,6 +141,13 @@ pub struct Cli {
     /// Longest a webhook request may take, body included (Spike gives up after 30 s).
     #[arg(long, env = "GATEWAY_HTTP_REQUEST_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub http_request_timeout: Duration,
+    /// Largest `max_in_flight` a consumer-group member may ask for.
+    #[arg(long, env = "GATEWAY_GROUP_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub group_max_in_flight: u32,
+    /// Events a consumer group reads but holds back (redeliveries due later, per-user
+    /// queues) before it pauses reading: bounds a group's memory.
+    #[arg(long, env = "GATEWAY_GROUP_MAX_WAITING", default_value_t = 10_000)]
+    pub group_max_waiting: usize,
     /// Largest accepted webhook body, in bytes.
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -278,6 +285,8 @@ pub struct GrpcConfig {
     pub admin_tokens: Vec<Secret>,
     pub tls: Option<TlsFiles>,
     pub limits: GrpcLimits,
+    /// Bounds on each consumer group's memory.
+    pub group_limits: crate::events::groups::Limits,
 }
 
 /// The gRPC server's bounds against hostile or unlucky clients (SPEC §6).
@@ -381,6 +390,12 @@ impl Config {
         }
         if cli.max_body_bytes == 0 {
             return Err(invalid("GATEWAY_MAX_BODY_BYTES", "must be at least 1"));
+        }
+        if cli.group_max_in_flight == 0 {
+            return Err(invalid("GATEWAY_GROUP_MAX_IN_FLIGHT", "must be at least 1"));
+        }
+        if cli.group_max_waiting == 0 {
+            return Err(invalid("GATEWAY_GROUP_MAX_WAITING", "must be at least 1"));
         }
         if cli.memory_capacity == 0 {
             return Err(invalid("GATEWAY_MEMORY_CAPACITY", "must be at least 1"));
@@ -561,6 +576,10 @@ impl Config {
                         max_item_bytes: cli.subscribe_max_filter_item_bytes,
                     },
                     subscriber_buffer_bytes: cli.subscriber_buffer_bytes,
+                },
+                group_limits: crate::events::groups::Limits {
+                    max_in_flight: cli.group_max_in_flight,
+                    max_waiting: cli.group_max_waiting,
                 },
             },
             shutdown_grace: cli.shutdown_grace,

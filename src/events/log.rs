@@ -239,6 +239,27 @@ pub trait EventLog: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether `EventStream/Consume` is served over this log by
+    /// [`super::consumers::ConsumerGroups`] (the local backends); NATS serves none yet.
+    fn serves_consumer_groups(&self) -> bool {
+        false
+    }
+
+    /// The consumer groups' saved snapshots. A backend that keeps groups only in process
+    /// (memory) has none.
+    async fn load_consumer_groups(&self) -> Result<Vec<Vec<u8>>, LogError> {
+        Ok(Vec::new())
+    }
+
+    /// Stores (`Some`) or deletes (`None`) consumer groups' snapshots by name, all or
+    /// none. A backend that keeps groups only in process stores nothing.
+    async fn save_consumer_groups(
+        &self,
+        _writes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), LogError> {
+        Ok(())
+    }
+
     /// Applies retention and forgets expired dedup entries.
     async fn housekeeping(&self) -> Result<(), LogError>;
 

@@ -171,6 +171,10 @@ impl State {
 
 #[async_trait]
 impl EventLog for MemoryLog {
+    fn serves_consumer_groups(&self) -> bool {
+        true
+    }
+
     async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(LogError::Closed);

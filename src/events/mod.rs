@@ -8,6 +8,7 @@
 //! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
 //! - [`health`]: what a log reports to readiness, and where data was found damaged.
 //! - [`groups`]: the consumer-group state machine (SPEC §4.3): pure, driven by a backend.
+//! - [`consumers`]: the task per group that drives it over a local log (`memory`, `embedded`).
 //! - [`fanout`]: the bounded broadcast that carries freshly committed events to subscribers.
 //! - [`subscription`]: start positions, filters, the [`subscription::Feed`] a subscriber
 //!   reads, and the generic cursor that reads history and then live events without a gap
@@ -15,6 +16,7 @@
 //! - [`time`]: the conversions between wall-clock time and protobuf timestamps.
 
 pub mod committed;
+pub mod consumers;
 pub mod embedded;
 pub mod fanout;
 pub mod groups;

@@ -7,11 +7,13 @@ use tonic::{Request, Response, Status};
 use super::event_stream::log_status;
 use crate::{
     deadletters::{self, Selection},
-    events::{EventLog, LogError},
+    events::{EventLog, LogError, consumers::ConsumerGroups},
     metrics::Metrics,
     proto::{
-        DeadLetter, EraseUserRequest, EraseUserResponse, ListDeadLettersRequest,
-        ListDeadLettersResponse, RedriveDeadLettersRequest, RedriveDeadLettersResponse,
+        DeadLetter, DeleteConsumerGroupRequest, DeleteConsumerGroupResponse, EraseUserRequest,
+        EraseUserResponse, ListConsumerGroupsRequest, ListConsumerGroupsResponse,
+        ListDeadLettersRequest, ListDeadLettersResponse, RedriveDeadLettersRequest,
+        RedriveDeadLettersResponse, SeekConsumerGroupRequest, SeekConsumerGroupResponse,
         admin_server::Admin,
     },
 };
@@ -28,11 +30,23 @@ const READ_CHUNK: usize = 50;
 pub struct AdminService {
     log: Arc<dyn EventLog>,
     metrics: Arc<Metrics>,
+    /// The consumer groups the consumer-group RPCs act on; `None` on a store without them.
+    groups: Option<Arc<ConsumerGroups>>,
 }
 
 impl AdminService {
     pub fn new(log: Arc<dyn EventLog>, metrics: Arc<Metrics>) -> Self {
-        Self { log, metrics }
+        Self {
+            log,
+            metrics,
+            groups: None,
+        }
+    }
+
+    /// Serves the consumer-group RPCs over `groups`, and erases from them too.
+    pub fn with_groups(mut self, groups: Option<Arc<ConsumerGroups>>) -> Self {
+        self.groups = groups;
+        self
     }
 
     /// Up to `page_size` letters after `after_id`, and the `next_after_id` of the next page
@@ -80,6 +94,11 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument("application_user_id is required"));
         }
         let erased = self.log.erase_user(&user).await.map_err(log_status)?;
+        // After the log: a group reading on finds none of the user's events any more.
+        let from_groups = match &self.groups {
+            Some(groups) => groups.erase_user(&user).await.map_err(log_status)?,
+            None => 0,
+        };
         deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
         // An audit record of who was erased and how much; no health data.
         tracing::info!(
@@ -87,6 +106,7 @@ impl Admin for AdminService {
             events = erased.events,
             dedup_entries = erased.dedup_entries,
             dead_letters = erased.dead_letters,
+            from_consumer_groups = from_groups,
             "user erased"
         );
         Ok(Response::new(EraseUserResponse {
@@ -155,5 +175,32 @@ impl Admin for AdminService {
             duplicates: redriven.duplicates,
             still_dead: redriven.still_dead,
         }))
+    }
+
+    async fn list_consumer_groups(
+        &self,
+        _request: Request<ListConsumerGroupsRequest>,
+    ) -> Result<Response<ListConsumerGroupsResponse>, Status> {
+        super::group_admin::list(self.groups.as_ref())
+            .await
+            .map(Response::new)
+    }
+
+    async fn seek_consumer_group(
+        &self,
+        request: Request<SeekConsumerGroupRequest>,
+    ) -> Result<Response<SeekConsumerGroupResponse>, Status> {
+        super::group_admin::seek(self.groups.as_ref(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_consumer_group(
+        &self,
+        request: Request<DeleteConsumerGroupRequest>,
+    ) -> Result<Response<DeleteConsumerGroupResponse>, Status> {
+        super::group_admin::delete(self.groups.as_ref(), request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -10,7 +10,7 @@ use tonic::{
 };
 use tonic_prost::ProstDecoder;
 
-use crate::proto::SubscribeRequest;
+use crate::proto::{ConsumeRequest, SubscribeRequest};
 
 /// One `spike.gateway.v1.Event`, already encoded.
 #[derive(Debug, Clone)]
@@ -44,5 +44,83 @@ impl Encoder for EncodedEventEncoder {
     fn encode(&mut self, item: EncodedEvent, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         buf.put_slice(&item.0);
         Ok(())
+    }
+}
+
+/// One `spike.gateway.v1.Delivery`, already encoded: the event's bytes as the log encoded
+/// them, wrapped with the attempt.
+#[derive(Debug, Clone)]
+pub struct EncodedDelivery(pub Bytes);
+
+impl EncodedDelivery {
+    /// `Delivery { event: <encoded>, attempt }` in protobuf's wire format.
+    pub fn new(event: &[u8], attempt: u32) -> Self {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        let mut buf = bytes::BytesMut::with_capacity(event.len() + 16);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(event.len() as u64, &mut buf);
+        buf.put_slice(event);
+        if attempt != 0 {
+            encode_key(2, WireType::Varint, &mut buf);
+            encode_varint(u64::from(attempt), &mut buf);
+        }
+        Self(buf.freeze())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConsumeCodec;
+
+impl Codec for ConsumeCodec {
+    type Encode = EncodedDelivery;
+    type Decode = ConsumeRequest;
+    type Encoder = EncodedDeliveryEncoder;
+    type Decoder = ProstDecoder<ConsumeRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedDeliveryEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EncodedDeliveryEncoder;
+
+impl Encoder for EncodedDeliveryEncoder {
+    type Item = EncodedDelivery;
+    type Error = Status;
+
+    fn encode(&mut self, item: EncodedDelivery, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put_slice(&item.0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::EncodedDelivery;
+    use crate::proto::{Delivery, Event};
+
+    #[test]
+    fn an_encoded_delivery_decodes_as_prost_would_encode_it() {
+        let event = Event {
+            event_id: "e".into(),
+            sequence: 7,
+            application_user_id: "u".into(),
+            ..Event::default()
+        };
+        for attempt in [0, 1, 300] {
+            let encoded = EncodedDelivery::new(&event.encode_to_vec(), attempt);
+            let expected = Delivery {
+                event: Some(event.clone()),
+                attempt,
+            };
+            assert_eq!(Delivery::decode(encoded.0).unwrap(), expected);
+        }
     }
 }

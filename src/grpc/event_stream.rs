@@ -30,6 +30,7 @@ use crate::{
     config::FilterLimits,
     events::{
         EventLog, LogError,
+        consumers::ConsumerGroups,
         subscription::{self, Feed, Filter, PageLimit, Start, SubscriptionError},
         time::{now_micros, to_micros},
     },
@@ -61,6 +62,8 @@ pub struct StreamLimits {
 
 pub struct EventStreamService {
     log: Arc<dyn EventLog>,
+    /// `Consume`'s groups; `None` on a backend that serves none (NATS, for now).
+    groups: Option<Arc<ConsumerGroups>>,
     /// Cancelled when the gateway shuts down; every producer watches it.
     shutdown: CancellationToken,
     subscribers: SubscriberCount,
@@ -71,12 +74,14 @@ pub struct EventStreamService {
 impl EventStreamService {
     pub fn new(
         log: Arc<dyn EventLog>,
+        groups: Option<Arc<ConsumerGroups>>,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
         limits: StreamLimits,
     ) -> Self {
         Self {
             log,
+            groups,
             shutdown,
             subscribers: SubscriberCount(metrics.subscribers()),
             metrics,
@@ -233,6 +238,14 @@ impl Drop for SubscriberGuard {
 #[tonic::async_trait]
 impl EventStream for EventStreamService {
     type SubscribeStream = Outbox;
+    type ConsumeStream = super::consume::DeliveryStream;
+
+    async fn consume(
+        &self,
+        request: Request<tonic::Streaming<crate::proto::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        super::consume::consume(self.groups.as_ref(), request).await
+    }
 
     async fn subscribe(
         &self,

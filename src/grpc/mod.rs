@@ -5,8 +5,10 @@ pub mod admin;
 pub mod auth;
 pub mod codec;
 pub mod connections;
+pub mod consume;
 pub mod deadline;
 pub mod event_stream;
+pub mod group_admin;
 pub mod health;
 pub mod records;
 pub mod validate;
@@ -20,7 +22,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::{
     config::{FilterLimits, GrpcLimits},
-    events::EventLog,
+    events::{EventLog, consumers::ConsumerGroups, groups::Limits},
     proto::{
         FILE_DESCRIPTOR_SET, admin_server::AdminServer, spike_records_server::SpikeRecordsServer,
     },
@@ -35,6 +37,8 @@ pub struct GrpcParts {
     pub log: Arc<dyn EventLog>,
     pub tokens: Vec<crate::config::Secret>,
     pub admin_tokens: Vec<crate::config::Secret>,
+    /// Bounds on each consumer group's memory.
+    pub group_limits: Limits,
     /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
     pub spike: Arc<SpikeClient>,
@@ -92,11 +96,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
-    let admin = InterceptedService::new(
-        AdminServer::new(admin::AdminService::new(
+    let groups = parts.log.serves_consumer_groups().then(|| {
+        Arc::new(ConsumerGroups::new(
             parts.log.clone(),
-            parts.metrics.clone(),
+            parts.group_limits,
+            parts.streams_shutdown.clone(),
         ))
+    });
+    let admin = InterceptedService::new(
+        AdminServer::new(
+            admin::AdminService::new(parts.log.clone(), parts.metrics.clone())
+                .with_groups(groups.clone()),
+        )
         .max_decoding_message_size(ADMIN_MESSAGE_BYTES),
         BearerAuth::required(
             parts.admin_tokens,
@@ -115,6 +126,7 @@ pub async fn serve(
     let event_stream = InterceptedService::new(
         EventStreamServer::new(EventStreamService::new(
             parts.log,
+            groups.clone(),
             parts.streams_shutdown,
             parts.metrics,
             StreamLimits {
@@ -142,7 +154,13 @@ pub async fn serve(
             connections::incoming(listener, limits.max_connections, limits.idle_timeout),
             stop,
         )
-        .await
+        .await?;
+    // The groups' tasks end with the streams (their shutdown is `streams_shutdown`) and
+    // save their state on the way: wait, so the log closes after them.
+    if let Some(groups) = groups {
+        groups.stopped().await;
+    }
+    Ok(())
 }
 
 /// The server with its per-connection bounds (SPEC §6) and a span per RPC.

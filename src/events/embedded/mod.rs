@@ -64,6 +64,8 @@ const DEDUP: TableDefinition<&str, (u64, i64)> = TableDefinition::new("dedup");
 const DEDUP_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("dedup_expiry");
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Consumer groups' snapshots ([`super::groups::Group::snapshot`]) by group name.
+const CONSUMER_GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumer_groups");
 
 const META_NEXT_SEQUENCE: &str = "next_sequence";
 const META_NEXT_DEAD_LETTER: &str = "next_dead_letter";
@@ -117,6 +119,11 @@ enum Command {
     Erase {
         user: String,
         reply: oneshot::Sender<Result<Erased, LogError>>,
+    },
+    /// Consumer groups' snapshots to store (`Some`) or delete (`None`), in one transaction.
+    SaveGroups {
+        writes: Vec<(String, Option<Vec<u8>>)>,
+        reply: oneshot::Sender<Result<(), LogError>>,
     },
     Shutdown,
 }
@@ -250,6 +257,7 @@ fn initialise(db: &Database) -> Result<(u64, Micros), redb::Error> {
         txn.open_table(DEDUP)?;
         txn.open_table(DEDUP_EXPIRY)?;
         txn.open_table(DEAD_LETTERS)?;
+        txn.open_table(CONSUMER_GROUPS)?;
         let meta = txn.open_table(META)?;
         let next = next_sequence(&events, &meta)?;
         let last_received = events
@@ -384,6 +392,39 @@ fn next_sequence(
 
 #[async_trait]
 impl EventLog for EmbeddedLog {
+    fn serves_consumer_groups(&self) -> bool {
+        true
+    }
+
+    async fn load_consumer_groups(&self) -> Result<Vec<Vec<u8>>, LogError> {
+        self.with_reader(None, |db, _| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(CONSUMER_GROUPS) {
+                Ok(table) => table,
+                // A store opened read-only before the table existed: no groups yet.
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut snapshots = Vec::new();
+            for entry in table.iter()? {
+                snapshots.push(entry?.1.value().to_vec());
+            }
+            Ok(snapshots)
+        })
+        .await
+    }
+
+    async fn save_consumer_groups(
+        &self,
+        writes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), LogError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.send(|reply| Command::SaveGroups { writes, reply })
+            .await
+    }
+
     async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         if admission.is_empty() {
             return Ok(Admitted::default());

@@ -207,6 +207,7 @@ fn refuse(command: Command, error: &str) -> Result<(), ShutdownRequested> {
         Command::Append { reply, .. } => drop(reply.send(Err(error()))),
         Command::Housekeeping { reply } => drop(reply.send(Err(error()))),
         Command::Erase { reply, .. } => drop(reply.send(Err(error()))),
+        Command::SaveGroups { reply, .. } => drop(reply.send(Err(error()))),
         Command::Shutdown => return Err(ShutdownRequested),
     }
     Ok(())

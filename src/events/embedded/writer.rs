@@ -15,8 +15,8 @@ use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc;
 
 use super::{
-    Command, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, Fault, HOUSEKEEPING_CHUNK, Health,
-    MAX_GROUP, META, META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, Slot,
+    CONSUMER_GROUPS, Command, DEAD_LETTERS, DEDUP, DEDUP_EXPIRY, EVENTS, Fault, HOUSEKEEPING_CHUNK,
+    Health, MAX_GROUP, META, META_NEXT_DEAD_LETTER, META_NEXT_SEQUENCE, META_TRIMMED_THROUGH, Slot,
     decode_event, decode_letter, received_of, storage, stored_event, stored_value,
 };
 use crate::{
@@ -142,6 +142,10 @@ impl Writer {
             match command {
                 Command::Housekeeping { reply } => housekeeping.push(reply),
                 Command::Erase { user, reply } => erasures.push((user, reply)),
+                Command::SaveGroups { writes, reply } => {
+                    let result = self.save_groups(writes).inspect_err(|e| self.note_fault(e));
+                    let _ = reply.send(result.map_err(storage));
+                }
                 Command::Shutdown => {}
                 write => writes.push(write),
             }
@@ -345,6 +349,23 @@ impl Writer {
 
     /// Removes one user's events, their dedup entries and attributable dead letters, in one
     /// transaction. Scans the whole log: erasure is rare, and events are keyed by sequence.
+    /// Consumer groups' snapshots, in their own small transaction: a group's state never
+    /// rides along with (or delays) a webhook's commit.
+    fn save_groups(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<(), redb::Error> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(CONSUMER_GROUPS)?;
+            for (name, snapshot) in &writes {
+                match snapshot {
+                    Some(bytes) => table.insert(name.as_str(), bytes.as_slice())?,
+                    None => table.remove(name.as_str())?,
+                };
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     fn erase(&self, user: &str) -> Result<Erased, redb::Error> {
         let txn = self.db.begin_write()?;
         let mut erased = Erased::default();

@@ -214,7 +214,7 @@ impl GroupConfig {
 }
 
 /// Bounds on a group's memory (see the module docs for the resulting bound). Operator
-/// settings: the step that serves `Consume` makes them flags in `config.rs`.
+/// settings: `GATEWAY_GROUP_MAX_IN_FLIGHT` and `GATEWAY_GROUP_MAX_WAITING` (`config.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest `max_in_flight` a member may ask for.

@@ -1,0 +1,100 @@
+//! The consumer-group RPCs of `spike.gateway.v1.Admin` (SPEC §4.4), over
+//! [`ConsumerGroups`]. `None` groups (a store without them, NATS for now) answer
+//! UNIMPLEMENTED.
+
+use std::sync::Arc;
+
+use tonic::Status;
+
+use super::event_stream::log_status;
+use crate::{
+    events::{
+        consumers::{AdminError, ConsumerGroups, GroupRow},
+        groups::GroupName,
+        subscription::Start,
+        time::{from_micros, to_micros},
+    },
+    proto::{
+        ConsumerGroupInfo, DeleteConsumerGroupRequest, DeleteConsumerGroupResponse,
+        ListConsumerGroupsResponse, SeekConsumerGroupRequest, SeekConsumerGroupResponse,
+        seek_consumer_group_request,
+    },
+};
+
+fn groups(groups: Option<&Arc<ConsumerGroups>>) -> Result<&Arc<ConsumerGroups>, Status> {
+    groups.ok_or_else(|| Status::unimplemented("consumer groups on nats are not available yet"))
+}
+
+fn admin_status(error: AdminError) -> Status {
+    match error {
+        AdminError::NotFound(_) => Status::not_found(error.to_string()),
+        AdminError::Start(error) => Status::out_of_range(error.to_string()),
+        AdminError::Log(error) => log_status(error),
+    }
+}
+
+fn name(group: &str) -> Result<GroupName, Status> {
+    GroupName::parse(group).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+pub async fn list(all: Option<&Arc<ConsumerGroups>>) -> Result<ListConsumerGroupsResponse, Status> {
+    let rows = groups(all)?.list().await.map_err(log_status)?;
+    Ok(ListConsumerGroupsResponse {
+        groups: rows.into_iter().map(info).collect(),
+    })
+}
+
+fn info(row: GroupRow) -> ConsumerGroupInfo {
+    let filter = &row.config.filter;
+    let wait = row.config.ack_wait;
+    ConsumerGroupInfo {
+        group: row.name.to_string(),
+        event_types: filter.event_types().collect(),
+        application_user_ids: filter.application_user_ids().map(str::to_owned).collect(),
+        provider_slugs: filter.provider_slugs().map(str::to_owned).collect(),
+        ordering: row.config.ordering.to_proto() as i32,
+        ack_wait: Some(prost_types::Duration {
+            seconds: wait / 1_000_000,
+            nanos: ((wait % 1_000_000) * 1_000) as i32,
+        }),
+        created_at: Some(from_micros(row.created_at)),
+        acked_through: row.stats.acked_through,
+        pending: row.stats.pending,
+        in_flight: row.stats.in_flight,
+        members: row.stats.members,
+        redeliveries: row.stats.counters.redeliveries,
+        terminated: row.stats.counters.terminated,
+        expired: row.stats.counters.expired,
+    }
+}
+
+pub async fn seek(
+    all: Option<&Arc<ConsumerGroups>>,
+    request: SeekConsumerGroupRequest,
+) -> Result<SeekConsumerGroupResponse, Status> {
+    use seek_consumer_group_request::Start as S;
+    let group = name(&request.group)?;
+    let start = match request.start {
+        None | Some(S::FromBeginning(false)) => Start::Live,
+        Some(S::AfterSequence(after)) => Start::AfterSequence(after),
+        Some(S::FromBeginning(true)) => Start::FromBeginning,
+        Some(S::Since(since)) => Start::Since(to_micros(&since)),
+    };
+    let next_sequence = groups(all)?
+        .seek(&group, start)
+        .await
+        .map_err(admin_status)?;
+    tracing::info!(%group, next_sequence, "consumer group moved");
+    Ok(SeekConsumerGroupResponse { next_sequence })
+}
+
+pub async fn delete(
+    all: Option<&Arc<ConsumerGroups>>,
+    request: DeleteConsumerGroupRequest,
+) -> Result<DeleteConsumerGroupResponse, Status> {
+    let group = name(&request.group)?;
+    let ended = groups(all)?.delete(&group).await.map_err(admin_status)?;
+    Ok(DeleteConsumerGroupResponse {
+        members_ended: ended as u64,
+    })
+}
