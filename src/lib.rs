@@ -14,16 +14,20 @@
 //!   `memory` and `nats` (JetStream) backends, live fan-out, and the subscription feeds that
 //!   hand over from history to live without gaps or duplicates. Each committed event is
 //!   encoded once ([`events::CommittedEvent`]) and those bytes go to every subscriber.
+//!   Consumer groups: a pure state machine ([`events::groups`]) driven by one task per
+//!   group ([`events::consumers`]).
 //! - [`deadletters`]: above the log: the one conversion of a parsed body into an append
 //!   batch (webhooks and redrive share it), dead-letter redrive, and the backfill of user
 //!   ids into letters stored by 0.1. Storage itself never parses JSON.
 //! - [`grpc`]: the tonic server: `EventStream/Subscribe` (with a codec that sends the
-//!   pre-encoded events), the `SpikeRecords` proxies,
-//!   `Admin` (erasure, dead letters), bearer-token auth, TLS, health and reflection.
+//!   pre-encoded events) and `Consume`, the `SpikeRecords` proxies, `Admin` (erasure, dead
+//!   letters, consumer groups), bearer-token auth, TLS, connection and stream bounds,
+//!   health and reflection.
 //! - [`app`]: wiring. Binds the listeners, runs both servers, housekeeping and readiness,
 //!   and shuts everything down in order within a grace deadline.
 //! - [`readiness`]: the one readiness answer `/readyz` and gRPC health both follow.
 //! - [`spike`]: the client for Spike's REST API (per-user auth, retries, deadlines).
+//! - `net` (private): the write pass-through both fronts' socket guards share.
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`proto`]: code generated from `proto/spike/gateway/v1`.
 //! - [`telemetry`]: tracing set-up. Payload bodies and secrets are never logged.
