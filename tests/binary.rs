@@ -15,7 +15,7 @@ use spike_gateway::{proto::event_stream_client::EventStreamClient, webhook::sign
 use support::{
     KEY, MAIN, from_beginning,
     real_binary::{self, Gateway},
-    record_change, wait_until, wait_until_blocking,
+    record_change, wait_until,
 };
 
 /// The binary on `data_dir` with `key`, listening (under the shared start-up deadline).
@@ -163,21 +163,8 @@ fn bad_configuration_is_one_line_and_a_non_zero_exit() {
 fn sigterm_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut gateway = start(dir.path());
-    let status = Command::new("kill")
-        .args(["-TERM", &gateway.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut exit = None;
-    wait_until_blocking(
-        Duration::from_secs(10),
-        "the gateway exits after SIGTERM",
-        || {
-            exit = gateway.child.try_wait().unwrap();
-            exit.is_some()
-        },
-    );
-    assert!(exit.unwrap().success(), "exit status {exit:?}");
+    let exit = gateway.terminate(Duration::from_secs(10));
+    assert!(exit.success(), "exit status {exit:?}");
 }
 
 #[tokio::test]

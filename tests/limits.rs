@@ -18,7 +18,7 @@ use spike_gateway::{
     proto::{SubscribeRequest, event_stream_client::EventStreamClient},
     webhook::signature::sign,
 };
-use support::{KEY, MAIN, real_binary, record_change, wait_until, wait_until_blocking};
+use support::{KEY, MAIN, real_binary, record_change, wait_until};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -702,16 +702,7 @@ fn the_shutdown_grace_bounds_the_whole_exit() {
     });
     let mut gateway = gateway;
     let started = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &gateway.binary.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    wait_until_blocking(
-        Duration::from_secs(3),
-        "the gateway exits after SIGTERM with a 1 s grace",
-        || gateway.binary.child.try_wait().unwrap().is_some(),
-    );
+    gateway.binary.terminate(Duration::from_secs(3));
     println!(
         "exited {:?} after SIGTERM with a 1 s grace",
         started.elapsed()

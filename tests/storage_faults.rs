@@ -20,7 +20,7 @@ use spike_gateway::{
 use support::{
     KEY, MAIN, from_beginning,
     real_binary::{self, Gateway},
-    record_change, wait_until, wait_until_blocking,
+    record_change, wait_until,
 };
 use tonic::Code;
 use tonic_health::pb::{
@@ -40,21 +40,8 @@ fn start_with(data_dir: &Path, envs: &[(&str, &str)]) -> Result<Gateway, String>
 
 /// SIGTERM and wait for a clean exit (the log is closed cleanly).
 fn stop(mut gateway: Gateway) {
-    let status = Command::new("kill")
-        .args(["-TERM", &gateway.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut exit = None;
-    wait_until_blocking(
-        Duration::from_secs(15),
-        "the gateway exits after SIGTERM",
-        || {
-            exit = gateway.child.try_wait().unwrap();
-            exit.is_some()
-        },
-    );
-    assert!(exit.unwrap().success(), "clean exit: {exit:?}");
+    let exit = gateway.terminate(Duration::from_secs(15));
+    assert!(exit.success(), "clean exit: {exit:?}");
 }
 
 /// Posts one webhook with an event per user; the status, or 0 if no answer.

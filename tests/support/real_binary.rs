@@ -5,7 +5,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
@@ -20,6 +20,23 @@ pub struct Gateway {
     pub grpc: SocketAddr,
     /// Every line it has logged so far (stderr is drained all along, so it never blocks).
     pub log: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    /// Sends SIGTERM and waits (at most `within`, else the test fails) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM failed: {sent}");
+        let mut exit = None;
+        super::wait_until_blocking(within, "the gateway exits after SIGTERM", || {
+            exit = self.child.try_wait().unwrap();
+            exit.is_some()
+        });
+        exit.expect("waited for the exit")
+    }
 }
 
 impl Drop for Gateway {
