@@ -915,15 +915,7 @@ async fn scrape_after_every_event() -> String {
         "GET /nutrition_records/missing",
         vec![Scripted::problem(404, "none")],
     );
-    let app = spawn_app_with(&[
-        "--spike-api-base-url",
-        &fake.url,
-        "--spike-application-id",
-        "1",
-        "--spike-hmac-key",
-        "k",
-    ])
-    .await;
+    let app = gateway_proxying_to(&fake.url).await;
     let mut stream = app.subscribe(from_beginning()).await.unwrap();
     for _ in 0..2 {
         let response = app.post(MAIN, &fixture("main-batch.json")).await;

@@ -34,15 +34,7 @@ async fn webhook_subscriber_and_upstream_series_move() {
         "GET /nutrition_records/missing",
         vec![Scripted::problem(404, "no such record")],
     );
-    let app = spawn_app_with(&[
-        "--spike-api-base-url",
-        &fake.url,
-        "--spike-application-id",
-        "1",
-        "--spike-hmac-key",
-        "k",
-    ])
-    .await;
+    let app = gateway_proxying_to(&fake.url).await;
     let before = scrape(&app).await;
     assert_eq!(value(&before, "spike_gateway_subscribers"), Some(0.0));
     assert_eq!(value(&before, "spike_gateway_duplicates_total"), Some(0.0));

@@ -18,18 +18,8 @@ use spike_gateway::{
 use support::{fake_spike::*, *};
 use tonic::{Code, Request, Status, transport::Channel};
 
-const HMAC_KEY: &str = "spike-hmac-key";
-
 async fn gateway_for(fake: &FakeSpike) -> TestApp {
-    spawn_app_with(&[
-        "--spike-api-base-url",
-        &fake.url,
-        "--spike-application-id",
-        "4242",
-        "--spike-hmac-key",
-        HMAC_KEY,
-    ])
-    .await
+    gateway_proxying_to(&fake.url).await
 }
 
 async fn records(app: &TestApp) -> SpikeRecordsClient<Channel> {
@@ -310,15 +300,7 @@ async fn an_unreachable_spike_is_unavailable() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let app = spawn_app_with(&[
-        "--spike-api-base-url",
-        &url,
-        "--spike-application-id",
-        "1",
-        "--spike-hmac-key",
-        "k",
-    ])
-    .await;
+    let app = gateway_proxying_to(&url).await;
     let status = records(&app)
         .await
         .get_nutrition_record(get("u", "r1"))

@@ -73,6 +73,24 @@ struct FakeState {
     tokens_issued: Mutex<u32>,
 }
 
+/// The Spike application id and HMAC key [`gateway_proxying_to`] configures.
+pub const APPLICATION_ID: &str = "4242";
+pub const HMAC_KEY: &str = "spike-hmac-key";
+
+/// A gateway whose `SpikeRecords` proxy calls the Spike API at `url` (a [`FakeSpike`], or
+/// an address where nothing listens).
+pub async fn gateway_proxying_to(url: &str) -> super::TestApp {
+    super::spawn_app_with(&[
+        "--spike-api-base-url",
+        url,
+        "--spike-application-id",
+        APPLICATION_ID,
+        "--spike-hmac-key",
+        HMAC_KEY,
+    ])
+    .await
+}
+
 #[derive(Clone)]
 pub struct FakeSpike {
     pub url: String,
