@@ -1004,7 +1004,7 @@ fn the_env_check_rejects_an_unknown_name() {
     let known = configuration();
     let bad_manifest: Vec<Value> = vec![
         serde_yaml_ng::from_str(
-            r#"
+            r"
 kind: Deployment
 spec:
   template:
@@ -1016,7 +1016,7 @@ spec:
               value: 0.0.0.0:8080
             - name: GATEWAY_GRPC_TOKEN_FILE
               value: /run/secrets/t
-"#,
+",
         )
         .unwrap(),
     ];
