@@ -1,7 +1,9 @@
 //! Compiles `proto/` with protox (a pure-Rust protobuf compiler) so that a fresh machine
 //! needs no system `protoc`, and saves the descriptor set for gRPC server reflection.
+//! Also records what `spike_gateway_build_info` reports: the git commit (when built from a
+//! checkout, or given as `SPIKE_GATEWAY_GIT_COMMIT`) and the compiler's version.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::Command};
 
 const PROTOS: &[&str] = &[
     "proto/spike/gateway/v1/events.proto",
@@ -29,7 +31,57 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .compile_fds(descriptors)?;
     event_stream_server();
+    build_info();
     Ok(())
+}
+
+/// Sets `SPIKE_GATEWAY_GIT_COMMIT` and `SPIKE_GATEWAY_RUSTC_VERSION` for `env!`; either is
+/// `unknown` when it cannot be found (a source tarball, a container build without `.git`).
+fn build_info() {
+    println!("cargo:rerun-if-env-changed=SPIKE_GATEWAY_GIT_COMMIT");
+    let commit = std::env::var("SPIKE_GATEWAY_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| {
+            // Rebuild when HEAD moves: HEAD itself, the branch it names, and packed refs.
+            for path in ["HEAD", "packed-refs"] {
+                watch_git_path(path);
+            }
+            if let Some(branch) = output("git", &["rev-parse", "--symbolic-full-name", "HEAD"]) {
+                watch_git_path(&branch);
+            }
+            output("git", &["rev-parse", "--short=12", "HEAD"])
+        });
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    // `rustc 1.91.0 (f8297e351 2025-10-28)`: the version is the second word.
+    let rustc_version =
+        output(&rustc, &["--version"]).and_then(|v| v.split_whitespace().nth(1).map(str::to_owned));
+    let unknown = || "unknown".to_owned();
+    println!(
+        "cargo:rustc-env=SPIKE_GATEWAY_GIT_COMMIT={}",
+        commit.unwrap_or_else(unknown)
+    );
+    println!(
+        "cargo:rustc-env=SPIKE_GATEWAY_RUSTC_VERSION={}",
+        rustc_version.unwrap_or_else(unknown)
+    );
+}
+
+/// A command's trimmed stdout, if it ran and succeeded.
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+/// Asks cargo to rerun this script when a file of the git directory changes. Only existing
+/// files: a missing one would make cargo rerun the script on every build.
+fn watch_git_path(path: &str) {
+    if let Some(file) = output("git", &["rev-parse", "--git-path", path])
+        && std::path::Path::new(&file).exists()
+    {
+        println!("cargo:rerun-if-changed={file}");
+    }
 }
 
 /// The server side of `EventStream` with the stream's own codec: `Subscribe` sends events

@@ -32,6 +32,9 @@
 //! - [`proto`]: code generated from `proto/spike/gateway/v1`.
 //! - [`telemetry`]: tracing set-up. Payload bodies and secrets are never logged.
 
+// Also `forbid` in Cargo.toml's `[lints]`; stated here so no module can `allow` it.
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod config;
 pub mod deadletters;

@@ -1,3 +1,6 @@
+// Wiring only; the crate forbids `unsafe` (Cargo.toml `[lints]`), and so does this file.
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use spike_gateway::{

@@ -11,7 +11,12 @@
 //!   sequence this replica has seen;
 //! - `delivery_seconds`: event received → sent to a subscriber (end to end);
 //! - `readiness{reason}`: 1 for the current readiness reason, 0 for earlier ones;
-//! - `upstream_calls_total{rpc, status}`, `upstream_call_seconds{rpc}`: SpikeRecords calls.
+//! - `upstream_calls_total{rpc, status}`, `upstream_call_seconds{rpc}`: SpikeRecords calls;
+//! - `grpc_server_requests_total{method, kind, code}`, `grpc_server_request_seconds{method,
+//!   kind}`: every gRPC call the server handled, counted when it completes with its final
+//!   status; the latency runs to that point, so for a stream it is the stream's lifetime
+//!   (see [`crate::grpc::metered`]);
+//! - `build_info{version, git_commit, rustc_version}`: always 1.
 //!
 //! Labels are closed sets (categories, types, RPC names, status codes): never user ids.
 
@@ -68,6 +73,32 @@ struct RpcOnly {
     rpc: &'static str,
 }
 
+/// A gRPC method as the server's services declare it, and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    method: &'static str,
+    kind: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcMethodLabels {
+    method: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    git_commit: &'static str,
+    rustc_version: &'static str,
+}
+
+/// The commit the binary was built from (`build.rs`), or `unknown`.
+pub const GIT_COMMIT: &str = env!("SPIKE_GATEWAY_GIT_COMMIT");
+/// The version of the compiler that built the binary, or `unknown`.
+pub const RUSTC_VERSION: &str = env!("SPIKE_GATEWAY_RUSTC_VERSION");
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latencies from 100 µs to ~50 s.
@@ -89,6 +120,8 @@ pub struct Metrics {
     delivery: Histogram,
     upstream_calls: Family<RpcLabels, Counter>,
     upstream_latency: HistogramFamily<RpcOnly>,
+    grpc_requests: Family<GrpcLabels, Counter>,
+    grpc_latency: HistogramFamily<GrpcMethodLabels>,
     /// Newest sequence this replica has appended or delivered, for the lag histogram.
     head: AtomicU64,
     readiness: Family<ReasonLabels, Gauge>,
@@ -110,6 +143,8 @@ impl Default for Metrics {
             delivery: latency_histogram(),
             upstream_calls: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
+            grpc_requests: Family::default(),
+            grpc_latency: Family::new_with_constructor(latency_histogram),
             head: AtomicU64::new(0),
             readiness: Family::default(),
             registry: Registry::default(),
@@ -173,6 +208,29 @@ impl Default for Metrics {
             "upstream_call_seconds",
             "SpikeRecords call latency, retries included",
             metrics.upstream_latency.clone(),
+        );
+        registry.register(
+            "grpc_server_requests",
+            "gRPC calls handled, by method and final status, counted when they complete",
+            metrics.grpc_requests.clone(),
+        );
+        registry.register(
+            "grpc_server_request_seconds",
+            "gRPC call received to final status (a stream's end for streaming RPCs)",
+            metrics.grpc_latency.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                git_commit: GIT_COMMIT,
+                rustc_version: RUSTC_VERSION,
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the labels say which build this is",
+            build_info,
         );
         registry.register(
             "readiness",
@@ -285,27 +343,48 @@ impl Metrics {
             .get_or_create(&RpcOnly { rpc })
             .observe(took.as_secs_f64());
     }
+
+    /// One gRPC call the server handled: `method` and `kind` from [`crate::grpc::metered`]'s
+    /// closed table, `code` its final status, `took` from request to that status.
+    pub fn grpc_request(
+        &self,
+        method: &'static str,
+        kind: &'static str,
+        code: tonic::Code,
+        took: Duration,
+    ) {
+        self.grpc_requests
+            .get_or_create(&GrpcLabels {
+                method,
+                kind,
+                code: code_name(code),
+            })
+            .inc();
+        self.grpc_latency
+            .get_or_create(&GrpcMethodLabels { method, kind })
+            .observe(took.as_secs_f64());
+    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
+    use tonic::Code;
     match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

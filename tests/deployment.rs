@@ -900,10 +900,11 @@ fn missing_series(query: &str, exposition: &str) -> Vec<String> {
 ///
 /// A family with labels (`webhooks_total`, `webhook_ack_seconds`, `events_appended_total`,
 /// `dead_letters_total`, `dead_letter_reasons_total`, `upstream_calls_total`,
-/// `upstream_call_seconds`, `readiness`) exports no sample until its first label set
+/// `upstream_call_seconds`, `grpc_server_requests_total`, `grpc_server_request_seconds`,
+/// `readiness`) exports no sample until its first label set
 /// exists, so a fresh gateway would fail this check for reasons of timing, not naming.
 /// Each is produced here: a webhook that appends (and its duplicate), one that becomes a
-/// dead letter, a delivery to a subscriber, one proxied call to a fake Spike, and the
+/// dead letter, a delivery to a subscriber, one proxied (unary) call to a fake Spike, and the
 /// readiness reporter's first report (awaited with a deadline). The unlabelled families
 /// (`duplicates_total`, `dead_letters_stored`, `subscribers`, `subscriber_lag_events`,
 /// `delivery_seconds`) are exported from the start. In production a query over a family
@@ -1003,7 +1004,7 @@ fn the_env_check_rejects_an_unknown_name() {
     let known = configuration();
     let bad_manifest: Vec<Value> = vec![
         serde_yaml_ng::from_str(
-            r#"
+            r"
 kind: Deployment
 spec:
   template:
@@ -1015,7 +1016,7 @@ spec:
               value: 0.0.0.0:8080
             - name: GATEWAY_GRPC_TOKEN_FILE
               value: /run/secrets/t
-"#,
+",
         )
         .unwrap(),
     ];

@@ -425,7 +425,7 @@ async fn concurrent_appends_share_commits() {
     for append in appends {
         assigned.extend(sequences(&append.await.unwrap().unwrap()));
     }
-    assigned.sort();
+    assigned.sort_unstable();
     assert_eq!(assigned, (1..=200).collect::<Vec<_>>());
     let commits = log.commits();
     println!("200 concurrent appends took {commits} commits");

@@ -120,7 +120,7 @@ proptest! {
     #[test]
     fn a_user_id_is_found_at_any_depth_inside_any_json(value in json_value(), depth in 0usize..80, numeric in any::<bool>()) {
         let id = if numeric { "4242" } else { r#""needle""# };
-        let inner = format!(r#"{{"x":{},"application_user_id":{id},"y":{}}}"#, value, value);
+        let inner = format!(r#"{{"x":{value},"application_user_id":{id},"y":{value}}}"#);
         let body = format!("{}{inner}{}", r#"[{"data":"#.repeat(depth), "}]".repeat(depth));
         let expected = if numeric { "4242" } else { "needle" };
         prop_assert!(users_named_in(body.as_bytes()).contains(&expected.to_owned()));

@@ -175,3 +175,100 @@ async fn the_stored_dead_letters_gauge_follows_erasure() {
         "a counter of letters stored, not of letters kept"
     );
 }
+
+#[tokio::test]
+async fn grpc_server_series_count_real_calls_when_they_complete() {
+    use spike_gateway::proto::GetLabReportRequest;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    const GET: &str = r#"method="spike.gateway.v1.SpikeRecords/GetNutritionRecord",kind="unary""#;
+    const SUBSCRIBE: &str =
+        r#"method="spike.gateway.v1.EventStream/Subscribe",kind="server_streaming""#;
+    let fake = FakeSpike::start().await;
+    fake.script(
+        "GET /nutrition_records/missing",
+        vec![Scripted::problem(404, "no such record")],
+    );
+    let app = gateway_proxying_to(&fake.url).await;
+    let before = scrape(&app).await;
+    let build = format!(
+        r#"spike_gateway_build_info{{version="{}",git_commit="{}",rustc_version="{}"}}"#,
+        env!("CARGO_PKG_VERSION"),
+        spike_gateway::metrics::GIT_COMMIT,
+        spike_gateway::metrics::RUSTC_VERSION,
+    );
+    assert_eq!(value(&before, &build), Some(1.0), "{before}");
+    assert!(
+        !spike_gateway::metrics::RUSTC_VERSION.is_empty(),
+        "build.rs found the compiler"
+    );
+    assert!(!before.contains("spike_gateway_grpc_server_requests_total{"));
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut records = SpikeRecordsClient::new(channel.clone());
+    for id in ["r1", "missing", "missing"] {
+        let _ = records
+            .get_nutrition_record(GetNutritionRecordRequest {
+                application_user_id: "u".into(),
+                record_id: id.into(),
+            })
+            .await;
+    }
+    // Refused by validation before Spike is called: a trailers-only answer.
+    let invalid = records
+        .get_lab_report(GetLabReportRequest {
+            application_user_id: String::new(),
+            record_id: "r1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap();
+    // A stream is counted when it ends, not when it opens.
+    let stream = app.subscribe(from_beginning()).await.unwrap();
+
+    let text = scrape(&app).await;
+    let expect = [
+        (format!(r#"{{{GET},code="OK"}}"#), 1.0),
+        (format!(r#"{{{GET},code="NOT_FOUND"}}"#), 2.0),
+        (
+            r#"{method="spike.gateway.v1.SpikeRecords/GetLabReport",kind="unary",code="INVALID_ARGUMENT"}"#.to_owned(),
+            1.0,
+        ),
+        (
+            r#"{method="grpc.health.v1.Health/Check",kind="unary",code="OK"}"#.to_owned(),
+            1.0,
+        ),
+    ];
+    for (labels, expected) in expect {
+        let series = format!("spike_gateway_grpc_server_requests_total{labels}");
+        assert_eq!(value(&text, &series), Some(expected), "{series}\n{text}");
+    }
+    let latency = format!("spike_gateway_grpc_server_request_seconds_count{{{GET}}}");
+    assert_eq!(value(&text, &latency), Some(3.0), "{text}");
+    assert!(
+        !text.contains(&format!("{{{SUBSCRIBE},code=")),
+        "an open stream is not yet counted\n{text}"
+    );
+
+    // The client leaves: the stream ends as CANCELLED, with its lifetime observed.
+    drop(stream);
+    let cancelled =
+        format!(r#"spike_gateway_grpc_server_requests_total{{{SUBSCRIBE},code="CANCELLED"}}"#);
+    wait_until(
+        Duration::from_secs(5),
+        "the abandoned stream is counted as CANCELLED",
+        async || value(&scrape(&app).await, &cancelled) == Some(1.0),
+    )
+    .await;
+    let text = scrape(&app).await;
+    let lifetime = format!("spike_gateway_grpc_server_request_seconds_count{{{SUBSCRIBE}}}");
+    assert_eq!(value(&text, &lifetime), Some(1.0), "{text}");
+    assert!(!text.contains("code=\"UNKNOWN\""), "{text}");
+}

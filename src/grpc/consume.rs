@@ -84,10 +84,9 @@ async fn read_answers(
     handle: &crate::events::consumers::MemberHandle,
 ) -> Answer {
     loop {
-        let request = match incoming.message().await {
-            Ok(Some(request)) => request,
-            // Closed by the client, or broken (the client went away): the member's end.
-            Ok(None) | Err(_) => return Answer::Leave,
+        // Closed by the client, or broken (the client went away): the member's end.
+        let Ok(Some(request)) = incoming.message().await else {
+            return Answer::Leave;
         };
         let answer = match answer_of(request) {
             Ok(answer) => answer,

@@ -1,5 +1,6 @@
 //! The gRPC server: `EventStream`, `SpikeRecords`, `Admin`, `grpc.health.v1.Health`, and
-//! server reflection v1 and v1alpha (older grpcurl releases speak only v1alpha).
+//! server reflection v1 and v1alpha (older grpcurl releases speak only v1alpha). Every call
+//! is counted and timed by [`metered`].
 
 pub mod admin;
 pub mod auth;
@@ -10,6 +11,7 @@ pub mod deadline;
 pub mod event_stream;
 pub mod group_admin;
 pub mod health;
+pub mod metered;
 pub mod records;
 pub mod validate;
 
@@ -84,6 +86,7 @@ pub async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let limits = parts.limits;
+    let metered = metered::MeteredLayer::new(parts.metrics.clone());
     let health = health::BoundedHealth::server(health, limits.max_health_watches);
     let auth = BearerAuth::new(parts.tokens);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -143,6 +146,7 @@ pub async fn serve(
         server = server.tls_config(tls)?;
     }
     server
+        .layer(metered)
         .add_service(health)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, auth))
@@ -163,7 +167,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// The server with its per-connection bounds (SPEC §6) and a span per RPC.
+/// The server with its per-connection bounds (SPEC §6) and a span per RPC. Every RPC is
+/// also counted and timed ([`metered`]), as a layer added in [`serve`].
 fn bounded_server(limits: &GrpcLimits) -> Server {
     Server::builder()
         // Without it one connection could open streams until memory runs out.

@@ -30,8 +30,9 @@ use crate::{
         ListNutritionRecordsResponse, NutritionResult, RecordStatus, UploadLabReportRequest,
         UploadNutritionImageRequest, event::Payload, spike_records_server::SpikeRecords,
     },
-    spike::{LabReportUpload, NutritionImageUpload, SpikeClient, SpikeError, rfc3339},
+    spike::{LabReportUpload, NutritionImageUpload, SpikeClient, SpikeError, SpikeRecord, rfc3339},
 };
+use prost_types::Timestamp;
 
 /// gRPC message limit for this service: a 10 MiB encoded upload is ~7.5 MiB raw, plus room.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -86,7 +87,7 @@ impl SpikeRecords for RecordsService {
     ) -> Result<Response<NutritionResult>, Status> {
         self.observe(
             "GetNutritionRecord",
-            self.get_nutrition_record_call(request),
+            self.get_call::<NutritionResult>(request),
         )
         .await
     }
@@ -97,7 +98,7 @@ impl SpikeRecords for RecordsService {
     ) -> Result<Response<ListNutritionRecordsResponse>, Status> {
         self.observe(
             "ListNutritionRecords",
-            self.list_nutrition_records_call(request),
+            self.list_call::<NutritionResult>(request),
         )
         .await
     }
@@ -114,7 +115,7 @@ impl SpikeRecords for RecordsService {
         &self,
         request: Request<GetLabReportRequest>,
     ) -> Result<Response<LabReportResult>, Status> {
-        self.observe("GetLabReport", self.get_lab_report_call(request))
+        self.observe("GetLabReport", self.get_call::<LabReportResult>(request))
             .await
     }
 
@@ -122,7 +123,7 @@ impl SpikeRecords for RecordsService {
         &self,
         request: Request<ListLabReportsRequest>,
     ) -> Result<Response<ListLabReportsResponse>, Status> {
-        self.observe("ListLabReports", self.list_lab_reports_call(request))
+        self.observe("ListLabReports", self.list_call::<LabReportResult>(request))
             .await
     }
 }
@@ -158,47 +159,12 @@ impl RecordsService {
                     r.await_result,
                     user,
                     deadline,
-                    self.spike.upload_nutrition_image(user, &upload, deadline),
-                    |id| async move { self.spike.nutrition_record(user, &id, deadline).await },
+                    self.spike
+                        .upload::<NutritionResult>(user, &upload, deadline),
+                    |id| async move { self.spike.record(user, &id, deadline).await },
                 )
                 .await?;
             Ok(Response::new(result))
-        })
-        .await
-    }
-
-    async fn get_nutrition_record_call(
-        &self,
-        request: Request<GetNutritionRecordRequest>,
-    ) -> Result<Response<NutritionResult>, Status> {
-        let deadline = deadline::of(&request);
-        let r = request.into_inner();
-        validate_user_id(&r.application_user_id)?;
-        validate_record_id(&r.record_id)?;
-        within(deadline, async {
-            let record = self
-                .spike
-                .nutrition_record(&r.application_user_id, &r.record_id, deadline)
-                .await?;
-            Ok(Response::new(record))
-        })
-        .await
-    }
-
-    async fn list_nutrition_records_call(
-        &self,
-        request: Request<ListNutritionRecordsRequest>,
-    ) -> Result<Response<ListNutritionRecordsResponse>, Status> {
-        let deadline = deadline::of(&request);
-        let r = request.into_inner();
-        validate_user_id(&r.application_user_id)?;
-        let (from, to) = validate_range(r.from_timestamp, r.to_timestamp)?;
-        within(deadline, async {
-            let records = self
-                .spike
-                .nutrition_records(&r.application_user_id, &from, &to, deadline)
-                .await?;
-            Ok(Response::new(ListNutritionRecordsResponse { records }))
         })
         .await
     }
@@ -230,8 +196,9 @@ impl RecordsService {
                     r.await_result,
                     user,
                     deadline,
-                    self.spike.upload_lab_report(user, &upload, deadline),
-                    |id| async move { self.spike.lab_report(user, &id, deadline).await },
+                    self.spike
+                        .upload::<LabReportResult>(user, &upload, deadline),
+                    |id| async move { self.spike.record(user, &id, deadline).await },
                 )
                 .await?;
             Ok(Response::new(result))
@@ -239,38 +206,31 @@ impl RecordsService {
         .await
     }
 
-    async fn get_lab_report_call(
-        &self,
-        request: Request<GetLabReportRequest>,
-    ) -> Result<Response<LabReportResult>, Status> {
+    /// `Get…`: one record by id, for either kind.
+    async fn get_call<R: Proxied>(&self, request: Request<R::Get>) -> Result<Response<R>, Status> {
         let deadline = deadline::of(&request);
-        let r = request.into_inner();
-        validate_user_id(&r.application_user_id)?;
-        validate_record_id(&r.record_id)?;
+        let (user, record_id) = R::get_args(request.into_inner());
+        validate_user_id(&user)?;
+        validate_record_id(&record_id)?;
         within(deadline, async {
-            let report = self
-                .spike
-                .lab_report(&r.application_user_id, &r.record_id, deadline)
-                .await?;
-            Ok(Response::new(report))
+            let record = self.spike.record(&user, &record_id, deadline).await?;
+            Ok(Response::new(record))
         })
         .await
     }
 
-    async fn list_lab_reports_call(
+    /// `List…`: the user's records in a time range, for either kind.
+    async fn list_call<R: Proxied>(
         &self,
-        request: Request<ListLabReportsRequest>,
-    ) -> Result<Response<ListLabReportsResponse>, Status> {
+        request: Request<R::List>,
+    ) -> Result<Response<R::Listed>, Status> {
         let deadline = deadline::of(&request);
-        let r = request.into_inner();
-        validate_user_id(&r.application_user_id)?;
-        let (from, to) = validate_range(r.from_timestamp, r.to_timestamp)?;
+        let (user, from, to) = R::list_args(request.into_inner());
+        validate_user_id(&user)?;
+        let (from, to) = validate_range(from, to)?;
         within(deadline, async {
-            let records = self
-                .spike
-                .lab_reports(&r.application_user_id, &from, &to, deadline)
-                .await?;
-            Ok(Response::new(ListLabReportsResponse { records }))
+            let records = self.spike.records(&user, &from, &to, deadline).await?;
+            Ok(Response::new(R::listed(records)))
         })
         .await
     }
@@ -381,6 +341,55 @@ impl Awaited for LabReportResult {
             Some(Payload::LabReportResult(result)) => Some(result),
             _ => None,
         }
+    }
+}
+
+/// A record kind's `Get…` and `List…` messages, so that one implementation of each RPC
+/// serves both kinds.
+trait Proxied: SpikeRecord + Send + 'static {
+    type Get: Send;
+    type List: Send;
+    type Listed;
+    /// `(application_user_id, record_id)`.
+    fn get_args(request: Self::Get) -> (String, String);
+    /// `(application_user_id, from_timestamp, to_timestamp)`.
+    fn list_args(request: Self::List) -> (String, Option<Timestamp>, Option<Timestamp>);
+    fn listed(records: Vec<Self>) -> Self::Listed;
+}
+
+impl Proxied for NutritionResult {
+    type Get = GetNutritionRecordRequest;
+    type List = ListNutritionRecordsRequest;
+    type Listed = ListNutritionRecordsResponse;
+
+    fn get_args(r: Self::Get) -> (String, String) {
+        (r.application_user_id, r.record_id)
+    }
+
+    fn list_args(r: Self::List) -> (String, Option<Timestamp>, Option<Timestamp>) {
+        (r.application_user_id, r.from_timestamp, r.to_timestamp)
+    }
+
+    fn listed(records: Vec<Self>) -> Self::Listed {
+        ListNutritionRecordsResponse { records }
+    }
+}
+
+impl Proxied for LabReportResult {
+    type Get = GetLabReportRequest;
+    type List = ListLabReportsRequest;
+    type Listed = ListLabReportsResponse;
+
+    fn get_args(r: Self::Get) -> (String, String) {
+        (r.application_user_id, r.record_id)
+    }
+
+    fn list_args(r: Self::List) -> (String, Option<Timestamp>, Option<Timestamp>) {
+        (r.application_user_id, r.from_timestamp, r.to_timestamp)
+    }
+
+    fn listed(records: Vec<Self>) -> Self::Listed {
+        ListLabReportsResponse { records }
     }
 }
 

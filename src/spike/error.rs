@@ -8,9 +8,9 @@ pub enum SpikeError {
     #[error("the proxy RPCs need {0}; set it to call Spike")]
     NotConfigured(&'static str),
     /// Spike answered with an error; `detail` is its problem+json detail when it gave one.
-    #[error("Spike answered HTTP {status}{}", detail_suffix(.detail))]
+    #[error("Spike answered HTTP {status}{}", detail_suffix(.detail.as_deref()))]
     Http { status: u16, detail: Option<String> },
-    #[error("Spike rejected the gateway's credentials{}", detail_suffix(.detail))]
+    #[error("Spike rejected the gateway's credentials{}", detail_suffix(.detail.as_deref()))]
     CredentialsRejected { detail: Option<String> },
     #[error("the call's deadline passed while waiting for Spike")]
     DeadlineExceeded,
@@ -20,11 +20,8 @@ pub enum SpikeError {
     UnexpectedAnswer(String),
 }
 
-fn detail_suffix(detail: &Option<String>) -> String {
-    detail
-        .as_deref()
-        .map(|d| format!(": {d}"))
-        .unwrap_or_default()
+fn detail_suffix(detail: Option<&str>) -> String {
+    detail.map(|d| format!(": {d}")).unwrap_or_default()
 }
 
 /// The one mapping of Spike's HTTP statuses to gRPC codes (SPEC §4.2).

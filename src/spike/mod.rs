@@ -4,6 +4,10 @@
 //! - [`tokens`]: the per-user token cache (one fetch per user at a time).
 //! - [`error`]: [`SpikeError`] and the one table from Spike's HTTP statuses to gRPC codes.
 //!
+//! One path per concern: a [`SpikeRecord`] says where a record kind lives, a `Call`
+//! describes one request, `SpikeClient::send` is the one authenticated send-and-retry
+//! loop, and `Outcome::of` the one retry policy.
+//!
 //! Request and response bodies are health data: nothing here logs them, only statuses.
 
 pub mod error;
@@ -24,8 +28,8 @@ use crate::{
     config::{Secret, SpikeConfig},
     proto::{LabReportResult, NutritionResult},
     wire::{
-        MAX_NESTING, WireItem, answer_record, answer_records, lab_report_result, nutrition_result,
-        sign,
+        MAX_NESTING, Unusable, WireItem, answer_record, answer_records, lab_report_result,
+        nutrition_result, sign,
     },
 };
 
@@ -43,6 +47,127 @@ enum Retry {
     Lookup,
     /// Writes: retry only when the request certainly never reached Spike (connect failed).
     Upload,
+    /// The token request: one attempt; the calls that need the token retry instead.
+    Never,
+}
+
+/// A kind of record Spike keeps per user (nutrition records, lab reports): where it lives
+/// and how its JSON becomes protobuf. The client's one implementation serves every kind.
+pub trait SpikeRecord: Sized {
+    /// The upload's JSON body.
+    type Upload: Serialize;
+    /// The collection: `GET` lists it, a record is at `{COLLECTION}/{id}`.
+    const COLLECTION: &'static str;
+    /// Where uploads are posted.
+    const UPLOAD_PATH: &'static str;
+    /// The key the upload's answer nests the record under, if it does.
+    const UPLOADED_UNDER: Option<&'static str>;
+    /// The record as the webhook front reads the same JSON.
+    fn from_wire(item: &WireItem) -> Result<Self, Unusable>;
+}
+
+impl SpikeRecord for NutritionResult {
+    type Upload = NutritionImageUpload;
+    const COLLECTION: &'static str = "/nutrition_records";
+    const UPLOAD_PATH: &'static str = "/nutrition_records/image";
+    const UPLOADED_UNDER: Option<&'static str> = None;
+
+    fn from_wire(item: &WireItem) -> Result<Self, Unusable> {
+        nutrition_result(item)
+    }
+}
+
+impl SpikeRecord for LabReportResult {
+    type Upload = LabReportUpload;
+    const COLLECTION: &'static str = "/lab_reports";
+    const UPLOAD_PATH: &'static str = "/lab_reports";
+    const UPLOADED_UNDER: Option<&'static str> = Some("lab_report");
+
+    fn from_wire(item: &WireItem) -> Result<Self, Unusable> {
+        lab_report_result(item)
+    }
+}
+
+/// One request to Spike's API, as every attempt sends it.
+struct Call {
+    method: Method,
+    /// From the base URL on, e.g. `/lab_reports/{id}`.
+    path: String,
+    query: Vec<(&'static str, String)>,
+    /// JSON; a refcounted clone per attempt.
+    body: Option<Bytes>,
+    retry: Retry,
+}
+
+impl Call {
+    fn lookup(path: String, query: Vec<(&'static str, String)>) -> Self {
+        Self {
+            method: Method::GET,
+            path,
+            query,
+            body: None,
+            retry: Retry::Lookup,
+        }
+    }
+
+    fn upload(path: &str, body: Bytes) -> Self {
+        Self {
+            method: Method::POST,
+            path: path.to_owned(),
+            query: Vec::new(),
+            body: Some(body),
+            retry: Retry::Upload,
+        }
+    }
+}
+
+/// What to do after one exchange: the one retry policy.
+enum Outcome {
+    Done(Bytes),
+    /// 401/403: the token (or, for the token request, the HMAC key) was refused.
+    Rejected(Option<String>),
+    /// Transient, and `Retry` allows another attempt after the wait.
+    Again(SpikeError, Duration),
+    Failed(SpikeError),
+}
+
+impl Outcome {
+    fn of(exchange: Exchange, retry: Retry, attempt: u32) -> Self {
+        let attempts_left = attempt < LOOKUP_ATTEMPTS;
+        match exchange {
+            Exchange::Answered { status, body, .. } if status.is_success() => Self::Done(body),
+            Exchange::Answered { status, body, .. } if matches!(status.as_u16(), 401 | 403) => {
+                Self::Rejected(problem_detail(&body))
+            }
+            Exchange::Answered {
+                status,
+                body,
+                retry_after,
+            } => {
+                let error = SpikeError::Http {
+                    status: status.as_u16(),
+                    detail: problem_detail(&body),
+                };
+                let transient = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                if transient && retry == Retry::Lookup && attempts_left {
+                    Self::Again(error, retry_after.unwrap_or_else(|| backoff(attempt)))
+                } else {
+                    Self::Failed(error)
+                }
+            }
+            // Never reached Spike: safe to send again, even an upload.
+            Exchange::NotConnected(message) if retry != Retry::Never && attempts_left => {
+                Self::Again(SpikeError::Connection(message), backoff(attempt))
+            }
+            Exchange::Failed(message) if retry == Retry::Lookup && attempts_left => {
+                Self::Again(SpikeError::Connection(message), backoff(attempt))
+            }
+            Exchange::NotConnected(message) | Exchange::Failed(message) => {
+                Self::Failed(SpikeError::Connection(message))
+            }
+            Exchange::TimedOut => Self::Failed(SpikeError::DeadlineExceeded),
+        }
+    }
 }
 
 /// Body of `POST /nutrition_records/image`. Unset options are left to Spike's defaults.
@@ -143,131 +268,51 @@ impl SpikeClient {
         })
     }
 
-    pub async fn upload_nutrition_image(
+    /// Uploads a record for Spike to process (`POST R::UPLOAD_PATH`), without retries
+    /// once the request may have reached Spike.
+    pub async fn upload<R: SpikeRecord>(
         &self,
         user: &str,
-        upload: &NutritionImageUpload,
+        upload: &R::Upload,
         deadline: Instant,
-    ) -> Result<NutritionResult, SpikeError> {
-        let body = json_body(upload)?;
-        let answer = self
-            .call(
-                user,
-                Method::POST,
-                "/nutrition_records/image",
-                &[],
-                Some(body),
-                Retry::Upload,
-                deadline,
-            )
-            .await?;
-        nutrition_from(&record(&answer, None)?)
+    ) -> Result<R, SpikeError> {
+        let call = Call::upload(R::UPLOAD_PATH, json_body(upload)?);
+        let answer = self.send(user, &call, deadline).await?;
+        convert(&record(&answer, R::UPLOADED_UNDER)?)
     }
 
-    pub async fn nutrition_record(
+    /// One record by id (`GET {R::COLLECTION}/{id}`).
+    pub async fn record<R: SpikeRecord>(
         &self,
         user: &str,
         record_id: &str,
         deadline: Instant,
-    ) -> Result<NutritionResult, SpikeError> {
-        let path = format!("/nutrition_records/{record_id}");
-        let answer = self
-            .call(user, Method::GET, &path, &[], None, Retry::Lookup, deadline)
-            .await?;
-        nutrition_from(&record(&answer, None)?)
+    ) -> Result<R, SpikeError> {
+        let call = Call::lookup(format!("{}/{record_id}", R::COLLECTION), Vec::new());
+        let answer = self.send(user, &call, deadline).await?;
+        convert(&record(&answer, None)?)
     }
 
-    pub async fn nutrition_records(
+    /// The user's records in a time range (`GET R::COLLECTION?from_timestamp&to_timestamp`).
+    pub async fn records<R: SpikeRecord>(
         &self,
         user: &str,
         from: &Timestamp,
         to: &Timestamp,
         deadline: Instant,
-    ) -> Result<Vec<NutritionResult>, SpikeError> {
-        let query = range_query(from, to);
-        let answer = self
-            .call(
-                user,
-                Method::GET,
-                "/nutrition_records",
-                &query,
-                None,
-                Retry::Lookup,
-                deadline,
-            )
-            .await?;
-        records(&answer)?.iter().map(nutrition_from).collect()
+    ) -> Result<Vec<R>, SpikeError> {
+        let query = vec![
+            ("from_timestamp", rfc3339(from)),
+            ("to_timestamp", rfc3339(to)),
+        ];
+        let call = Call::lookup(R::COLLECTION.to_owned(), query);
+        let answer = self.send(user, &call, deadline).await?;
+        records(&answer)?.iter().map(convert).collect()
     }
 
-    pub async fn upload_lab_report(
-        &self,
-        user: &str,
-        upload: &LabReportUpload,
-        deadline: Instant,
-    ) -> Result<LabReportResult, SpikeError> {
-        let body = json_body(upload)?;
-        let answer = self
-            .call(
-                user,
-                Method::POST,
-                "/lab_reports",
-                &[],
-                Some(body),
-                Retry::Upload,
-                deadline,
-            )
-            .await?;
-        lab_from(&record(&answer, Some("lab_report"))?)
-    }
-
-    pub async fn lab_report(
-        &self,
-        user: &str,
-        record_id: &str,
-        deadline: Instant,
-    ) -> Result<LabReportResult, SpikeError> {
-        let path = format!("/lab_reports/{record_id}");
-        let answer = self
-            .call(user, Method::GET, &path, &[], None, Retry::Lookup, deadline)
-            .await?;
-        lab_from(&record(&answer, None)?)
-    }
-
-    pub async fn lab_reports(
-        &self,
-        user: &str,
-        from: &Timestamp,
-        to: &Timestamp,
-        deadline: Instant,
-    ) -> Result<Vec<LabReportResult>, SpikeError> {
-        let query = range_query(from, to);
-        let answer = self
-            .call(
-                user,
-                Method::GET,
-                "/lab_reports",
-                &query,
-                None,
-                Retry::Lookup,
-                deadline,
-            )
-            .await?;
-        records(&answer)?.iter().map(lab_from).collect()
-    }
-
-    /// An authenticated call: token from the cache, one refresh on 401/403, retries as
-    /// `retry` allows, all within `deadline`.
-    #[allow(clippy::too_many_arguments)]
-    async fn call(
-        &self,
-        user: &str,
-        method: Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<Bytes>,
-        retry: Retry,
-        deadline: Instant,
-    ) -> Result<Bytes, SpikeError> {
+    /// The one authenticated path: token from the cache, one refresh on 401/403, retries as
+    /// `call.retry` allows, all within `deadline`.
+    async fn send(&self, user: &str, call: &Call, deadline: Instant) -> Result<Bytes, SpikeError> {
         let (application_id, hmac_key) = self.credentials()?;
         let mut refreshed = false;
         let mut attempt = 1;
@@ -278,60 +323,22 @@ impl SpikeClient {
                     self.fetch_token(application_id, hmac_key, user, deadline)
                 })
                 .await?;
-            let exchange = self
-                .exchange(
-                    method.clone(),
-                    path,
-                    query,
-                    body.clone(),
-                    Some(&token),
-                    deadline,
-                )
-                .await;
-            let (error, wait) = match exchange {
-                Exchange::Answered { status, body, .. } if status.is_success() => return Ok(body),
-                Exchange::Answered { status, body, .. } if matches!(status.as_u16(), 401 | 403) => {
-                    if refreshed {
-                        return Err(SpikeError::CredentialsRejected {
-                            detail: problem_detail(&body),
-                        });
-                    }
+            let exchange = self.exchange(call, Some(&token), deadline).await;
+            let (error, wait) = match Outcome::of(exchange, call.retry, attempt) {
+                Outcome::Done(body) => return Ok(body),
+                Outcome::Rejected(detail) if refreshed => {
+                    return Err(SpikeError::CredentialsRejected { detail });
+                }
+                Outcome::Rejected(_) => {
                     // Expired or revoked token: a rejected request did nothing, so sending
                     // it again with a fresh token is safe even for an upload.
                     self.tokens.invalidate(user, &token).await;
                     refreshed = true;
                     continue;
                 }
-                Exchange::Answered {
-                    status,
-                    body,
-                    retry_after,
-                } => {
-                    let error = SpikeError::Http {
-                        status: status.as_u16(),
-                        detail: problem_detail(&body),
-                    };
-                    let transient =
-                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
-                    if !(transient && retry == Retry::Lookup && attempt < LOOKUP_ATTEMPTS) {
-                        return Err(error);
-                    }
-                    (error, retry_after.unwrap_or_else(|| backoff(attempt)))
-                }
-                Exchange::NotConnected(message) if attempt < LOOKUP_ATTEMPTS => {
-                    (SpikeError::Connection(message), backoff(attempt))
-                }
-                Exchange::Failed(message)
-                    if retry == Retry::Lookup && attempt < LOOKUP_ATTEMPTS =>
-                {
-                    (SpikeError::Connection(message), backoff(attempt))
-                }
-                Exchange::NotConnected(message) | Exchange::Failed(message) => {
-                    return Err(SpikeError::Connection(message));
-                }
-                Exchange::TimedOut => return Err(SpikeError::DeadlineExceeded),
+                Outcome::Failed(error) => return Err(error),
+                Outcome::Again(error, wait) => (error, wait.min(MAX_BACKOFF)),
             };
-            let wait = wait.min(MAX_BACKOFF);
             if Instant::now() + wait >= deadline {
                 // No time for another attempt: report what actually went wrong.
                 return Err(error);
@@ -366,55 +373,42 @@ impl SpikeClient {
             application_user_id: user,
             signature: sign(hmac_key.expose(), user.as_bytes()),
         };
-        let body = json_body(&request)?;
-        match self
-            .exchange(Method::POST, "/auth/hmac", &[], Some(body), None, deadline)
-            .await
-        {
-            Exchange::Answered { status, body, .. } if status.is_success() => {
-                Ok(parse::<AuthAnswer>(&body)?.access_token)
-            }
-            Exchange::Answered { status, body, .. } if matches!(status.as_u16(), 401 | 403) => {
-                Err(SpikeError::CredentialsRejected {
-                    detail: problem_detail(&body),
-                })
-            }
-            Exchange::Answered { status, body, .. } => Err(SpikeError::Http {
-                status: status.as_u16(),
-                detail: problem_detail(&body),
-            }),
-            Exchange::NotConnected(message) | Exchange::Failed(message) => {
-                Err(SpikeError::Connection(message))
-            }
-            Exchange::TimedOut => Err(SpikeError::DeadlineExceeded),
+        let call = Call {
+            method: Method::POST,
+            path: "/auth/hmac".into(),
+            query: Vec::new(),
+            body: Some(json_body(&request)?),
+            retry: Retry::Never,
+        };
+        match Outcome::of(self.exchange(&call, None, deadline).await, call.retry, 1) {
+            Outcome::Done(body) => Ok(parse::<AuthAnswer>(&body)?.access_token),
+            Outcome::Rejected(detail) => Err(SpikeError::CredentialsRejected { detail }),
+            // `Retry::Never` makes every other outcome final.
+            Outcome::Failed(error) | Outcome::Again(error, _) => Err(error),
         }
     }
 
-    async fn exchange(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<Bytes>,
-        token: Option<&str>,
-        deadline: Instant,
-    ) -> Exchange {
+    /// Sends `call` once.
+    async fn exchange(&self, call: &Call, token: Option<&str>, deadline: Instant) -> Exchange {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Exchange::TimedOut;
         }
         let mut request = self
             .http
-            .request(method, format!("{}{path}", self.base_url))
+            .request(
+                call.method.clone(),
+                format!("{}{}", self.base_url, call.path),
+            )
             .timeout(remaining)
             .header("accept", "application/json");
-        if !query.is_empty() {
-            request = request.query(query);
+        if !call.query.is_empty() {
+            request = request.query(&call.query);
         }
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        if let Some(body) = body {
+        if let Some(body) = call.body.clone() {
             request = request
                 .header("content-type", "application/json")
                 .body(body);
@@ -440,7 +434,7 @@ impl SpikeClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        tracing::debug!(status = status.as_u16(), path, "Spike answered");
+        tracing::debug!(status = status.as_u16(), path = %call.path, "Spike answered");
         match response.bytes().await {
             Ok(body) => Exchange::Answered {
                 status,
@@ -490,19 +484,8 @@ fn problem_detail(body: &[u8]) -> Option<String> {
     problem.detail.or(problem.title).filter(|d| !d.is_empty())
 }
 
-fn nutrition_from(item: &WireItem) -> Result<NutritionResult, SpikeError> {
-    nutrition_result(item).map_err(|e| SpikeError::UnexpectedAnswer(e.detail))
-}
-
-fn lab_from(item: &WireItem) -> Result<LabReportResult, SpikeError> {
-    lab_report_result(item).map_err(|e| SpikeError::UnexpectedAnswer(e.detail))
-}
-
-fn range_query(from: &Timestamp, to: &Timestamp) -> [(&'static str, String); 2] {
-    [
-        ("from_timestamp", rfc3339(from)),
-        ("to_timestamp", rfc3339(to)),
-    ]
+fn convert<R: SpikeRecord>(item: &WireItem) -> Result<R, SpikeError> {
+    R::from_wire(item).map_err(|e| SpikeError::UnexpectedAnswer(e.detail))
 }
 
 /// RFC 3339 in UTC with a `Z`, as Spike's query parameters expect.
@@ -510,4 +493,50 @@ pub fn rfc3339(ts: &Timestamp) -> String {
     chrono::DateTime::from_timestamp(ts.seconds, ts.nanos.max(0) as u32)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16) -> Exchange {
+        Exchange::Answered {
+            status: StatusCode::from_u16(status).unwrap(),
+            body: Bytes::new(),
+            retry_after: None,
+        }
+    }
+
+    fn again(exchange: Exchange, retry: Retry, attempt: u32) -> bool {
+        matches!(Outcome::of(exchange, retry, attempt), Outcome::Again(..))
+    }
+
+    #[test]
+    fn only_lookups_retry_answers_and_only_while_attempts_remain() {
+        for status in [429, 500, 503] {
+            assert!(again(answered(status), Retry::Lookup, 1), "{status}");
+            assert!(!again(answered(status), Retry::Lookup, LOOKUP_ATTEMPTS));
+            assert!(!again(answered(status), Retry::Upload, 1), "{status}");
+            assert!(!again(answered(status), Retry::Never, 1), "{status}");
+        }
+        assert!(!again(answered(404), Retry::Lookup, 1));
+        assert!(matches!(
+            Outcome::of(answered(401), Retry::Upload, 1),
+            Outcome::Rejected(None)
+        ));
+    }
+
+    #[test]
+    fn uploads_are_resent_only_when_spike_never_got_them() {
+        let not_connected = || Exchange::NotConnected("refused".into());
+        let failed = || Exchange::Failed("reset".into());
+        assert!(again(not_connected(), Retry::Upload, 1));
+        assert!(!again(failed(), Retry::Upload, 1));
+        assert!(again(failed(), Retry::Lookup, 1));
+        assert!(!again(not_connected(), Retry::Never, 1));
+        assert!(matches!(
+            Outcome::of(Exchange::TimedOut, Retry::Lookup, 1),
+            Outcome::Failed(SpikeError::DeadlineExceeded)
+        ));
+    }
 }

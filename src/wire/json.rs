@@ -154,9 +154,7 @@ impl<'a> Parser<'a> {
     fn value(&mut self, depth: usize) -> Result<Json<'a>, ReadError> {
         self.whitespace();
         match self.bytes.get(self.at) {
-            Some(b'{') | Some(b'[') if depth >= self.max_depth => {
-                Err(ReadError::TooDeep(self.max_depth))
-            }
+            Some(b'{' | b'[') if depth >= self.max_depth => Err(ReadError::TooDeep(self.max_depth)),
             Some(b'{') => self.object(depth + 1),
             Some(b'[') => self.array(depth + 1),
             Some(b'"') => self.string().map(Json::String),
