@@ -106,7 +106,10 @@ impl Server {
     /// (taskset's list syntax) when given.
     fn gateway_with(store: &str, pin: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let binary = env!("CARGO_BIN_EXE_spike-gateway");
+        // BENCH_GATEWAY_BIN runs another build (e.g. a copy from before a change) for A/B.
+        let binary = std::env::var("BENCH_GATEWAY_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_spike-gateway").to_owned());
+        let binary = binary.as_str();
         let mut command = match pin {
             // taskset execs the binary, so the child's pid is the gateway's.
             Some(cpus) => {
@@ -331,6 +334,9 @@ async fn ingest_section() {
         }
         let (rate, cpu) = medians[1];
         for (i, (name, _)) in targets.iter().enumerate().skip(2) {
+            if medians[i].0.is_nan() {
+                continue;
+            }
             let limit = if name.contains("memory") { 1.5 } else { 2.0 };
             println!(
                 "ingest {connections:>3} conns  {name}: throughput {:.2}x verify+parse (target >= 0.5x), CPU per webhook {:.2}x (target <= {limit}x)",
@@ -773,8 +779,8 @@ async fn run() {
     println!(
         "spike-gateway benchmarks: {} cores, CPU {:?}, {} runs per figure: median [min–max]\n",
         cores(),
+        load::cpu_model(),
         runs(),
-        load::cpu_model()
     );
     if enabled("ingest") {
         ingest_section().await;
