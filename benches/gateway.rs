@@ -334,7 +334,7 @@ async fn ingest_section() {
         }
         let (rate, cpu) = medians[1];
         for (i, (name, _)) in targets.iter().enumerate().skip(2) {
-            if medians[i].0.is_nan() {
+            if medians[i].0.is_nan() || rate.is_nan() {
                 continue;
             }
             let limit = if name.contains("memory") { 1.5 } else { 2.0 };
