@@ -23,8 +23,22 @@ use spike_gateway::{
 };
 use tokio::task::JoinSet;
 
+#[path = "gateway/groups.rs"]
+mod groups;
+#[path = "gateway/load.rs"]
+mod load;
+
+use load::{Cpu, spread};
+
 const KEY: &str = "bench-signature-key";
-const RUNS: usize = 3;
+/// Runs per figure (medians and spread over them): 3, or `BENCH_RUNS` (e.g. 1 under a
+/// profiler).
+fn runs() -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+}
 
 fn main() {
     match std::env::var("BENCH_ROLE").as_deref() {
@@ -85,9 +99,31 @@ impl Drop for Server {
 
 impl Server {
     fn gateway() -> Self {
+        Self::gateway_with("embedded", None)
+    }
+
+    /// A gateway on `store` (`embedded` or `memory`), pinned to the CPUs `pin` names
+    /// (taskset's list syntax) when given.
+    fn gateway_with(store: &str, pin: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
+        // BENCH_GATEWAY_BIN runs another build (e.g. a copy from before a change) for A/B.
+        let binary = std::env::var("BENCH_GATEWAY_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_spike-gateway").to_owned());
+        let binary = binary.as_str();
+        let mut command = match pin {
+            // taskset execs the binary, so the child's pid is the gateway's.
+            Some(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", cpus, binary]);
+                taskset
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
+            .env("GATEWAY_STORE", store)
+            // Room for every event a scenario sends: no eviction during a run.
+            .env("GATEWAY_MEMORY_CAPACITY", "1000000")
             .env("GATEWAY_DATA_DIR", dir.path())
             .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
             .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
@@ -137,6 +173,14 @@ impl Server {
             child,
             _dir: None,
         }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn cpu(&self) -> Cpu {
+        Cpu::of(self.pid())
     }
 
     fn rss_kib(&self) -> u64 {
@@ -197,27 +241,128 @@ fn http_client(connections: usize) -> reqwest::Client {
         .unwrap()
 }
 
-/// Acknowledged (200) webhooks per second from `connections` keep-alive connections.
-async fn ingest(url: &str, connections: usize, duration: Duration, run: u64) -> f64 {
-    let client = http_client(connections);
-    let acknowledged = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for worker in 0..connections as u64 {
-        let (client, url, acknowledged) = (client.clone(), url.to_owned(), acknowledged.clone());
-        tasks.spawn(async move {
-            let mut n = worker << 32;
-            while started.elapsed() < duration {
-                let response = post_signed(&client, &url, webhook(run, n)).await;
-                n += 1;
-                if response.is_ok_and(|r| r.status().as_u16() == 200) {
-                    acknowledged.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
+/// Which server an ingest run measures.
+#[derive(Clone, Copy)]
+enum Target {
+    /// A baseline role of this program (`bare` or `verify`).
+    Baseline(&'static str),
+    /// The gateway on a store (`memory` or `embedded`), with one live subscriber.
+    Gateway(&'static str),
+}
+
+/// Webhooks in one fixed-count ingest run.
+const INGEST_WEBHOOKS: u64 = 100_000;
+
+/// One fixed-count ingest run against a fresh server: [`INGEST_WEBHOOKS`] distinct signed
+/// webhooks over `connections` keep-alive connections, closed loop.
+async fn ingest_run(target: Target, connections: usize, run: u64) -> load::Load {
+    let server = match target {
+        Target::Baseline(role) => Server::baseline(role),
+        Target::Gateway(store) => Server::gateway_with(store, None),
+    };
+    let received = Arc::new(AtomicU64::new(0));
+    let subscriber = match target {
+        Target::Gateway(_) => Some(count_events(
+            subscribe(&server.grpc_url(), None).await,
+            received.clone(),
+        )),
+        Target::Baseline(_) => None,
+    };
+    let requests = (0..INGEST_WEBHOOKS)
+        .map(|n| load::request("/webhooks/spike", webhook(run, n)))
+        .collect();
+    let measured = load::closed_loop(server.http, server.pid(), requests, connections).await;
+    assert_eq!(
+        measured.acknowledged, INGEST_WEBHOOKS,
+        "every webhook acknowledged"
+    );
+    if let Some(subscriber) = subscriber {
+        wait_for(&received, INGEST_WEBHOOKS, Duration::from_secs(20)).await;
+        subscriber.abort();
     }
-    while tasks.join_next().await.is_some() {}
-    acknowledged.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    measured
+}
+
+/// Waits until `counter` reaches `expected`, failing the bench past `deadline`.
+async fn wait_for(counter: &AtomicU64, expected: u64, deadline: Duration) {
+    let until = Instant::now() + deadline;
+    while counter.load(Ordering::Relaxed) < expected {
+        assert!(
+            Instant::now() < until,
+            "only {} of {expected} arrived within {deadline:?}",
+            counter.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Ingest at 64 and 256 connections: throughput and server CPU per acknowledged webhook
+/// for both baselines and the gateway on both local stores, [`runs`] each.
+async fn ingest_section() {
+    let targets = [
+        ("bare axum 200", Target::Baseline("bare")),
+        ("verify + parse", Target::Baseline("verify")),
+        ("gateway memory, 1 subscriber", Target::Gateway("memory")),
+        (
+            "gateway embedded, 1 subscriber",
+            Target::Gateway("embedded"),
+        ),
+    ];
+    // BENCH_INGEST picks targets by a word of their name (e.g. `memory`), for profiling.
+    let only = std::env::var("BENCH_INGEST").unwrap_or_default();
+    for connections in [64, 256] {
+        let mut medians = Vec::new();
+        for (name, target) in targets {
+            if !name.contains(only.as_str()) {
+                medians.push((f64::NAN, f64::NAN));
+                continue;
+            }
+            let mut measured = Vec::new();
+            for run in 0..runs() as u64 {
+                measured.push(ingest_run(target, connections, run).await);
+            }
+            let rates: Vec<f64> = measured.iter().map(load::Load::rate).collect();
+            let cpus: Vec<f64> = measured.iter().map(load::Load::cpu_us).collect();
+            let middle = &measured[median_index(&cpus)];
+            println!(
+                "ingest {connections:>3} conns  {name:<31} {} webhooks/s  server CPU {} µs/webhook\n    by thread (median run, µs/webhook): {}",
+                spread(&rates, 0),
+                spread(&cpus, 1),
+                middle.cpu.per_thread(middle.acknowledged)
+            );
+            medians.push((median(rates), median(cpus)));
+        }
+        let (rate, cpu) = medians[1];
+        for (i, (name, _)) in targets.iter().enumerate().skip(2) {
+            if medians[i].0.is_nan() || rate.is_nan() {
+                continue;
+            }
+            let limit = if name.contains("memory") { 1.5 } else { 2.0 };
+            println!(
+                "ingest {connections:>3} conns  {name}: throughput {:.2}x verify+parse (target >= 0.5x), CPU per webhook {:.2}x (target <= {limit}x)",
+                medians[i].0 / rate,
+                medians[i].1 / cpu,
+            );
+        }
+        println!();
+    }
+}
+
+/// The index of the run whose value is the median.
+fn median_index(values: &[f64]) -> usize {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|a, b| values[*a].total_cmp(&values[*b]));
+    order[order.len() / 2]
+}
+
+/// Pins every thread of this process (loader and receiving clients) to `cpus`.
+fn pin_self(cpus: &str) {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("taskset runs");
+    assert!(status.success(), "taskset -a -p -c {cpus}");
 }
 
 async fn subscribe(
@@ -302,9 +447,13 @@ async fn counting_subscribers(
 }
 
 /// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
-/// `subscribers` live subscribers, and the gateway's RSS growth over the run.
-async fn latency(rate: u64, seconds: u64, subscribers: usize) -> (f64, f64, i64) {
-    let gateway = Server::gateway();
+/// `subscribers` live subscribers, and the gateway's RSS growth over the run. `pinned`
+/// puts the gateway on CPU 0 and this process (senders and receiving clients) on CPU 1.
+async fn latency(rate: u64, seconds: u64, subscribers: usize, pinned: bool) -> (f64, f64, i64) {
+    let gateway = Server::gateway_with("embedded", pinned.then_some("0"));
+    if pinned {
+        pin_self("1");
+    }
     let base = Instant::now();
     let total = rate * seconds;
     let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
@@ -342,6 +491,9 @@ async fn latency(rate: u64, seconds: u64, subscribers: usize) -> (f64, f64, i64)
     let mut all = Vec::new();
     while let Some(latencies) = receivers.join_next().await {
         all.extend(latencies.unwrap());
+    }
+    if pinned {
+        pin_self(&format!("0-{}", cores() - 1));
     }
     all.sort_unstable();
     assert_eq!(
@@ -387,12 +539,14 @@ async fn steady(rate: u64, seconds: u64, subscribers: usize) -> Vec<(u64, u64)> 
     samples
 }
 
-/// Deliveries per second to `subscribers` subscribers of `events` events posted in batches.
-async fn fanout(subscribers: usize, events: u64) -> f64 {
+/// Deliveries per second to `subscribers` subscribers of `events` events posted in batches,
+/// and the gateway's CPU per delivery in µs (its ingest of the batches included).
+async fn fanout(subscribers: usize, events: u64) -> (f64, f64) {
     let gateway = Server::gateway();
     let received = Arc::new(AtomicU64::new(0));
     let readers = counting_subscribers(&gateway, subscribers, &received).await;
     let client = http_client(4);
+    let before = gateway.cpu();
     let started = Instant::now();
     for from in (0..events).step_by(100) {
         post_signed(&client, &gateway.url(), batch(0, from, 100))
@@ -404,8 +558,9 @@ async fn fanout(subscribers: usize, events: u64) -> f64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let rate = expected as f64 / started.elapsed().as_secs_f64();
+    let cpu = gateway.cpu().since(&before).total * 1e6 / expected as f64;
     readers.iter().for_each(|r| r.abort());
-    rate
+    (rate, cpu)
 }
 
 /// The same fan-out through nats-server core pub/sub (no persistence), same payload size.
@@ -465,130 +620,188 @@ async fn nats_fanout(subscribers: usize, events: u64, payload: usize) -> Option<
 }
 
 /// Whether a section runs: all by default, or those named in BENCH_ONLY (comma-separated:
-/// ingest, latency, fanout, replay, steady, idle).
+/// ingest, latency, fanout, groups, replay, steady, idle).
 fn enabled(section: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == section))
 }
 
-async fn run() {
-    println!(
-        "spike-gateway benchmarks: {} cores, {RUNS} runs per figure where noted\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    let duration = Duration::from_secs(5);
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
-    // 1. Ingest at 64 keep-alive connections.
-    if enabled("ingest") {
-        let mut figures = Vec::new();
-        for (name, role) in [
-            ("bare axum 200", Some("bare")),
-            ("verify + parse", Some("verify")),
-            ("spike-gateway (embedded, 1 subscriber)", None),
-        ] {
-            let mut rates = Vec::new();
-            for run in 0..RUNS as u64 {
-                let server = match role {
-                    Some(role) => Server::baseline(role),
-                    None => Server::gateway(),
-                };
-                let subscriber = match role {
-                    None => Some(count_events(
-                        subscribe(&server.grpc_url(), None).await,
-                        Arc::default(),
-                    )),
-                    Some(_) => None,
-                };
-                rates.push(ingest(&server.url(), 64, duration, run).await);
-                if let Some(s) = subscriber {
-                    s.abort();
+/// Posts `total` distinct events in batches of 1,000 from 8 concurrent senders; events/s.
+async fn bulk_load(gateway: &Server, total: u64) -> f64 {
+    let client = http_client(8);
+    let started = Instant::now();
+    let mut posts = JoinSet::new();
+    let next = Arc::new(AtomicU64::new(0));
+    for _ in 0..8 {
+        let (client, url, next) = (client.clone(), gateway.url(), next.clone());
+        posts.spawn(async move {
+            loop {
+                let from = next.fetch_add(1000, Ordering::Relaxed);
+                if from >= total {
+                    break;
                 }
+                let response = post_signed(&client, &url, batch(0, from, 1000))
+                    .await
+                    .unwrap();
+                assert_eq!(response.status().as_u16(), 200);
             }
-            println!(
-                "ingest {name:<42} median {:>9.0}/s  runs {:?}",
-                median(rates.clone()),
-                rates.iter().map(|r| r.round()).collect::<Vec<_>>()
-            );
-            figures.push(median(rates));
-        }
-        println!(
-            "ingest ratio: {:.2}x verify+parse, {:.2}x bare\n",
-            figures[2] / figures[1],
-            figures[2] / figures[0]
-        );
+        });
     }
+    while posts.join_next().await.is_some() {}
+    total as f64 / started.elapsed().as_secs_f64()
+}
 
-    // 2. Delivery latency at a fixed moderate rate.
-    for subscribers in [1, 100].into_iter().filter(|_| enabled("latency")) {
-        let mut runs = Vec::new();
-        for _ in 0..RUNS {
-            runs.push(latency(5000, 4, subscribers).await);
+/// Delivery latency at 5,000/s with 1 and 100 subscribers, and with 100 subscribers with
+/// the gateway and the clients pinned to different CPUs.
+async fn latency_section() {
+    let mut cases = vec![(1, false), (100, false)];
+    if cores() >= 2 {
+        cases.push((100, true));
+    }
+    for (subscribers, pinned) in cases {
+        let mut measured = Vec::new();
+        for _ in 0..runs() {
+            measured.push(latency(5000, 4, subscribers, pinned).await);
         }
-        let p50 = median(runs.iter().map(|r| r.0).collect());
-        let p99 = median(runs.iter().map(|r| r.1).collect());
-        let growth: Vec<i64> = runs.iter().map(|r| r.2).collect();
+        let p50: Vec<f64> = measured.iter().map(|r| r.0).collect();
+        let p99: Vec<f64> = measured.iter().map(|r| r.1).collect();
+        let growth: Vec<i64> = measured.iter().map(|r| r.2).collect();
+        let how = if pinned {
+            "gateway on CPU 0, clients on CPU 1"
+        } else {
+            "unpinned"
+        };
         println!(
-            "latency at 5000/s, {subscribers:>3} subscribers: p50 {p50:.2} ms, p99 {p99:.2} ms (medians); RSS change over the run {growth:?} KiB"
+            "latency at 5000/s, {subscribers:>3} subscribers, {how}: p50 {} ms, p99 {} ms; RSS change {growth:?} KiB",
+            spread(&p50, 2),
+            spread(&p99, 2)
         );
     }
     println!();
+}
 
-    // 3. Fan-out to 100 subscribers.
-    if enabled("fanout") {
-        let events = 10_000;
-        let mut rates = Vec::new();
-        for _ in 0..RUNS {
-            rates.push(fanout(100, events).await);
+/// Fan-out to 100 subscribers, with the gateway's CPU per delivery, against nats-server.
+async fn fanout_section() {
+    let events = 10_000;
+    let mut rates = Vec::new();
+    let mut cpus = Vec::new();
+    for _ in 0..runs() {
+        let (rate, cpu) = fanout(100, events).await;
+        rates.push(rate);
+        cpus.push(cpu);
+    }
+    let ours = median(rates.clone());
+    println!(
+        "fan-out spike-gateway, 100 subscribers: {} deliveries/s, gateway CPU {} µs/delivery (target <= 1.0)",
+        spread(&rates, 0),
+        spread(&cpus, 2)
+    );
+    let mut nats = Vec::new();
+    for _ in 0..runs() {
+        if let Some(rate) = nats_fanout(100, events, 300).await {
+            nats.push(rate);
         }
-        let ours = median(rates.clone());
+    }
+    if nats.is_empty() {
+        println!("fan-out nats-server: skipped (nats-server not on the PATH)\n");
+    } else {
         println!(
-            "fan-out spike-gateway, 100 subscribers: median {ours:>10.0} deliveries/s  runs {:?}",
-            rates.iter().map(|r| r.round()).collect::<Vec<_>>()
+            "fan-out nats-server core, 100 subscribers: {} deliveries/s; ratio {:.2}x\n",
+            spread(&nats, 0),
+            ours / median(nats.clone())
         );
-        let mut nats = Vec::new();
-        for _ in 0..RUNS {
-            if let Some(rate) = nats_fanout(100, events, 300).await {
-                nats.push(rate);
+    }
+}
+
+/// Deliveries/s and gateway CPU per delivery (µs) of the `readers` started, counted until
+/// `expected` have arrived.
+async fn drain(
+    gateway: &Server,
+    expected: u64,
+    readers: impl AsyncFnOnce(Arc<AtomicU64>) -> Vec<tokio::task::JoinHandle<()>>,
+) -> (f64, f64) {
+    let received = Arc::new(AtomicU64::new(0));
+    let before = gateway.cpu();
+    let started = Instant::now();
+    let tasks = readers(received.clone()).await;
+    wait_for(&received, expected, Duration::from_secs(120)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = gateway.cpu().since(&before).total * 1e6 / expected as f64;
+    tasks.iter().for_each(|t| t.abort());
+    (expected as f64 / seconds, cpu)
+}
+
+/// A consumer group of 4 members acking each delivery, against 4 plain `Subscribe`
+/// streams, both reading the same 100,000 stored events from the beginning.
+async fn groups_section() {
+    let events = 100_000u64;
+    let (mut plain, mut group, mut ratios, mut added) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs() {
+        let gateway = Server::gateway();
+        bulk_load(&gateway, events).await;
+        let url = gateway.grpc_url();
+        let (plain_rate, plain_cpu) = drain(&gateway, 4 * events, async |received| {
+            let mut tasks = Vec::new();
+            for _ in 0..4 {
+                let stream = subscribe(&url, Some(Start::FromBeginning(true))).await;
+                tasks.push(count_events(stream, received.clone()));
             }
-        }
-        if nats.is_empty() {
-            println!("fan-out nats-server: skipped (nats-server not on the PATH)\n");
-        } else {
-            let theirs = median(nats.clone());
-            println!(
-                "fan-out nats-server core, 100 subscribers: median {theirs:>10.0} deliveries/s  runs {:?}",
-                nats.iter().map(|r| r.round()).collect::<Vec<_>>()
-            );
-            println!("fan-out ratio: {:.2}x nats-server\n", ours / theirs);
-        }
+            tasks
+        })
+        .await;
+        let (group_rate, group_cpu) = drain(&gateway, events, async |received| {
+            (0..4)
+                .map(|_| tokio::spawn(groups::member(url.clone(), "bench", received.clone())))
+                .collect()
+        })
+        .await;
+        plain.push(plain_rate);
+        group.push(group_rate);
+        ratios.push(group_rate / plain_rate);
+        added.push(group_cpu - plain_cpu);
+    }
+    println!(
+        "plain Subscribe, 4 streams from the beginning: {} deliveries/s",
+        spread(&plain, 0)
+    );
+    println!(
+        "consumer group, 4 members acking each delivery: {} acknowledged deliveries/s; {}x plain (target >= 0.5x); added gateway CPU {} µs per acknowledged delivery\n",
+        spread(&group, 0),
+        spread(&ratios, 2),
+        spread(&added, 2)
+    );
+}
+
+async fn run() {
+    println!(
+        "spike-gateway benchmarks: {} cores, CPU {:?}, {} runs per figure: median [min–max]\n",
+        cores(),
+        load::cpu_model(),
+        runs(),
+    );
+    if enabled("ingest") {
+        ingest_section().await;
+    }
+    if enabled("latency") {
+        latency_section().await;
+    }
+    if enabled("fanout") {
+        fanout_section().await;
+    }
+    if enabled("groups") {
+        groups_section().await;
     }
 
     // 4 and 5. Replay of a 1,000,000-event log, RSS after it, and idle subscribers.
     if enabled("replay") {
         let gateway = Server::gateway();
-        let client = http_client(8);
         let total = 1_000_000u64;
-        let started = Instant::now();
-        let mut posts = JoinSet::new();
-        let next = Arc::new(AtomicU64::new(0));
-        for _ in 0..8 {
-            let (client, url, next) = (client.clone(), gateway.url(), next.clone());
-            posts.spawn(async move {
-                loop {
-                    let from = next.fetch_add(1000, Ordering::Relaxed);
-                    if from >= total {
-                        break;
-                    }
-                    let response = post_signed(&client, &url, batch(0, from, 1000))
-                        .await
-                        .unwrap();
-                    assert_eq!(response.status().as_u16(), 200);
-                }
-            });
-        }
-        while posts.join_next().await.is_some() {}
         println!(
             "bulk ingest of {total} events in batches of 1000: {:.0} events/s",
-            total as f64 / started.elapsed().as_secs_f64()
+            bulk_load(&gateway, total).await
         );
         let received = Arc::new(AtomicU64::new(0));
         let started = Instant::now();

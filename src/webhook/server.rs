@@ -196,8 +196,21 @@ struct HeadScan {
 
 impl HeadScan {
     /// Feeds received bytes; true once a block naming both headers has ended.
-    fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &byte in bytes {
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        loop {
+            if self.line_len >= self.line.len() {
+                // The rest of a long line cannot change what it names: skip to its end in
+                // one scan. Bodies are mostly such lines (a JSON body is often one), and
+                // this loop sees every byte a client sends.
+                match bytes.iter().position(|&b| b == b'\n') {
+                    Some(end) => bytes = &bytes[end..],
+                    None => return false,
+                }
+            }
+            let Some((&byte, rest)) = bytes.split_first() else {
+                return false;
+            };
+            bytes = rest;
             match byte {
                 b'\r' => {}
                 b'\n' => {
@@ -222,7 +235,6 @@ impl HeadScan {
                 }
             }
         }
-        false
     }
 }
 
