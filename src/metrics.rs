@@ -16,12 +16,24 @@
 //!   kind}`: every gRPC call the server handled, counted when it completes with its final
 //!   status; the latency runs to that point, so for a stream it is the stream's lifetime
 //!   (see [`crate::grpc::metered`]);
-//! - `build_info{version, git_commit, rustc_version}`: always 1.
+//! - `build_info{version, git_commit, rustc_version}`: always 1;
+//! - `consumer_group_pending{group}`, `consumer_group_in_flight{group}` (gauges) and
+//!   `consumer_group_{acks,naks,redeliveries,terminated,expired}_total{group}`, read from
+//!   the groups at each scrape ([`groups`]).
 //!
 //! Labels are closed sets (categories, types, RPC names, status codes): never user ids.
+//! The one open label, `group`, holds operator-chosen names and is capped at
+//! [`groups::GROUP_SERIES`] values.
+
+mod groups;
+
+pub use groups::{GROUP_SERIES, GroupSample, GroupSource, OTHER_GROUPS};
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -125,6 +137,10 @@ pub struct Metrics {
     /// Newest sequence this replica has appended or delivered, for the lag histogram.
     head: AtomicU64,
     readiness: Family<ReasonLabels, Gauge>,
+    /// The consumer groups' series, refreshed from `group_source` at each scrape.
+    groups: Arc<groups::GroupSeries>,
+    /// Set once by the service that holds the groups (none on a store without them).
+    group_source: OnceLock<Arc<dyn GroupSource>>,
 }
 
 impl Default for Metrics {
@@ -147,6 +163,8 @@ impl Default for Metrics {
             grpc_latency: Family::new_with_constructor(latency_histogram),
             head: AtomicU64::new(0),
             readiness: Family::default(),
+            groups: Arc::default(),
+            group_source: OnceLock::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -238,6 +256,7 @@ impl Default for Metrics {
              storage_damaged, store_unreachable, closed)",
             metrics.readiness.clone(),
         );
+        registry.register_collector(Box::new(metrics.groups.clone()));
         Self {
             registry,
             ..metrics
@@ -255,7 +274,21 @@ fn category(category: WebhookCategory) -> &'static str {
 }
 
 impl Metrics {
-    /// The registry in OpenMetrics text.
+    /// Where scrapes read the consumer groups from; the first call wins (one gateway
+    /// has one group service).
+    pub fn set_group_source(&self, source: Arc<dyn GroupSource>) {
+        let _ = self.group_source.set(source);
+    }
+
+    /// A scrape: reads the consumer groups (if any), then renders everything.
+    pub async fn scrape(&self) -> String {
+        if let Some(source) = self.group_source.get() {
+            self.groups.set(source.samples().await);
+        }
+        self.render()
+    }
+
+    /// The registry in OpenMetrics text, with the groups as the last scrape read them.
     pub fn render(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");

@@ -10,115 +10,11 @@ use std::{
 };
 
 use spike_gateway::proto::{
-    Ack, ConsumeOpen, ConsumeOrdering, ConsumeRequest, Delivery, EventType, Nak, Term,
-    consume_open, consume_request, event_stream_client::EventStreamClient,
+    Ack, ConsumeOpen, ConsumeOrdering, EventType, Nak, Term, consume_request,
+    event_stream_client::EventStreamClient,
 };
-use support::*;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming, transport::Channel};
-
-/// One member's stream: what it sends, and what it receives.
-struct TestMember {
-    requests: mpsc::Sender<ConsumeRequest>,
-    deliveries: Streaming<Delivery>,
-}
-
-fn open_request(group: &str) -> ConsumeOpen {
-    ConsumeOpen {
-        group: group.to_owned(),
-        start: Some(consume_open::Start::FromBeginning(true)),
-        ..ConsumeOpen::default()
-    }
-}
-
-fn request(request: consume_request::Request) -> ConsumeRequest {
-    ConsumeRequest {
-        request: Some(request),
-    }
-}
-
-async fn consume_with(
-    mut client: EventStreamClient<Channel>,
-    first: ConsumeRequest,
-) -> Result<TestMember, Status> {
-    // Requests queued for the stream; the test sends only a few at a time.
-    let (requests, outgoing) = mpsc::channel(64);
-    requests.send(first).await.unwrap();
-    let deliveries = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.consume(ReceiverStream::new(outgoing)),
-    )
-    .await
-    .expect("Consume answers within 5 s")?
-    .into_inner();
-    Ok(TestMember {
-        requests,
-        deliveries,
-    })
-}
-
-async fn join(app: &TestApp, open: ConsumeOpen) -> Result<TestMember, Status> {
-    consume_with(
-        app.grpc_client().await,
-        request(consume_request::Request::Open(open)),
-    )
-    .await
-}
-
-impl TestMember {
-    /// The next delivery, failing the test if none comes within 5 s.
-    async fn next(&mut self) -> Result<Delivery, Status> {
-        tokio::time::timeout(Duration::from_secs(5), self.deliveries.message())
-            .await
-            .expect("a delivery within 5 s")
-            .map(|d| d.expect("stream still open"))
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<Delivery> {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            out.push(self.next().await.expect("a delivery, not an error"));
-        }
-        out
-    }
-
-    /// Asserts nothing arrives for a while (the time a delivery would take to show up).
-    async fn assert_quiet(&mut self) {
-        if let Ok(item) =
-            tokio::time::timeout(Duration::from_millis(300), self.deliveries.message()).await
-        {
-            panic!("expected no delivery, got {item:?}");
-        }
-    }
-
-    async fn send(&self, message: consume_request::Request) {
-        self.requests.send(request(message)).await.unwrap();
-    }
-
-    async fn ack(&self, sequences: Vec<u64>) {
-        self.send(consume_request::Request::Ack(Ack { sequences }))
-            .await;
-    }
-
-    /// The stream's end status, within 5 s.
-    async fn end(&mut self) -> Status {
-        loop {
-            match self.next().await {
-                Ok(_) => continue,
-                Err(status) => return status,
-            }
-        }
-    }
-}
-
-fn seq(delivery: &Delivery) -> u64 {
-    delivery
-        .event
-        .as_ref()
-        .expect("a delivery has its event")
-        .sequence
-}
+use support::{consume::*, *};
+use tonic::Code;
 
 async fn post_events(app: &TestApp, user: &str, range: std::ops::Range<u64>) {
     for n in range {
@@ -463,90 +359,127 @@ async fn after_a_clean_stop_acked_events_never_come_back_and_the_rest_do() {
     member.assert_quiet().await;
 }
 
-/// The real binary on `data_dir`, and its gRPC and HTTP addresses.
-fn start_binary(data_dir: &std::path::Path) -> (std::process::Child, String, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spike-gateway"))
-        .env("SPIKE_WEBHOOK_SIGNATURE_KEY", KEY)
-        .env("GATEWAY_DATA_DIR", data_dir)
-        .env("GATEWAY_HTTP_ADDR", "127.0.0.1:0")
-        .env("GATEWAY_GRPC_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("spike-gateway listening"))
-        .expect("the gateway logs its addresses");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-    let field = |name: &str| {
-        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        line[start..].split_whitespace().next().unwrap().to_owned()
-    };
-    (child, field("grpc"), field("http"))
+/// The real binary on `data_dir` (embedded store), with the admin token.
+fn start_binary(data_dir: &std::path::Path) -> real_binary::Gateway {
+    let mut command = real_binary::command(data_dir, KEY);
+    command.env("GATEWAY_ADMIN_TOKENS", support::admin::ADMIN_TOKEN);
+    real_binary::start(command).unwrap_or_else(|log| panic!("the gateway refused to start:\n{log}"))
+}
+
+async fn join_binary(gateway: &real_binary::Gateway, open: ConsumeOpen) -> TestMember {
+    let client = EventStreamClient::new(gateway.channel().await);
+    consume_with(client, request(consume_request::Request::Open(open)))
+        .await
+        .expect("the member joins")
+}
+
+async fn post_to_binary(gateway: &real_binary::Gateway, user: &str, range: std::ops::Range<u64>) {
+    for n in range {
+        assert_eq!(
+            gateway.post_json(KEY, MAIN, &record_change(user, n)).await,
+            200
+        );
+    }
+}
+
+/// The group's row as `ListConsumerGroups` shows it on the real binary.
+async fn binary_row(
+    gateway: &real_binary::Gateway,
+    group: &str,
+) -> Option<spike_gateway::proto::ConsumerGroupInfo> {
+    use spike_gateway::proto::{ListConsumerGroupsRequest, admin_client::AdminClient};
+    let mut admin = AdminClient::new(gateway.channel().await);
+    let rows = admin
+        .list_consumer_groups(support::admin::authed(ListConsumerGroupsRequest {}))
+        .await
+        .ok()?
+        .into_inner()
+        .groups;
+    rows.into_iter().find(|g| g.group == group)
+}
+
+/// Takes deliveries, acking each, until every sequence of `want` came; fails on a
+/// sequence delivered twice. Returns every sequence received.
+async fn drain_acking(
+    member: &mut TestMember,
+    want: std::ops::RangeInclusive<u64>,
+) -> BTreeSet<u64> {
+    let mut got = BTreeSet::new();
+    while !want.clone().all(|s| got.contains(&s)) {
+        let delivery = member.next().await.expect("a delivery");
+        assert!(
+            got.insert(seq(&delivery)),
+            "{} delivered twice",
+            seq(&delivery)
+        );
+        member.ack(vec![seq(&delivery)]).await;
+    }
+    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_sigkill_no_unacked_event_is_skipped() {
+async fn after_sigterm_acked_events_never_come_back_and_the_rest_do() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, grpc, http) = start_binary(dir.path());
-    let client = EventStreamClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let first = request(consume_request::Request::Open(open_request("crash")));
-    let mut member = consume_with(client, first).await.unwrap();
-    let web = reqwest::Client::new();
-    for n in 0..20 {
-        let body = serde_json::to_vec(&record_change("u", n)).unwrap();
-        let response = web
-            .post(format!("http://{http}{MAIN}"))
-            .header(
-                "X-Body-Signature",
-                spike_gateway::webhook::signature::sign(KEY, &body),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-    }
+    let mut gateway = start_binary(dir.path());
+    let mut member = join_binary(&gateway, open_request("graceful")).await;
+    post_to_binary(&gateway, "u", 0..20).await;
     let got = member.take(20).await;
     assert_eq!(
         got.iter().map(seq).collect::<Vec<_>>(),
         (1..=20).collect::<Vec<_>>()
     );
     member.ack((1..=10).collect()).await;
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    // Applied (not necessarily saved: the shutdown saves what the batch has not).
+    eventually(Duration::from_secs(5), "the acks are applied", async || {
+        binary_row(&gateway, "graceful")
+            .await
+            .filter(|g| g.acked_through == 10)
+    })
+    .await;
+    let exit = gateway.terminate(Duration::from_secs(15));
+    assert!(exit.success(), "{exit}");
+    assert_eq!(member.end().await.code(), Code::Unavailable);
 
-    let (mut child, grpc, _) = start_binary(dir.path());
-    let client = EventStreamClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let first = request(consume_request::Request::Open(open_request("crash")));
-    let mut member = consume_with(client, first).await.unwrap();
+    let gateway = start_binary(dir.path());
+    let mut member = join_binary(
+        &gateway,
+        ConsumeOpen {
+            start: None,
+            ..open_request("graceful")
+        },
+    )
+    .await;
+    let again = drain_acking(&mut member, 11..=20).await;
+    assert_eq!(
+        again,
+        (11..=20).collect(),
+        "after a clean stop no acked event returns"
+    );
+    member.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_no_unacked_event_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start_binary(dir.path());
+    let mut member = join_binary(&gateway, open_request("crash")).await;
+    post_to_binary(&gateway, "u", 0..20).await;
+    let got = member.take(20).await;
+    assert_eq!(
+        got.iter().map(seq).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
+    member.ack((1..=10).collect()).await;
+    drop(gateway); // SIGKILL
+
+    let gateway = start_binary(dir.path());
+    let mut member = join_binary(&gateway, open_request("crash")).await;
     // At least once: acks of the last second may be redelivered, the unacked must be.
     // (Attempts made after the last save are not known after a crash, so an attempt
     // may start at 1 again.)
-    let mut again = BTreeSet::new();
-    while !(11..=20).all(|s| again.contains(&s)) {
-        let delivery = member.next().await.expect("a redelivery");
-        assert!(
-            again.insert(seq(&delivery)),
-            "{} delivered twice",
-            seq(&delivery)
-        );
-        member.ack(vec![seq(&delivery)]).await;
-    }
+    let again = drain_acking(&mut member, 11..=20).await;
     assert!(again.iter().all(|s| (1..=20).contains(s)), "{again:?}");
     member.assert_quiet().await;
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 mod admin_calls {
@@ -622,6 +555,63 @@ mod admin_calls {
     }
 
     #[tokio::test]
+    async fn events_retention_removed_before_they_were_settled_are_skipped_and_counted() {
+        let app = spawn_app_with(&[
+            "--store",
+            "memory",
+            "--memory-capacity",
+            "10",
+            "--admin-tokens",
+            ADMIN_TOKEN,
+        ])
+        .await;
+        let open = ConsumeOpen {
+            max_in_flight: 2,
+            ..open_request("aged")
+        };
+        let mut member = join(&app, open).await.unwrap();
+        post_events(&app, "u", 0..3).await;
+        let first = member.take(2).await;
+        assert_eq!(first.iter().map(seq).collect::<Vec<_>>(), vec![1, 2]);
+        // 1 waits an hour for its redelivery; 2 and 3 end up in flight, so the member has
+        // no room and the group reads nothing while retention removes 1 to 8.
+        member
+            .send(consume_request::Request::Nak(Nak {
+                sequences: vec![1],
+                delay: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+            }))
+            .await;
+        assert_eq!(seq(&member.next().await.unwrap()), 3);
+        post_events(&app, "u", 3..18).await;
+
+        // Room again: the group reads on, past the removed events, to the oldest retained.
+        member.ack(vec![2]).await;
+        assert_eq!(seq(&member.next().await.unwrap()), 9);
+        // 3 comes back, but it is gone: skipped, and the next ones go out instead.
+        member
+            .send(consume_request::Request::Nak(Nak {
+                sequences: vec![3],
+                delay: None,
+            }))
+            .await;
+        let next = member.next().await.unwrap();
+        assert_eq!((seq(&next), next.attempt), (10, 1));
+        member.assert_quiet().await;
+        // Expired: 1 (waiting), 3 (in flight, back after the nak), 4 to 8 (never read).
+        let row = eventually(
+            Duration::from_secs(5),
+            "the skips are counted",
+            async || list(&app).await.into_iter().find(|g| g.expired == 7),
+        )
+        .await;
+        // 9 to 18 are retained and unacked (9 and 10 in flight).
+        assert_eq!((row.pending, row.in_flight, row.acked_through), (10, 2, 8));
+    }
+
+    #[tokio::test]
     async fn the_group_rpcs_need_an_admin_token() {
         let app = spawn_app_with(&["--store", "memory", "--admin-tokens", ADMIN_TOKEN]).await;
         let status = admin(&app)
@@ -656,6 +646,9 @@ mod admin_calls {
             }))
             .await
             .unwrap();
+        // Only "kept"'s event is pending now; the member's held one is on its count.
+        let row = list(&app).await.pop().unwrap();
+        assert_eq!((row.pending, row.in_flight), (1, 0), "{row:?}");
         member.ack(vec![1]).await;
         let next = member.next().await.unwrap();
         assert_eq!(next.event.unwrap().application_user_id, "kept");

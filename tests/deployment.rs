@@ -904,8 +904,9 @@ fn missing_series(query: &str, exposition: &str) -> Vec<String> {
 /// `readiness`) exports no sample until its first label set
 /// exists, so a fresh gateway would fail this check for reasons of timing, not naming.
 /// Each is produced here: a webhook that appends (and its duplicate), one that becomes a
-/// dead letter, a delivery to a subscriber, one proxied (unary) call to a fake Spike, and the
-/// readiness reporter's first report (awaited with a deadline). The unlabelled families
+/// dead letter, a delivery to a subscriber, one proxied (unary) call to a fake Spike, the
+/// readiness reporter's first report (awaited with a deadline), and a consumer group with
+/// a delivery (the `consumer_group_*{group}` series exist once a group does). The unlabelled families
 /// (`duplicates_total`, `dead_letters_stored`, `subscribers`, `subscriber_lag_events`,
 /// `delivery_seconds`) are exported from the start. In production a query over a family
 /// not yet created shows "no data", and a rule over it does not fire, which is right for
@@ -927,6 +928,11 @@ async fn scrape_after_every_event() -> String {
         .await;
     assert_eq!(response.status().as_u16(), 200);
     take(&mut stream, 1).await;
+    // A consumer group: its series exist once there is a group.
+    let mut member = support::consume::join(&app, support::consume::open_request("deploy"))
+        .await
+        .unwrap();
+    member.take(1).await;
     let mut client = SpikeRecordsClient::connect(format!("http://{}", app.grpc))
         .await
         .unwrap();
@@ -992,6 +998,7 @@ async fn every_series_the_dashboard_and_alerts_query_is_exported() {
         "SpikeGatewayNotReady",
         "SpikeGatewaySubscriberLag",
         "SpikeGatewayDeadLettersGrowing",
+        "SpikeGatewayConsumerGroupPendingGrowing",
     ] {
         assert!(alerts.contains(alert), "{alert} in {alerts:?}");
     }

@@ -272,3 +272,73 @@ async fn grpc_server_series_count_real_calls_when_they_complete() {
     assert_eq!(value(&text, &lifetime), Some(1.0), "{text}");
     assert!(!text.contains("code=\"UNKNOWN\""), "{text}");
 }
+
+#[tokio::test]
+async fn consumer_group_series_follow_the_group() {
+    use spike_gateway::proto::{ConsumeOpen, Nak, Term, consume_request::Request};
+    use support::consume::*;
+    let app = spawn_app_with(&["--store", "memory"]).await;
+    assert!(
+        !scrape(&app).await.contains("consumer_group"),
+        "no group, no series"
+    );
+    let open = ConsumeOpen {
+        max_in_flight: 5,
+        ..open_request("billing")
+    };
+    let mut member = join(&app, open).await.unwrap();
+    for n in 0..10 {
+        app.post_json(MAIN, &record_change("u", n)).await;
+    }
+    assert_eq!(
+        member.take(5).await.iter().map(seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    member.ack(vec![1, 2]).await;
+    member
+        .send(Request::Term(Term {
+            sequences: vec![3],
+            reason: "poison".into(),
+        }))
+        .await;
+    member
+        .send(Request::Nak(Nak {
+            sequences: vec![4],
+            delay: None,
+        }))
+        .await;
+    // 4 again (attempt 2), then 6, 7 and 8: five in flight (4 to 8) of seven pending.
+    let mut more: Vec<u64> = member.take(4).await.iter().map(seq).collect();
+    more.sort_unstable();
+    assert_eq!(more, vec![4, 6, 7, 8]);
+    let text = scrape(&app).await;
+    let expect = [
+        ("pending", 7.0),
+        ("in_flight", 5.0),
+        ("acks_total", 2.0),
+        ("naks_total", 1.0),
+        ("redeliveries_total", 1.0),
+        ("terminated_total", 1.0),
+        ("expired_total", 0.0),
+    ];
+    for (name, expected) in expect {
+        let series = format!(r#"spike_gateway_consumer_group_{name}{{group="billing"}}"#);
+        assert_eq!(value(&text, &series), Some(expected), "{series}\n{text}");
+    }
+
+    member.ack((4..=8).collect()).await;
+    wait_until(Duration::from_secs(5), "the acks show", async || {
+        let text = scrape(&app).await;
+        let value = |name: &str| {
+            value(
+                &text,
+                &format!(r#"spike_gateway_consumer_group_{name}{{group="billing"}}"#),
+            )
+        };
+        // 9 and 10 went out as room came back.
+        value("acks_total") == Some(7.0)
+            && value("pending") == Some(2.0)
+            && value("in_flight") == Some(2.0)
+    })
+    .await;
+}

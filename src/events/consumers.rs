@@ -496,7 +496,7 @@ impl Driver {
         let mut live_open = true;
         // After a restore, what retention removed meanwhile is skipped before reading.
         if let Ok(bounds) = self.log.bounds().await {
-            self.group.expire_before(bounds.oldest, 0);
+            self.expire_before(bounds.oldest);
         }
         loop {
             let wakeup = self.group.next_wakeup(now_micros()).map(instant_at);
@@ -529,6 +529,19 @@ impl Driver {
             }
         }
         self.stop(queue).await;
+    }
+
+    /// Retention removed every event below `oldest`: the group skips them, counting as
+    /// expired those it held and, when its filter takes every event, those it had not
+    /// read yet (by sequence, so events erased earlier in that range count too). With a
+    /// filter the removed events can no longer be told apart, so unread ones go uncounted.
+    fn expire_before(&mut self, oldest: u64) {
+        let unread = if self.group.config().filter.is_everything() {
+            oldest.saturating_sub(self.group.unread_from())
+        } else {
+            0
+        };
+        self.group.expire_before(oldest, unread);
     }
 
     /// A live append (or a lag, or the end of the feed): the log has more to read.
@@ -716,11 +729,11 @@ impl Driver {
             if room && self.needs_page() {
                 self.fill_page().await?;
             }
-            let sent = self.round().await?;
-            // Stop when nothing went out, unless the page was used up (every candidate,
+            let handed = self.round().await?;
+            // Stop when the group handed out nothing, unless the page was used up (every candidate,
             // or a page of non-matching events) and someone could take from the next one.
             let room = !self.members_with_room().is_empty();
-            if sent == 0 && (!room || !self.needs_page()) {
+            if handed == 0 && (!room || !self.needs_page()) {
                 return Ok(());
             }
         }
@@ -745,9 +758,11 @@ impl Driver {
         members
     }
 
-    /// One pass over the members with room; returns how many deliveries went out.
+    /// One pass over the members with room; returns how many deliveries the group handed
+    /// out, sent or not: one whose event retention removed meanwhile is discarded, which
+    /// frees its member's room, so another round may send what it could not.
     async fn round(&mut self) -> Result<usize, LogError> {
-        let mut sent = 0;
+        let mut handed = 0;
         for member in self.members_with_room() {
             let scan = super::groups::Scan {
                 matching: &self.page.candidates,
@@ -767,11 +782,12 @@ impl Driver {
                 .collect();
             self.drop_taken();
             for (delivery, event) in deliveries.into_iter().zip(found) {
-                sent += usize::from(self.deliver(member, delivery, event).await?);
+                self.deliver(member, delivery, event).await?;
+                handed += 1;
             }
         }
         self.turn = self.turn.wrapping_add(1);
-        Ok(sent)
+        Ok(handed)
     }
 
     /// Forgets the page's candidates below the group's cursor.
@@ -792,7 +808,7 @@ impl Driver {
             // A gap at the cursor: retention may have removed what the group had not read.
             let oldest = self.log.bounds().await?.oldest;
             if oldest > from {
-                self.group.expire_before(oldest, 0);
+                self.expire_before(oldest);
             }
         }
         let Some(last) = events.last() else {

@@ -2,7 +2,7 @@
 //! [`ConsumerGroups`]. `None` groups (a store without them, NATS for now) answer
 //! UNIMPLEMENTED.
 
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use tonic::Status;
 
@@ -14,6 +14,7 @@ use crate::{
         subscription::Start,
         time::{from_micros, to_micros},
     },
+    metrics::{GroupSample, GroupSource},
     proto::{
         ConsumerGroupInfo, DeleteConsumerGroupRequest, DeleteConsumerGroupResponse,
         ListConsumerGroupsResponse, SeekConsumerGroupRequest, SeekConsumerGroupResponse,
@@ -97,4 +98,37 @@ pub async fn delete(
     Ok(DeleteConsumerGroupResponse {
         members_ended: ended as u64,
     })
+}
+
+/// The groups' rows, as `ListConsumerGroups` counts them, for the per-group series of
+/// `/metrics` (so the two never disagree).
+pub struct GroupMetrics(pub Arc<ConsumerGroups>);
+
+impl GroupSource for GroupMetrics {
+    fn samples(&self) -> Pin<Box<dyn Future<Output = Vec<GroupSample>> + Send + '_>> {
+        Box::pin(async move {
+            let rows = match self.0.list().await {
+                Ok(rows) => rows,
+                Err(error) => {
+                    tracing::warn!(%error, "consumer groups not read for /metrics");
+                    return Vec::new();
+                }
+            };
+            rows.into_iter().map(sample).collect()
+        })
+    }
+}
+
+fn sample(row: GroupRow) -> GroupSample {
+    let counters = row.stats.counters;
+    GroupSample {
+        group: row.name.to_string(),
+        pending: row.stats.pending,
+        in_flight: row.stats.in_flight,
+        acks: counters.acks,
+        naks: counters.naks,
+        redeliveries: counters.redeliveries,
+        terminated: counters.terminated,
+        expired: counters.expired,
+    }
 }

@@ -106,6 +106,10 @@ pub async fn serve(
             parts.streams_shutdown.clone(),
         ))
     });
+    if let Some(groups) = &groups {
+        let source = group_admin::GroupMetrics(groups.clone());
+        parts.metrics.set_group_source(Arc::new(source));
+    }
     let admin = InterceptedService::new(
         AdminServer::new(
             admin::AdminService::new(parts.log.clone(), parts.metrics.clone())

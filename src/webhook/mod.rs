@@ -209,7 +209,7 @@ async fn metrics(State(state): State<WebhookState>) -> impl IntoResponse {
             http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics.scrape().await,
     )
 }
 

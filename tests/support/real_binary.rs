@@ -23,6 +23,30 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Posts `body` to `path`, signed with `key`, as Spike would.
+    pub async fn post_json(&self, key: &str, path: &str, body: &serde_json::Value) -> u16 {
+        let body = serde_json::to_vec(body).unwrap();
+        let signature = spike_gateway::webhook::signature::sign(key, &body);
+        reqwest::Client::new()
+            .post(format!("http://{}{path}", self.http))
+            .header("X-Body-Signature", signature)
+            .body(body)
+            .send()
+            .await
+            .expect("the gateway answers")
+            .status()
+            .as_u16()
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .expect("the gateway's gRPC port accepts")
+    }
+
     /// Sends SIGTERM and waits (at most `within`, else the test fails) for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
         let sent = Command::new("kill")

@@ -110,6 +110,13 @@ impl GroupFilter {
         }
     }
 
+    /// No list set: the group takes every event.
+    pub fn is_everything(&self) -> bool {
+        self.event_types.is_empty()
+            && self.application_user_ids.is_empty()
+            && self.provider_slugs.is_empty()
+    }
+
     pub fn event_types(&self) -> impl Iterator<Item = i32> + '_ {
         self.event_types.iter().copied()
     }
