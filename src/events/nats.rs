@@ -214,7 +214,7 @@ impl NatsLog {
     }
 
     /// The narrowest single subject covering `filter` (NATS 2.9 takes one filter subject).
-    fn subject_for(&self, filter: &Filter) -> String {
+    pub(super) fn subject_for(&self, filter: &Filter) -> String {
         let one = |set: usize| set == 1;
         let kind = match filter.event_types.iter().next() {
             Some(t) if one(filter.event_types.len()) => type_token(*t),
@@ -227,6 +227,37 @@ impl NatsLog {
             _ => return self.event_filter(),
         };
         format!("{}.event.{kind}.{user}", self.settings.subject_prefix)
+    }
+
+    /// The events stream, for the consumer groups' durable consumers.
+    pub(super) fn events_stream(&self) -> stream::Stream {
+        self.events.clone()
+    }
+
+    /// Where a consumer starting at `start` begins: its deliver policy, the first
+    /// sequence when the start names one, and the bounds it was checked against.
+    pub(super) async fn deliver_policy(
+        &self,
+        start: Start,
+    ) -> Result<(DeliverPolicy, Option<u64>, LogBounds), SubscriptionError> {
+        self.connected()?;
+        let bounds = self.bounds().await?;
+        let position = first_position(start, &bounds)?;
+        let deliver_policy = match (start, position) {
+            (Start::Live, _) => DeliverPolicy::New,
+            (Start::FromBeginning, _) => DeliverPolicy::All,
+            (Start::AfterSequence(_), Some(position)) => DeliverPolicy::ByStartSequence {
+                start_sequence: position,
+            },
+            // JetStream's own timestamps: the moment the PubAck'd publish was stored, which
+            // is received_at give or take the publish round trip.
+            (Start::Since(since), _) => DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::from_nanos(i128::from(since) * 1_000)
+                    .map_err(|e| unavailable("invalid since", e))?,
+            },
+            (Start::AfterSequence(_), None) => unreachable!("after_sequence names a position"),
+        };
+        Ok((deliver_policy, position, bounds))
     }
 
     fn connected(&self) -> Result<(), LogError> {
@@ -674,7 +705,7 @@ impl Feed for NatsFeed {
 }
 
 /// Messages hold the event without its sequence, which is the stream's own.
-fn decode(sequence: u64, payload: bytes::Bytes) -> Result<CommittedEvent, LogError> {
+pub(super) fn decode(sequence: u64, payload: bytes::Bytes) -> Result<CommittedEvent, LogError> {
     CommittedEvent::decode(sequence, payload)
         .map_err(|e| LogError::Storage(format!("undecodable event at {sequence}: {e}")))
 }
@@ -829,23 +860,7 @@ impl EventLog for NatsLog {
         start: Start,
         filter: &Filter,
     ) -> Result<Option<Box<dyn Feed>>, SubscriptionError> {
-        self.connected()?;
-        let bounds = self.bounds().await?;
-        let position = first_position(start, &bounds)?;
-        let deliver_policy = match (start, position) {
-            (Start::Live, _) => DeliverPolicy::New,
-            (Start::FromBeginning, _) => DeliverPolicy::All,
-            (Start::AfterSequence(_), Some(position)) => DeliverPolicy::ByStartSequence {
-                start_sequence: position,
-            },
-            // JetStream's own timestamps: the moment the PubAck'd publish was stored, which
-            // is received_at give or take the publish round trip.
-            (Start::Since(since), _) => DeliverPolicy::ByStartTime {
-                start_time: async_nats::datetime::from_nanos(i128::from(since) * 1_000)
-                    .map_err(|e| unavailable("invalid since", e))?,
-            },
-            (Start::AfterSequence(_), None) => unreachable!("after_sequence names a position"),
-        };
+        let (deliver_policy, position, bounds) = self.deliver_policy(start).await?;
         let consumer = self
             .events
             .create_consumer(push::OrderedConfig {

@@ -1,6 +1,5 @@
 //! The consumer-group RPCs of `spike.gateway.v1.Admin` (SPEC §4.4), over
-//! [`ConsumerGroups`]. `None` groups (a store without them, NATS for now) answer
-//! UNIMPLEMENTED.
+//! [`Groups`] (local or NATS). `None` groups (a log without them) answer UNIMPLEMENTED.
 
 use std::sync::Arc;
 
@@ -9,7 +8,7 @@ use tonic::Status;
 use super::event_stream::log_status;
 use crate::{
     events::{
-        consumers::{AdminError, ConsumerGroups, GroupRow},
+        consumers::{AdminError, GroupRow, Groups},
         groups::GroupName,
         subscription::Start,
         time::{from_micros, to_micros},
@@ -21,8 +20,8 @@ use crate::{
     },
 };
 
-fn groups(groups: Option<&Arc<ConsumerGroups>>) -> Result<&Arc<ConsumerGroups>, Status> {
-    groups.ok_or_else(|| Status::unimplemented("consumer groups on nats are not available yet"))
+fn groups(groups: Option<&Arc<dyn Groups>>) -> Result<&Arc<dyn Groups>, Status> {
+    groups.ok_or_else(|| Status::unimplemented("this event log serves no consumer groups"))
 }
 
 fn admin_status(error: AdminError) -> Status {
@@ -37,7 +36,7 @@ fn name(group: &str) -> Result<GroupName, Status> {
     GroupName::parse(group).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-pub async fn list(all: Option<&Arc<ConsumerGroups>>) -> Result<ListConsumerGroupsResponse, Status> {
+pub async fn list(all: Option<&Arc<dyn Groups>>) -> Result<ListConsumerGroupsResponse, Status> {
     let rows = groups(all)?.list().await.map_err(log_status)?;
     Ok(ListConsumerGroupsResponse {
         groups: rows.into_iter().map(info).collect(),
@@ -69,7 +68,7 @@ fn info(row: GroupRow) -> ConsumerGroupInfo {
 }
 
 pub async fn seek(
-    all: Option<&Arc<ConsumerGroups>>,
+    all: Option<&Arc<dyn Groups>>,
     request: SeekConsumerGroupRequest,
 ) -> Result<SeekConsumerGroupResponse, Status> {
     use seek_consumer_group_request::Start as S;
@@ -89,7 +88,7 @@ pub async fn seek(
 }
 
 pub async fn delete(
-    all: Option<&Arc<ConsumerGroups>>,
+    all: Option<&Arc<dyn Groups>>,
     request: DeleteConsumerGroupRequest,
 ) -> Result<DeleteConsumerGroupResponse, Status> {
     let group = name(&request.group)?;
