@@ -10,122 +10,11 @@ use std::{
 };
 
 use spike_gateway::proto::{
-    Ack, ConsumeOpen, ConsumeOrdering, ConsumeRequest, Delivery, EventType, Nak, Term,
-    consume_open, consume_request, event_stream_client::EventStreamClient,
+    Ack, ConsumeOpen, ConsumeOrdering, EventType, Nak, Term, consume_request,
+    event_stream_client::EventStreamClient,
 };
-use support::*;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming, transport::Channel};
-
-/// One member's stream: what it sends, and what it receives.
-struct TestMember {
-    requests: mpsc::Sender<ConsumeRequest>,
-    deliveries: Streaming<Delivery>,
-}
-
-fn open_request(group: &str) -> ConsumeOpen {
-    ConsumeOpen {
-        group: group.to_owned(),
-        start: Some(consume_open::Start::FromBeginning(true)),
-        ..ConsumeOpen::default()
-    }
-}
-
-fn request(request: consume_request::Request) -> ConsumeRequest {
-    ConsumeRequest {
-        request: Some(request),
-    }
-}
-
-async fn consume_with(
-    mut client: EventStreamClient<Channel>,
-    first: ConsumeRequest,
-) -> Result<TestMember, Status> {
-    // Requests queued for the stream; the test sends only a few at a time.
-    let (requests, outgoing) = mpsc::channel(64);
-    requests.send(first).await.unwrap();
-    let deliveries = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.consume(ReceiverStream::new(outgoing)),
-    )
-    .await
-    .expect("Consume answers within 5 s")?
-    .into_inner();
-    Ok(TestMember {
-        requests,
-        deliveries,
-    })
-}
-
-async fn join(app: &TestApp, open: ConsumeOpen) -> Result<TestMember, Status> {
-    consume_with(
-        app.grpc_client().await,
-        request(consume_request::Request::Open(open)),
-    )
-    .await
-}
-
-impl TestMember {
-    /// The next delivery, failing the test if none comes within 5 s.
-    async fn next(&mut self) -> Result<Delivery, Status> {
-        tokio::time::timeout(Duration::from_secs(5), self.deliveries.message())
-            .await
-            .expect("a delivery within 5 s")
-            .map(|d| d.expect("stream still open"))
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<Delivery> {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            out.push(self.next().await.expect("a delivery, not an error"));
-        }
-        out
-    }
-
-    /// Asserts nothing arrives for a while (the time a delivery would take to show up).
-    async fn assert_quiet(&mut self) {
-        if let Ok(item) =
-            tokio::time::timeout(Duration::from_millis(300), self.deliveries.message()).await
-        {
-            panic!("expected no delivery, got {item:?}");
-        }
-    }
-
-    async fn send(&self, message: consume_request::Request) {
-        self.requests.send(request(message)).await.unwrap();
-    }
-
-    async fn ack(&self, sequences: Vec<u64>) {
-        self.send(consume_request::Request::Ack(Ack { sequences }))
-            .await;
-    }
-
-    /// The stream's end status, within 5 s.
-    async fn end(&mut self) -> Status {
-        loop {
-            match self.next().await {
-                Ok(_) => continue,
-                Err(status) => return status,
-            }
-        }
-    }
-}
-
-fn seq(delivery: &Delivery) -> u64 {
-    delivery
-        .event
-        .as_ref()
-        .expect("a delivery has its event")
-        .sequence
-}
-
-async fn post_events(app: &TestApp, user: &str, range: std::ops::Range<u64>) {
-    for n in range {
-        let response = app.post_json(MAIN, &record_change(user, n)).await;
-        assert_eq!(response.status(), 200);
-    }
-}
+use support::{consume::*, *};
+use tonic::Code;
 
 #[tokio::test]
 async fn two_members_split_200_events_exactly_once_while_subscribe_sees_all() {
@@ -662,28 +551,6 @@ mod admin_calls {
         member.ack(vec![2]).await;
         member.assert_quiet().await;
     }
-}
-
-#[tokio::test]
-#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
-async fn on_nats_consume_and_the_group_rpcs_say_not_yet() {
-    use spike_gateway::proto::ListConsumerGroupsRequest;
-    use support::admin::{admin, authed, nats_store};
-    let store = nats_store();
-    let app = spawn_app_with(&store.flags()).await;
-    let status = join(&app, open_request("g")).await.err().unwrap();
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-    assert!(
-        status.message().contains("not available yet"),
-        "{}",
-        status.message()
-    );
-    let status = admin(&app)
-        .await
-        .list_consumer_groups(authed(ListConsumerGroupsRequest {}))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod admin;
+pub mod consume;
 pub mod fake_spike;
 pub mod nats;
 pub mod real_binary;
