@@ -143,6 +143,7 @@ async fn a_members_end_and_shutdown_return_its_deliveries_at_once() {
     let mut on_b = join(&rb, open).await.unwrap();
     post_events(&ra, "u", 6..7).await;
     let held = on_b.next().await.unwrap();
+    stays.ack(back.iter().map(seq).collect()).await;
     let stopping = tokio::spawn(async move { rb.stop().await });
     assert_eq!(on_b.end().await.code(), Code::Unavailable);
     let again = stays.next().await.unwrap();
@@ -434,4 +435,13 @@ async fn erasure_removes_the_users_events_from_the_groups_work() {
     assert_eq!(next.event.unwrap().application_user_id, "kept");
     member.ack(vec![2]).await;
     member.assert_quiet().await;
+    // The group's floor stays honest: nothing after the erased events was skipped.
+    let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
+        list(&app)
+            .await
+            .into_iter()
+            .find(|g| g.acked_through >= 2 && g.in_flight == 0)
+    })
+    .await;
+    assert_eq!(row.pending, 0);
 }

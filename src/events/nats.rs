@@ -369,21 +369,50 @@ impl NatsLog {
     }
 
     async fn delete_letter(&self, id: u64) -> Result<(), LogError> {
-        match self.dead_letters.delete_message(id).await {
-            Ok(_) => Ok(()),
-            Err(e) => match e.kind() {
-                // Already gone (redriven or erased by another replica): the goal holds.
-                async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(js)
-                    if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
-                        || js.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND =>
-                {
-                    Ok(())
-                }
-                _ => Err(unavailable("NATS delete failed", e)),
-            },
-        }
+        delete_message(&self.dead_letters, id).await
     }
 
+    /// Deletes (and erases) the events on `subject` one by one; returns how many. Not a
+    /// filtered purge: nats-server 2.9 moves every consumer's ack floor past the last
+    /// purged sequence, so consumer groups would skip the other users' events in between
+    /// (seen on 2.9.10, tests/nats_consume.rs). One round trip per event of the user.
+    async fn delete_events(&self, subject: String) -> Result<u64, LogError> {
+        let (mut deleted, mut at) = (0, 1);
+        loop {
+            let message = match self
+                .events
+                .direct_get_next_for_subject(subject.as_str(), Some(at))
+                .await
+            {
+                Ok(message) => message,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(deleted),
+                Err(e) => return Err(unavailable("NATS read failed", e)),
+            };
+            at = message.sequence + 1;
+            delete_message(&self.events, message.sequence).await?;
+            deleted += 1;
+        }
+    }
+}
+
+/// Deletes message `id` of `stream` (the server overwrites it); one already gone is fine.
+async fn delete_message(stream: &stream::Stream, id: u64) -> Result<(), LogError> {
+    match stream.delete_message(id).await {
+        Ok(_) => Ok(()),
+        Err(e) => match e.kind() {
+            // Already gone (redriven or erased by another replica): the goal holds.
+            async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                    || js.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND =>
+            {
+                Ok(())
+            }
+            _ => Err(unavailable("NATS delete failed", e)),
+        },
+    }
+}
+
+impl NatsLog {
     /// The stored letter at `id` exactly, if any.
     async fn letter_at(&self, id: u64) -> Result<Option<DeadLetter>, LogError> {
         Ok(self.letter_at_or_after(id).await?.filter(|l| l.id == id))
@@ -886,7 +915,7 @@ impl EventLog for NatsLog {
         Ok(())
     }
 
-    /// Purges the user's subjects and deletes the dead letters naming the user. JetStream
+    /// Deletes the user's events and the dead letters naming the user. JetStream
     /// keeps its duplicate-window message ids (event ids and letter keys, which are hashes)
     /// until the window passes; they cannot be erased here: see the README's Security
     /// section.
@@ -900,14 +929,9 @@ impl EventLog for NatsLog {
             .unwrap_or_else(|e| e.into_inner())
             .ids
             .retain(|_, (_, owner)| *owner != token);
-        let purged = self
-            .events
-            .purge()
-            .filter(subject)
-            .await
-            .map_err(|e| unavailable("NATS purge failed", e))?;
+        let events = self.delete_events(subject).await?;
         Ok(Erased {
-            events: purged.purged,
+            events,
             dead_letters,
             ..Erased::default()
         })
