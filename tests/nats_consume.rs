@@ -146,8 +146,11 @@ async fn a_members_end_and_shutdown_return_its_deliveries_at_once() {
     stays.ack(back.iter().map(seq).collect()).await;
     let stopping = tokio::spawn(async move { rb.stop().await });
     assert_eq!(on_b.end().await.code(), Code::Unavailable);
+    // Within `next`'s 5 s, not after the 30 s ack_wait: it was nak'd at shutdown. (The
+    // attempt JetStream reports for it may be 1 again: its delivery to b's pull, which
+    // the shutdown dropped, can be counted as not delivered.)
     let again = stays.next().await.unwrap();
-    assert_eq!((seq(&again), again.attempt), (seq(&held), 2));
+    assert_eq!(seq(&again), seq(&held));
     tokio::time::timeout(Duration::from_secs(10), stopping)
         .await
         .expect("replica b stops")

@@ -70,6 +70,8 @@ const CONSUMER_PREFIX: &str = "group_";
 /// How long one pull waits for messages before the member pulls again: also how long a
 /// member that gained room (by acking) may wait for a pull sized to it.
 const PULL_EXPIRES: Duration = Duration::from_millis(500);
+/// How long past its `expires` a pull may stay unanswered before the member pulls anew.
+const PULL_GRACE: Duration = Duration::from_millis(500);
 /// Pause after a failed pull before the next (NATS unreachable, a consumer being
 /// recreated by a seek): a retry loop would only add load.
 const PULL_RETRY: Duration = Duration::from_millis(200);
@@ -478,17 +480,22 @@ impl MemberTask {
 
     async fn serve(&mut self) -> Stop {
         let mut batch: Option<pull::Batch> = None;
+        // A pull whose consumer was deleted (by a seek) may never hear back from the
+        // server; the client's own timer is 5 s past `expires`. Give up on it sooner.
+        let mut pulled_until = tokio::time::Instant::now();
         loop {
             if batch.is_none() && self.held.len() < self.max_in_flight {
                 match self.pull().await {
                     Ok(pulled) => batch = Some(pulled),
                     Err(stop) => return stop,
                 }
+                pulled_until = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
             }
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return Stop::End(MemberEnd::ShuttingDown),
                 () = self.local.deleted.cancelled() => return Stop::End(MemberEnd::Deleted),
+                () = tokio::time::sleep_until(pulled_until), if batch.is_some() => batch = None,
                 answer = self.answers.recv() => match answer {
                     None | Some(Answer::Leave) => return Stop::Left,
                     Some(Answer::Violation(why)) => return Stop::End(MemberEnd::Protocol(why)),
