@@ -46,7 +46,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CommittedEvent, LogError,
+    LogError,
     consumers::{
         AdminError, Answer, GroupRow, Groups, JoinError, Member, MemberEnd, MemberMessage, Open,
     },
@@ -569,7 +569,7 @@ impl MemberTask {
             return true;
         }
         let delivery = MemberMessage::Delivery {
-            event: Arc::new(event) as Arc<CommittedEvent>,
+            event: Arc::new(event),
             attempt: u32::try_from(attempt).unwrap_or(u32::MAX).max(1),
         };
         self.held.insert(sequence, message);
@@ -590,7 +590,7 @@ impl MemberTask {
         for sequence in sequences {
             // Sequences not held by this member are ignored (SPEC §4.3).
             if let Some(message) = self.held.remove(&sequence) {
-                self.settle(&message, kind.clone()).await;
+                self.settle(&message, kind).await;
             }
         }
     }
