@@ -24,9 +24,11 @@ use crate::{
     deadletters,
     events::{
         EventLog, LogError,
+        consumers::{ConsumerGroups, Groups},
         embedded::EmbeddedLog,
         memory::MemoryLog,
         nats::{NatsLog, NatsSettings},
+        nats_groups::NatsGroups,
     },
     grpc::{self, GrpcParts, event_stream::SubscriberCount},
     metrics::Metrics,
@@ -71,6 +73,8 @@ pub enum RunError {
 pub struct Application {
     config: Config,
     log: Arc<dyn EventLog>,
+    /// The same log when it is NATS: its consumer groups are JetStream's.
+    nats: Option<Arc<NatsLog>>,
     http_listener: TcpListener,
     grpc_listener: TcpListener,
     spike: Arc<SpikeClient>,
@@ -80,7 +84,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let log = open_log(&config).await?;
+        let (log, nats) = open_log(&config).await?;
         // Letters stored by 0.1 recorded no user ids: find them now, before erasure can run.
         let backfilled = deadletters::backfill_user_ids(log.as_ref()).await?;
         if backfilled > 0 {
@@ -113,6 +117,7 @@ impl Application {
         Ok(Self {
             config,
             log,
+            nats,
             http_listener,
             grpc_listener,
             spike,
@@ -148,6 +153,7 @@ impl Application {
         let Self {
             config,
             log,
+            nats,
             http_listener,
             grpc_listener,
             spike,
@@ -200,7 +206,7 @@ impl Application {
                 log: log.clone(),
                 tokens: config.grpc.tokens.clone(),
                 admin_tokens: config.grpc.admin_tokens.clone(),
-                group_limits: config.grpc.group_limits,
+                groups: consumer_groups(&log, nats, config.grpc.group_limits, &streams_shutdown),
                 streams_shutdown: streams_shutdown.clone(),
                 spike,
                 metrics,
@@ -288,7 +294,25 @@ fn joined(
     }
 }
 
-async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
+/// The consumer groups of the log: JetStream's on NATS, the local service otherwise.
+fn consumer_groups(
+    log: &Arc<dyn EventLog>,
+    nats: Option<Arc<NatsLog>>,
+    limits: crate::events::groups::Limits,
+    shutdown: &CancellationToken,
+) -> Option<Arc<dyn Groups>> {
+    if let Some(nats) = nats {
+        return Some(Arc::new(NatsGroups::new(nats, limits, shutdown.clone())));
+    }
+    log.serves_consumer_groups().then(|| {
+        Arc::new(ConsumerGroups::new(log.clone(), limits, shutdown.clone())) as Arc<dyn Groups>
+    })
+}
+
+/// Opens the configured log; the NATS one is also returned as itself, for its groups.
+async fn open_log(
+    config: &Config,
+) -> Result<(Arc<dyn EventLog>, Option<Arc<NatsLog>>), StartupError> {
     let store = &config.store;
     Ok(match store.kind {
         StoreKind::Embedded => {
@@ -304,13 +328,16 @@ async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
             })
             .await
             .map_err(|e| LogError::Storage(format!("log opener failed: {e}")))??;
-            Arc::new(log)
+            (Arc::new(log), None)
         }
-        StoreKind::Memory => Arc::new(MemoryLog::new(
-            store.memory_capacity,
-            store.dedup_window,
-            store.retention,
-        )),
+        StoreKind::Memory => (
+            Arc::new(MemoryLog::new(
+                store.memory_capacity,
+                store.dedup_window,
+                store.retention,
+            )),
+            None,
+        ),
         StoreKind::Nats => {
             let log = NatsLog::connect(NatsSettings {
                 url: store.nats_url.clone().unwrap_or_default(),
@@ -328,7 +355,8 @@ async fn open_log(config: &Config) -> Result<Arc<dyn EventLog>, StartupError> {
                      lower GATEWAY_MAX_BODY_BYTES or raise max_payload on the NATS server"
                 );
             }
-            Arc::new(log)
+            let log = Arc::new(log);
+            (log.clone(), Some(log))
         }
     })
 }

@@ -16,13 +16,6 @@ use spike_gateway::proto::{
 use support::{consume::*, *};
 use tonic::Code;
 
-async fn post_events(app: &TestApp, user: &str, range: std::ops::Range<u64>) {
-    for n in range {
-        let response = app.post_json(MAIN, &record_change(user, n)).await;
-        assert_eq!(response.status(), 200);
-    }
-}
-
 #[tokio::test]
 async fn two_members_split_200_events_exactly_once_while_subscribe_sees_all() {
     let app = spawn_app().await;
@@ -655,28 +648,6 @@ mod admin_calls {
         member.ack(vec![2]).await;
         member.assert_quiet().await;
     }
-}
-
-#[tokio::test]
-#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
-async fn on_nats_consume_and_the_group_rpcs_say_not_yet() {
-    use spike_gateway::proto::ListConsumerGroupsRequest;
-    use support::admin::{admin, authed, nats_store};
-    let store = nats_store();
-    let app = spawn_app_with(&store.flags()).await;
-    let status = join(&app, open_request("g")).await.err().unwrap();
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-    assert!(
-        status.message().contains("not available yet"),
-        "{}",
-        status.message()
-    );
-    let status = admin(&app)
-        .await
-        .list_consumer_groups(authed(ListConsumerGroupsRequest {}))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
 }
 
 #[tokio::test]

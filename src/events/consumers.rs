@@ -92,9 +92,16 @@ pub struct Open {
 /// reading its client once the group let it go.
 pub struct Member {
     pub id: MemberId,
-    commands: mpsc::Sender<Command>,
+    sink: Sink,
     pub deliveries: mpsc::Receiver<MemberMessage>,
     pub ended: CancellationToken,
+}
+
+/// Where a member's answers go: its group's task here, or (NATS) the member's own task.
+#[derive(Clone)]
+enum Sink {
+    Group(mpsc::Sender<Command>),
+    Own(mpsc::Sender<Answer>),
 }
 
 /// A member's answers and its end, for [`MemberHandle::send`].
@@ -116,26 +123,44 @@ pub enum Answer {
 #[derive(Clone)]
 pub struct MemberHandle {
     id: MemberId,
-    commands: mpsc::Sender<Command>,
+    sink: Sink,
 }
 
 impl MemberHandle {
     /// Passes an answer to the group; `false` when the group is gone.
     pub async fn send(&self, answer: Answer) -> bool {
         let member = self.id;
-        self.commands
-            .send(Command::Answer { member, answer })
-            .await
-            .is_ok()
+        match &self.sink {
+            Sink::Group(commands) => commands
+                .send(Command::Answer { member, answer })
+                .await
+                .is_ok(),
+            Sink::Own(answers) => answers.send(answer).await.is_ok(),
+        }
     }
 }
 
 impl Member {
+    /// A member whose answers go to a task of its own (the NATS backend's).
+    pub(super) fn with_own_task(
+        id: MemberId,
+        answers: mpsc::Sender<Answer>,
+        deliveries: mpsc::Receiver<MemberMessage>,
+        ended: CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            sink: Sink::Own(answers),
+            deliveries,
+            ended,
+        }
+    }
+
     /// Splits off the handle for the answers, keeping the deliveries here.
     pub fn handle(&self) -> MemberHandle {
         MemberHandle {
             id: self.id,
-            commands: self.commands.clone(),
+            sink: self.sink.clone(),
         }
     }
 }
@@ -186,6 +211,48 @@ pub enum AdminError {
     Start(#[from] SubscriptionError),
     #[error(transparent)]
     Log(#[from] LogError),
+}
+
+/// The consumer-group service `Consume` and the group admin RPCs call: [`ConsumerGroups`]
+/// over a local log, [`super::nats_groups::NatsGroups`] over JetStream. The gRPC layer
+/// validates and maps errors once, for both.
+#[async_trait::async_trait]
+pub trait Groups: Send + Sync {
+    /// Joins `open.group`, creating it (at `open.start`) if it does not exist.
+    async fn join(&self, open: Open) -> Result<Member, JoinError>;
+    /// Every group, in name order (`ListConsumerGroups`).
+    async fn list(&self) -> Result<Vec<GroupRow>, LogError>;
+    /// `SeekConsumerGroup`: returns the first sequence the group reads next.
+    async fn seek(&self, name: &GroupName, start: Start) -> Result<u64, AdminError>;
+    /// `DeleteConsumerGroup`: returns how many members (of this gateway) were ended.
+    async fn delete(&self, name: &GroupName) -> Result<usize, AdminError>;
+    /// Erasure: the user's events leave every group's unsettled work. Returns how many
+    /// this service dropped itself (a backend whose log erasure removes them says 0).
+    async fn erase_user(&self, user: &str) -> Result<usize, LogError>;
+    /// Waits until every member and group task has ended (they end on shutdown).
+    async fn stopped(&self);
+}
+
+#[async_trait::async_trait]
+impl Groups for ConsumerGroups {
+    async fn join(&self, open: Open) -> Result<Member, JoinError> {
+        ConsumerGroups::join(self, open).await
+    }
+    async fn list(&self) -> Result<Vec<GroupRow>, LogError> {
+        ConsumerGroups::list(self).await
+    }
+    async fn seek(&self, name: &GroupName, start: Start) -> Result<u64, AdminError> {
+        ConsumerGroups::seek(self, name, start).await
+    }
+    async fn delete(&self, name: &GroupName) -> Result<usize, AdminError> {
+        ConsumerGroups::delete(self, name).await
+    }
+    async fn erase_user(&self, user: &str) -> Result<usize, LogError> {
+        ConsumerGroups::erase_user(self, user).await
+    }
+    async fn stopped(&self) {
+        ConsumerGroups::stopped(self).await;
+    }
 }
 
 /// Every consumer group of one local log.
@@ -671,7 +738,7 @@ impl Driver {
         tracing::info!(group = %self.group.name(), member = id.get(), "consumer group member joined");
         Ok(Member {
             id,
-            commands: self.commands.clone(),
+            sink: Sink::Group(self.commands.clone()),
             deliveries,
             ended,
         })

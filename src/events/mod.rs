@@ -8,7 +8,10 @@
 //! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
 //! - [`health`]: what a log reports to readiness, and where data was found damaged.
 //! - [`groups`]: the consumer-group state machine (SPEC §4.3): pure, driven by a backend.
-//! - [`consumers`]: the task per group that drives it over a local log (`memory`, `embedded`).
+//! - [`consumers`]: the [`consumers::Groups`] seam `Consume` and the group admin RPCs call,
+//!   and its local implementation: the task per group that drives [`groups`] over a local
+//!   log (`memory`, `embedded`).
+//! - [`nats_groups`]: the same seam on NATS: a group is a JetStream durable pull consumer.
 //! - [`fanout`]: the bounded broadcast that carries freshly committed events to subscribers.
 //! - [`subscription`]: start positions, filters, the [`subscription::Feed`] a subscriber
 //!   reads, and the generic cursor that reads history and then live events without a gap
@@ -24,6 +27,7 @@ pub mod health;
 pub mod log;
 pub mod memory;
 pub mod nats;
+pub mod nats_groups;
 pub mod subscription;
 pub mod time;
 

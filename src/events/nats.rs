@@ -214,7 +214,7 @@ impl NatsLog {
     }
 
     /// The narrowest single subject covering `filter` (NATS 2.9 takes one filter subject).
-    fn subject_for(&self, filter: &Filter) -> String {
+    pub(super) fn subject_for(&self, filter: &Filter) -> String {
         let one = |set: usize| set == 1;
         let kind = match filter.event_types.iter().next() {
             Some(t) if one(filter.event_types.len()) => type_token(*t),
@@ -227,6 +227,37 @@ impl NatsLog {
             _ => return self.event_filter(),
         };
         format!("{}.event.{kind}.{user}", self.settings.subject_prefix)
+    }
+
+    /// The events stream, for the consumer groups' durable consumers.
+    pub(super) fn events_stream(&self) -> stream::Stream {
+        self.events.clone()
+    }
+
+    /// Where a consumer starting at `start` begins: its deliver policy, the first
+    /// sequence when the start names one, and the bounds it was checked against.
+    pub(super) async fn deliver_policy(
+        &self,
+        start: Start,
+    ) -> Result<(DeliverPolicy, Option<u64>, LogBounds), SubscriptionError> {
+        self.connected()?;
+        let bounds = self.bounds().await?;
+        let position = first_position(start, &bounds)?;
+        let deliver_policy = match (start, position) {
+            (Start::Live, _) => DeliverPolicy::New,
+            (Start::FromBeginning, _) => DeliverPolicy::All,
+            (Start::AfterSequence(_), Some(position)) => DeliverPolicy::ByStartSequence {
+                start_sequence: position,
+            },
+            // JetStream's own timestamps: the moment the PubAck'd publish was stored, which
+            // is received_at give or take the publish round trip.
+            (Start::Since(since), _) => DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::from_nanos(i128::from(since) * 1_000)
+                    .map_err(|e| unavailable("invalid since", e))?,
+            },
+            (Start::AfterSequence(_), None) => unreachable!("after_sequence names a position"),
+        };
+        Ok((deliver_policy, position, bounds))
     }
 
     fn connected(&self) -> Result<(), LogError> {
@@ -338,21 +369,50 @@ impl NatsLog {
     }
 
     async fn delete_letter(&self, id: u64) -> Result<(), LogError> {
-        match self.dead_letters.delete_message(id).await {
-            Ok(_) => Ok(()),
-            Err(e) => match e.kind() {
-                // Already gone (redriven or erased by another replica): the goal holds.
-                async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(js)
-                    if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
-                        || js.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND =>
-                {
-                    Ok(())
-                }
-                _ => Err(unavailable("NATS delete failed", e)),
-            },
-        }
+        delete_message(&self.dead_letters, id).await
     }
 
+    /// Deletes (and erases) the events on `subject` one by one; returns how many. Not a
+    /// filtered purge: nats-server 2.9 moves every consumer's ack floor past the last
+    /// purged sequence, so consumer groups would skip the other users' events in between
+    /// (seen on 2.9.10, tests/nats_consume.rs). One round trip per event of the user.
+    async fn delete_events(&self, subject: String) -> Result<u64, LogError> {
+        let (mut deleted, mut at) = (0, 1);
+        loop {
+            let message = match self
+                .events
+                .direct_get_next_for_subject(subject.as_str(), Some(at))
+                .await
+            {
+                Ok(message) => message,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(deleted),
+                Err(e) => return Err(unavailable("NATS read failed", e)),
+            };
+            at = message.sequence + 1;
+            delete_message(&self.events, message.sequence).await?;
+            deleted += 1;
+        }
+    }
+}
+
+/// Deletes message `id` of `stream` (the server overwrites it); one already gone is fine.
+async fn delete_message(stream: &stream::Stream, id: u64) -> Result<(), LogError> {
+    match stream.delete_message(id).await {
+        Ok(_) => Ok(()),
+        Err(e) => match e.kind() {
+            // Already gone (redriven or erased by another replica): the goal holds.
+            async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                    || js.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND =>
+            {
+                Ok(())
+            }
+            _ => Err(unavailable("NATS delete failed", e)),
+        },
+    }
+}
+
+impl NatsLog {
     /// The stored letter at `id` exactly, if any.
     async fn letter_at(&self, id: u64) -> Result<Option<DeadLetter>, LogError> {
         Ok(self.letter_at_or_after(id).await?.filter(|l| l.id == id))
@@ -674,7 +734,7 @@ impl Feed for NatsFeed {
 }
 
 /// Messages hold the event without its sequence, which is the stream's own.
-fn decode(sequence: u64, payload: bytes::Bytes) -> Result<CommittedEvent, LogError> {
+pub(super) fn decode(sequence: u64, payload: bytes::Bytes) -> Result<CommittedEvent, LogError> {
     CommittedEvent::decode(sequence, payload)
         .map_err(|e| LogError::Storage(format!("undecodable event at {sequence}: {e}")))
 }
@@ -829,23 +889,7 @@ impl EventLog for NatsLog {
         start: Start,
         filter: &Filter,
     ) -> Result<Option<Box<dyn Feed>>, SubscriptionError> {
-        self.connected()?;
-        let bounds = self.bounds().await?;
-        let position = first_position(start, &bounds)?;
-        let deliver_policy = match (start, position) {
-            (Start::Live, _) => DeliverPolicy::New,
-            (Start::FromBeginning, _) => DeliverPolicy::All,
-            (Start::AfterSequence(_), Some(position)) => DeliverPolicy::ByStartSequence {
-                start_sequence: position,
-            },
-            // JetStream's own timestamps: the moment the PubAck'd publish was stored, which
-            // is received_at give or take the publish round trip.
-            (Start::Since(since), _) => DeliverPolicy::ByStartTime {
-                start_time: async_nats::datetime::from_nanos(i128::from(since) * 1_000)
-                    .map_err(|e| unavailable("invalid since", e))?,
-            },
-            (Start::AfterSequence(_), None) => unreachable!("after_sequence names a position"),
-        };
+        let (deliver_policy, position, bounds) = self.deliver_policy(start).await?;
         let consumer = self
             .events
             .create_consumer(push::OrderedConfig {
@@ -871,7 +915,7 @@ impl EventLog for NatsLog {
         Ok(())
     }
 
-    /// Purges the user's subjects and deletes the dead letters naming the user. JetStream
+    /// Deletes the user's events and the dead letters naming the user. JetStream
     /// keeps its duplicate-window message ids (event ids and letter keys, which are hashes)
     /// until the window passes; they cannot be erased here: see the README's Security
     /// section.
@@ -885,14 +929,9 @@ impl EventLog for NatsLog {
             .unwrap_or_else(|e| e.into_inner())
             .ids
             .retain(|_, (_, owner)| *owner != token);
-        let purged = self
-            .events
-            .purge()
-            .filter(subject)
-            .await
-            .map_err(|e| unavailable("NATS purge failed", e))?;
+        let events = self.delete_events(subject).await?;
         Ok(Erased {
-            events: purged.purged,
+            events,
             dead_letters,
             ..Erased::default()
         })

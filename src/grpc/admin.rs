@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::event_stream::log_status;
 use crate::{
     deadletters::{self, Selection},
-    events::{EventLog, LogError, consumers::ConsumerGroups},
+    events::{EventLog, LogError, consumers::Groups},
     metrics::Metrics,
     proto::{
         DeadLetter, DeleteConsumerGroupRequest, DeleteConsumerGroupResponse, EraseUserRequest,
@@ -31,7 +31,7 @@ pub struct AdminService {
     log: Arc<dyn EventLog>,
     metrics: Arc<Metrics>,
     /// The consumer groups the consumer-group RPCs act on; `None` on a store without them.
-    groups: Option<Arc<ConsumerGroups>>,
+    groups: Option<Arc<dyn Groups>>,
 }
 
 impl AdminService {
@@ -44,7 +44,7 @@ impl AdminService {
     }
 
     /// Serves the consumer-group RPCs over `groups`, and erases from them too.
-    pub fn with_groups(mut self, groups: Option<Arc<ConsumerGroups>>) -> Self {
+    pub fn with_groups(mut self, groups: Option<Arc<dyn Groups>>) -> Self {
         self.groups = groups;
         self
     }

@@ -1,7 +1,7 @@
 //! `spike.gateway.v1.EventStream/Consume`: a consumer-group member's stream (SPEC §4.3).
 //!
 //! The first message must be `open`; it is validated here and joins the group through
-//! [`ConsumerGroups`]. Then a spawned reader passes the member's `ack`, `nak` and `term`
+//! [`Groups`] (local or NATS). Then a spawned reader passes the member's `ack`, `nak` and `term`
 //! to the group's task, and the group's deliveries go out as the bytes the log encoded
 //! once, wrapped in a `Delivery` ([`EncodedDelivery`]). The member's end, however it
 //! comes (client gone, its side closed, a protocol violation, shutdown, deletion), hands
@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     events::{
-        consumers::{Answer, ConsumerGroups, JoinError, MemberEnd, MemberMessage, Open},
+        consumers::{Answer, Groups, JoinError, MemberEnd, MemberMessage, Open},
         groups::{GroupConfig, GroupError, GroupFilter, GroupName, Ordering},
         subscription::{Start, SubscriptionError},
         time::{Micros, to_micros},
@@ -33,14 +33,14 @@ pub const MAX_NAK_DELAY: Micros = MAX_ACK_WAIT;
 pub type DeliveryStream =
     std::pin::Pin<Box<dyn Stream<Item = Result<EncodedDelivery, Status>> + Send + 'static>>;
 
-/// Serves one `Consume` call; `groups` is `None` on a backend without consumer groups.
+/// Serves one `Consume` call; `groups` is `None` on a log without consumer groups.
 pub async fn consume(
-    groups: Option<&Arc<ConsumerGroups>>,
+    groups: Option<&Arc<dyn Groups>>,
     request: Request<Streaming<ConsumeRequest>>,
 ) -> Result<Response<DeliveryStream>, Status> {
     let Some(groups) = groups else {
         return Err(Status::unimplemented(
-            "consumer groups on nats are not available yet; use the embedded or memory store, or Subscribe",
+            "this event log serves no consumer groups; use Subscribe",
         ));
     };
     let mut incoming = request.into_inner();

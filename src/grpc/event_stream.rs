@@ -30,7 +30,7 @@ use crate::{
     config::FilterLimits,
     events::{
         EventLog, LogError,
-        consumers::ConsumerGroups,
+        consumers::Groups,
         subscription::{self, Feed, Filter, PageLimit, Start, SubscriptionError},
         time::{now_micros, to_micros},
     },
@@ -62,8 +62,8 @@ pub struct StreamLimits {
 
 pub struct EventStreamService {
     log: Arc<dyn EventLog>,
-    /// `Consume`'s groups; `None` on a backend that serves none (NATS, for now).
-    groups: Option<Arc<ConsumerGroups>>,
+    /// `Consume`'s groups (local or NATS); `None` on a log that serves none.
+    groups: Option<Arc<dyn Groups>>,
     /// Cancelled when the gateway shuts down; every producer watches it.
     shutdown: CancellationToken,
     subscribers: SubscriberCount,
@@ -74,7 +74,7 @@ pub struct EventStreamService {
 impl EventStreamService {
     pub fn new(
         log: Arc<dyn EventLog>,
-        groups: Option<Arc<ConsumerGroups>>,
+        groups: Option<Arc<dyn Groups>>,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
         limits: StreamLimits,

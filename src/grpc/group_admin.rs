@@ -1,6 +1,5 @@
 //! The consumer-group RPCs of `spike.gateway.v1.Admin` (SPEC §4.4), over
-//! [`ConsumerGroups`]. `None` groups (a store without them, NATS for now) answer
-//! UNIMPLEMENTED.
+//! [`Groups`] (local or NATS). `None` groups (a log without them) answer UNIMPLEMENTED.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
@@ -9,7 +8,7 @@ use tonic::Status;
 use super::event_stream::log_status;
 use crate::{
     events::{
-        consumers::{AdminError, ConsumerGroups, GroupRow},
+        consumers::{AdminError, GroupRow, Groups},
         groups::GroupName,
         subscription::Start,
         time::{from_micros, to_micros},
@@ -22,8 +21,8 @@ use crate::{
     },
 };
 
-fn groups(groups: Option<&Arc<ConsumerGroups>>) -> Result<&Arc<ConsumerGroups>, Status> {
-    groups.ok_or_else(|| Status::unimplemented("consumer groups on nats are not available yet"))
+fn groups(groups: Option<&Arc<dyn Groups>>) -> Result<&Arc<dyn Groups>, Status> {
+    groups.ok_or_else(|| Status::unimplemented("this event log serves no consumer groups"))
 }
 
 fn admin_status(error: AdminError) -> Status {
@@ -38,7 +37,7 @@ fn name(group: &str) -> Result<GroupName, Status> {
     GroupName::parse(group).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-pub async fn list(all: Option<&Arc<ConsumerGroups>>) -> Result<ListConsumerGroupsResponse, Status> {
+pub async fn list(all: Option<&Arc<dyn Groups>>) -> Result<ListConsumerGroupsResponse, Status> {
     let rows = groups(all)?.list().await.map_err(log_status)?;
     Ok(ListConsumerGroupsResponse {
         groups: rows.into_iter().map(info).collect(),
@@ -70,7 +69,7 @@ fn info(row: GroupRow) -> ConsumerGroupInfo {
 }
 
 pub async fn seek(
-    all: Option<&Arc<ConsumerGroups>>,
+    all: Option<&Arc<dyn Groups>>,
     request: SeekConsumerGroupRequest,
 ) -> Result<SeekConsumerGroupResponse, Status> {
     use seek_consumer_group_request::Start as S;
@@ -90,7 +89,7 @@ pub async fn seek(
 }
 
 pub async fn delete(
-    all: Option<&Arc<ConsumerGroups>>,
+    all: Option<&Arc<dyn Groups>>,
     request: DeleteConsumerGroupRequest,
 ) -> Result<DeleteConsumerGroupResponse, Status> {
     let group = name(&request.group)?;
@@ -102,7 +101,7 @@ pub async fn delete(
 
 /// The groups' rows, as `ListConsumerGroups` counts them, for the per-group series of
 /// `/metrics` (so the two never disagree).
-pub struct GroupMetrics(pub Arc<ConsumerGroups>);
+pub struct GroupMetrics(pub Arc<dyn Groups>);
 
 impl GroupSource for GroupMetrics {
     fn samples(&self) -> Pin<Box<dyn Future<Output = Vec<GroupSample>> + Send + '_>> {

@@ -24,7 +24,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::{
     config::{FilterLimits, GrpcLimits},
-    events::{EventLog, consumers::ConsumerGroups, groups::Limits},
+    events::{EventLog, consumers::Groups},
     proto::{
         FILE_DESCRIPTOR_SET, admin_server::AdminServer, spike_records_server::SpikeRecordsServer,
     },
@@ -39,8 +39,9 @@ pub struct GrpcParts {
     pub log: Arc<dyn EventLog>,
     pub tokens: Vec<crate::config::Secret>,
     pub admin_tokens: Vec<crate::config::Secret>,
-    /// Bounds on each consumer group's memory.
-    pub group_limits: Limits,
+    /// The consumer groups `Consume` and the group admin RPCs serve (local or NATS, built by
+    /// `app`); `None` on a log without them. Their members end with `streams_shutdown`.
+    pub groups: Option<Arc<dyn Groups>>,
     /// Cancelled at shutdown: ends open streams with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
     pub spike: Arc<SpikeClient>,
@@ -99,13 +100,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
-    let groups = parts.log.serves_consumer_groups().then(|| {
-        Arc::new(ConsumerGroups::new(
-            parts.log.clone(),
-            parts.group_limits,
-            parts.streams_shutdown.clone(),
-        ))
-    });
+    let groups = parts.groups;
     if let Some(groups) = &groups {
         let source = group_admin::GroupMetrics(groups.clone());
         parts.metrics.set_group_source(Arc::new(source));

@@ -1,7 +1,7 @@
-//! Consumer-group members from a test (SPEC §4.3): a member's stream over a real tonic
-//! client, what it sends and what it receives, each wait with a deadline.
+//! `EventStream/Consume` members for the consumer-group tests, on any store and any
+//! gateway (an in-process app or a real binary, by its gRPC address).
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use spike_gateway::proto::{
     Ack, ConsumeOpen, ConsumeRequest, Delivery, consume_open, consume_request,
@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming, transport::Channel};
 
-use super::TestApp;
+use super::{MAIN, TestApp, record_change};
 
 /// One member's stream: what it sends, and what it receives.
 pub struct TestMember {
@@ -54,11 +54,15 @@ pub async fn consume_with(
 }
 
 pub async fn join(app: &TestApp, open: ConsumeOpen) -> Result<TestMember, Status> {
-    consume_with(
-        app.grpc_client().await,
-        request(consume_request::Request::Open(open)),
-    )
-    .await
+    join_at(app.grpc, open).await
+}
+
+/// A member on the gateway listening for gRPC at `grpc` (another replica, a real binary).
+pub async fn join_at(grpc: SocketAddr, open: ConsumeOpen) -> Result<TestMember, Status> {
+    let client = EventStreamClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("the gateway's gRPC port accepts connections");
+    consume_with(client, request(consume_request::Request::Open(open))).await
 }
 
 impl TestMember {
@@ -113,4 +117,11 @@ pub fn seq(delivery: &Delivery) -> u64 {
         .as_ref()
         .expect("a delivery has its event")
         .sequence
+}
+
+pub async fn post_events(app: &TestApp, user: &str, range: std::ops::Range<u64>) {
+    for n in range {
+        let response = app.post_json(MAIN, &record_change(user, n)).await;
+        assert_eq!(response.status(), 200);
+    }
 }

@@ -61,30 +61,29 @@
 //! from [`Group::unread_from`].
 //!
 //! # NATS
-//! JetStream keeps a group natively, shared by every replica, so the NATS backend uses
-//! this module for the definition ([`GroupName`], [`GroupConfig`] and its
-//! `FAILED_PRECONDITION` difference, stored beside the consumer since nats-server 2.9
-//! has no consumer metadata) and drives most of the rest through the server:
+//! JetStream keeps a group natively, shared by every replica, so the NATS backend
+//! ([`crate::events::nats_groups`]) uses this module only for the definition
+//! ([`GroupName`], [`GroupConfig`] and its `FAILED_PRECONDITION` difference, stored in the
+//! consumer's description since nats-server 2.9 has no consumer metadata) and drives the
+//! rest through the server:
 //! - a group is a durable pull consumer named after it, `AckPolicy::Explicit`, `ack_wait`
-//!   as the group's, `max_ack_pending` bounding the group's unsettled events like
-//!   `max_waiting` + in flight here, `deliver_policy` from the open's start (by start
-//!   sequence, by start time, all, or new), and the filter subject narrowed as for
-//!   `Subscribe` (2.9 takes one filter subject; the rest of the filter is applied by the
-//!   replica, which acks the events that do not match);
+//!   as the group's, `max_ack_pending` [`Limits::max_waiting`], `deliver_policy` from the
+//!   open's start, and the filter subject narrowed as for `Subscribe` (2.9 takes one
+//!   filter subject; the rest of the filter is applied by the replica, which acks the
+//!   events that do not match);
 //! - each member pulls at most its room (`max_in_flight` minus what it holds), so members
 //!   on different replicas split the work; ack, `-NAK` with a delay and `+TERM` map one
 //!   to one; a member's end naks what it held with no delay, so it is redelivered at
 //!   once (a replica that dies is covered by `ack_wait`);
-//! - per-user ordering: a partition token in the subject, a hash of the user modulo P
-//!   (a fixed, configured P), and per group P consumers, one per partition, each with
-//!   `max_ack_pending` 1, so at most one event per partition is unsettled anywhere:
+//! - per-user ordering: `max_ack_pending` 1, one event of the group unsettled anywhere, so
 //!   one user's events go in order and never two at once, across replicas, with no state
-//!   shared outside JetStream; parallelism is P, and users sharing a partition wait for
-//!   each other. (The alternative, one consumer and per-user lanes in a replica, cannot
-//!   stop two replicas from holding two events of one user.)
+//!   outside JetStream. Users do not proceed in parallel: that would take a partition
+//!   token in the subject (a hash of the user) and one consumer per partition, which
+//!   changes the subject layout of existing streams; left for later. (One consumer with
+//!   per-user lanes in a replica cannot stop two replicas holding two events of a user.)
 //! - `acked_through`, `pending`, `in_flight` and `redeliveries` come from the consumer
-//!   info (ack floor, `num_pending` + `num_ack_pending`, `num_redelivered`); `terminated`
-//!   and `expired` are counted by the replicas in a small KV bucket.
+//!   info (ack floor, `num_pending` + `num_ack_pending`, `num_redelivered`); JetStream
+//!   does not count `terminated` and `expired`, which are 0.
 //!
 //! [`Micros`]: crate::events::time::Micros
 

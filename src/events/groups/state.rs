@@ -27,6 +27,11 @@ impl MemberId {
     pub fn get(self) -> u64 {
         self.0
     }
+
+    /// A member numbered by a backend that keeps no [`Group`] (NATS: JetStream keeps it).
+    pub(crate) fn numbered(id: u64) -> Self {
+        Self(id)
+    }
 }
 
 /// A matching event the backend read at or after the group's [`Group::read_cursor`].
