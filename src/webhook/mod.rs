@@ -240,10 +240,14 @@ async fn nutrition_webhook(
 
 /// The request's span (`webhook receive`, a server span) continues an incoming
 /// `traceparent`; its children are `webhook verify` and `append events` (the commit).
-#[tracing::instrument(
-    name = "webhook",
-    skip_all,
-    fields(
+async fn receive(
+    state: &WebhookState,
+    path: WebhookCategory,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, WebhookError> {
+    let span = tracing::info_span!(
+        "webhook",
         category = path.as_str_name(),
         request_id = %crate::telemetry::request_id(
             headers.get("x-request-id").and_then(|v| v.to_str().ok())
@@ -257,16 +261,21 @@ async fn nutrition_webhook(
         messaging.system = MESSAGING_SYSTEM,
         messaging.operation.type = "receive",
         messaging.destination.name = route(path),
-    )
-)]
-async fn receive(
+    );
+    // Before the span is first entered: its parent is fixed then.
+    crate::telemetry::otel::continue_from(&span, headers);
+    received(state, path, headers, body, &span)
+        .instrument(span.clone())
+        .await
+}
+
+async fn received(
     state: &WebhookState,
     path: WebhookCategory,
     headers: &HeaderMap,
     body: Body,
+    span: &tracing::Span,
 ) -> Result<Json<Accepted>, WebhookError> {
-    let span = tracing::Span::current();
-    crate::telemetry::otel::continue_from(&span, headers);
     let started = std::time::Instant::now();
     let result = verify_and_append(state, path, headers, body).await;
     let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "accepted");
