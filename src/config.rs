@@ -903,6 +903,48 @@ mod tests {
     }
 
     #[test]
+    fn traces_are_off_without_an_endpoint_and_follow_the_otel_variables() {
+        let key = ["--webhook-signature-key", "k"];
+        assert_eq!(parse(&key).unwrap().traces, None);
+        let with = |extra: &[&str]| parse(&[&key[..], extra].concat());
+        let http = with(&["--otel-exporter-otlp-endpoint", "http://c:4318/"]).unwrap();
+        let http = http.traces.unwrap();
+        assert_eq!(http.endpoint, "http://c:4318/v1/traces");
+        assert_eq!(http.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(http.service_name, "spike-gateway");
+        assert_eq!((http.sampler.ratio, http.sampler.parent_based), (1.0, true));
+        let grpc = with(&[
+            "--otel-exporter-otlp-endpoint",
+            "http://c:4317",
+            "--otel-exporter-otlp-traces-endpoint",
+            "http://t:4317",
+            "--otel-exporter-otlp-protocol",
+            "grpc",
+            "--otel-traces-sampler",
+            "traceidratio",
+            "--otel-traces-sampler-arg",
+            "0.25",
+        ])
+        .unwrap()
+        .traces
+        .unwrap();
+        assert_eq!(grpc.endpoint, "http://t:4317");
+        assert_eq!(grpc.protocol, OtlpProtocol::Grpc);
+        assert_eq!(
+            (grpc.sampler.ratio, grpc.sampler.parent_based),
+            (0.25, false)
+        );
+        for bad in [
+            ["--otel-exporter-otlp-protocol", "http/json"],
+            ["--otel-traces-sampler", "sometimes"],
+            ["--otel-traces-sampler-arg", "2"],
+        ] {
+            let e = with(&[&["--otel-exporter-otlp-endpoint", "http://c"][..], &bad].concat());
+            assert!(matches!(e, Err(ConfigError::Invalid { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn defaults_match_the_spec() {
         let config = parse(&["--webhook-signature-key", "k"]).unwrap();
         assert_eq!(config.http_addr.to_string(), "0.0.0.0:8080");
