@@ -171,6 +171,34 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// OTLP collector for traces, all signals (`/v1/traces` is appended for http/protobuf).
+    /// Unset (with the traces one): no tracing export at all.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+    /// OTLP collector for traces, used as is; wins over OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otel_exporter_otlp_traces_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` (the default, as the OpenTelemetry specification says).
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default_value = "http/protobuf"
+    )]
+    pub otel_exporter_otlp_protocol: String,
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "spike-gateway")]
+    pub otel_service_name: String,
+    /// always_on, always_off, traceidratio, parentbased_always_on (default),
+    /// parentbased_always_off, parentbased_traceidratio.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
+    pub otel_traces_sampler: String,
+    /// The ratio of the traceidratio samplers, 0.0 to 1.0 (default 1.0).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub otel_traces_sampler_arg: Option<String>,
 }
 
 /// Maintenance commands of the binary.
@@ -242,6 +270,106 @@ pub struct Config {
     pub grpc: GrpcConfig,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// OpenTelemetry trace export; `None` (no endpoint set): no exporter and no layer.
+    pub traces: Option<TracesConfig>,
+}
+
+/// Where and how spans are exported (the standard `OTEL_*` variables).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracesConfig {
+    /// The full URL spans are sent to.
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    pub service_name: String,
+    pub sampler: TraceSampler,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// OTEL_TRACES_SAMPLER: the root decision, and whether a sampled or unsampled remote
+/// parent (an incoming `traceparent`) overrides it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceSampler {
+    /// Fraction of new traces kept, 0.0 to 1.0.
+    pub ratio: f64,
+    pub parent_based: bool,
+}
+
+impl TracesConfig {
+    fn from_cli(cli: &Cli) -> Result<Option<Self>, ConfigError> {
+        let protocol = match cli.otel_exporter_otlp_protocol.as_str() {
+            "grpc" => OtlpProtocol::Grpc,
+            "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            other => {
+                return Err(ConfigError::Invalid {
+                    name: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    reason: format!("{other:?} is not one of grpc, http/protobuf"),
+                });
+            }
+        };
+        let endpoint = match (
+            non_empty(&cli.otel_exporter_otlp_traces_endpoint),
+            non_empty(&cli.otel_exporter_otlp_endpoint),
+        ) {
+            (Some(traces), _) => traces.to_owned(),
+            (None, Some(base)) if protocol == OtlpProtocol::HttpProtobuf => {
+                format!("{}/v1/traces", base.trim_end_matches('/'))
+            }
+            (None, Some(base)) => base.to_owned(),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Self {
+            endpoint,
+            protocol,
+            service_name: cli.otel_service_name.clone(),
+            sampler: TraceSampler::parse(
+                &cli.otel_traces_sampler,
+                cli.otel_traces_sampler_arg.as_deref(),
+            )?,
+        }))
+    }
+}
+
+impl TraceSampler {
+    fn parse(name: &str, arg: Option<&str>) -> Result<Self, ConfigError> {
+        let ratio = match arg.filter(|a| !a.is_empty()) {
+            None => 1.0,
+            Some(arg) => arg
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| ConfigError::Invalid {
+                    name: "OTEL_TRACES_SAMPLER_ARG",
+                    reason: format!("{arg:?} is not a ratio from 0.0 to 1.0"),
+                })?,
+        };
+        let (ratio, parent_based) = match name {
+            "always_on" => (1.0, false),
+            "always_off" => (0.0, false),
+            "traceidratio" => (ratio, false),
+            "parentbased_always_on" => (1.0, true),
+            "parentbased_always_off" => (0.0, true),
+            "parentbased_traceidratio" => (ratio, true),
+            other => {
+                return Err(ConfigError::Invalid {
+                    name: "OTEL_TRACES_SAMPLER",
+                    reason: format!("{other:?} is not a supported sampler"),
+                });
+            }
+        };
+        Ok(Self {
+            ratio,
+            parent_based,
+        })
+    }
+}
+
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
 #[derive(Debug, Clone)]
@@ -355,6 +483,7 @@ impl Config {
     }
 
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let traces = TracesConfig::from_cli(&cli)?;
         let signature_keys = secret_list(
             "SPIKE_WEBHOOK_SIGNATURE_KEY",
             cli.webhook_signature_key,
@@ -584,6 +713,7 @@ impl Config {
             },
             shutdown_grace: cli.shutdown_grace,
             log_format: cli.log_format,
+            traces,
         })
     }
 }
@@ -770,6 +900,48 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("GATEWAY_GRPC_TLS_CERT"), "{err}");
+    }
+
+    #[test]
+    fn traces_are_off_without_an_endpoint_and_follow_the_otel_variables() {
+        let key = ["--webhook-signature-key", "k"];
+        assert_eq!(parse(&key).unwrap().traces, None);
+        let with = |extra: &[&str]| parse(&[&key[..], extra].concat());
+        let http = with(&["--otel-exporter-otlp-endpoint", "http://c:4318/"]).unwrap();
+        let http = http.traces.unwrap();
+        assert_eq!(http.endpoint, "http://c:4318/v1/traces");
+        assert_eq!(http.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(http.service_name, "spike-gateway");
+        assert_eq!((http.sampler.ratio, http.sampler.parent_based), (1.0, true));
+        let grpc = with(&[
+            "--otel-exporter-otlp-endpoint",
+            "http://c:4317",
+            "--otel-exporter-otlp-traces-endpoint",
+            "http://t:4317",
+            "--otel-exporter-otlp-protocol",
+            "grpc",
+            "--otel-traces-sampler",
+            "traceidratio",
+            "--otel-traces-sampler-arg",
+            "0.25",
+        ])
+        .unwrap()
+        .traces
+        .unwrap();
+        assert_eq!(grpc.endpoint, "http://t:4317");
+        assert_eq!(grpc.protocol, OtlpProtocol::Grpc);
+        assert_eq!(
+            (grpc.sampler.ratio, grpc.sampler.parent_based),
+            (0.25, false)
+        );
+        for bad in [
+            ["--otel-exporter-otlp-protocol", "http/json"],
+            ["--otel-traces-sampler", "sometimes"],
+            ["--otel-traces-sampler-arg", "2"],
+        ] {
+            let e = with(&[&["--otel-exporter-otlp-endpoint", "http://c"][..], &bad].concat());
+            assert!(matches!(e, Err(ConfigError::Invalid { .. })), "{bad:?}");
+        }
     }
 
     #[test]

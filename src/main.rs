@@ -20,12 +20,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
     let deadline = ExitDeadline::new(config.shutdown_grace);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("spike-gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Inside the runtime: the span exporter, when configured, runs on it.
+    let export = match runtime
+        .block_on(async { telemetry::init(config.log_format, config.traces.as_ref()) })
+    {
+        Ok(export) => export,
+        Err(e) => {
+            eprintln!("spike-gateway: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -38,6 +47,8 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())
     });
+    // Spans still buffered are flushed while the runtime (which exports them) still runs.
+    export.shutdown(deadline.remaining());
     // Tasks still running (blocking ones included) get what is left of the grace.
     runtime.shutdown_timeout(deadline.remaining());
     match result {

@@ -1,7 +1,10 @@
-//! Tracing set-up: text or JSON on stderr, level from `RUST_LOG` (default `info`).
+//! Tracing set-up: text or JSON on stderr, level from `RUST_LOG` (default `info`), and,
+//! when an OTLP endpoint is configured, OpenTelemetry span export ([`otel`]).
 //!
-//! The code never puts payload bodies, signatures or keys into log fields; this module only
-//! chooses the format.
+//! The code never puts payload bodies, signatures, keys or tokens into log fields or span
+//! attributes; this module only chooses the format and the export.
+
+pub mod otel;
 
 use std::{
     io::IsTerminal,
@@ -10,7 +13,7 @@ use std::{
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TracesConfig};
 
 /// An id for one webhook or RPC, for its log lines: the caller's `x-request-id` when it is
 /// a short token, else a new one (process start time and a counter, unique per process).
@@ -30,17 +33,33 @@ pub fn request_id(offered: Option<&str>) -> String {
     format!("{start:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber: logs, plus the OpenTelemetry layer when `traces` is
+/// set. Must run inside a tokio runtime when `traces` is set (the exporter runs on it).
+/// The returned [`otel::Export`] flushes the spans still buffered when shut down.
+pub fn init(format: LogFormat, traces: Option<&TracesConfig>) -> Result<otel::Export, String> {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    // try_init: a second initialisation (tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
     };
+    let (export, layer) = match traces {
+        Some(traces) => {
+            let (export, layer) = otel::start(traces)?;
+            (export, Some(layer))
+        }
+        None => (otel::Export::default(), None),
+    };
+    // try_init: a second initialisation (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(layer)
+        .try_init();
+    Ok(export)
 }
 
 thread_local! {

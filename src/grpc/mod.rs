@@ -181,11 +181,24 @@ fn bounded_server(limits: &GrpcLimits) -> Server {
                 .headers()
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok());
-            tracing::info_span!(
+            let path = request.uri().path();
+            // "/package.Service/Method": the span name semantic conventions give an RPC.
+            let (service, method) = path
+                .trim_start_matches('/')
+                .split_once('/')
+                .unwrap_or(("", ""));
+            let span = tracing::info_span!(
                 "rpc",
-                method = %request.uri().path(),
+                method = %path,
                 request_id = %crate::telemetry::request_id(offered),
-            )
+                otel.name = path.trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = method,
+            );
+            crate::telemetry::otel::continue_from(&span, request.headers());
+            span
         })
 }
 

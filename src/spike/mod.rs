@@ -20,6 +20,7 @@ use prost_types::Timestamp;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use error::SpikeError;
 use tokens::TokenCache;
@@ -394,6 +395,16 @@ impl SpikeClient {
         if remaining.is_zero() {
             return Exchange::TimedOut;
         }
+        // A client span per attempt; no path or query (they name users and records).
+        let span = tracing::info_span!(
+            "spike",
+            otel.name = method.as_str(),
+            otel.kind = "client",
+            http.request.method = method.as_str(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        let mut context = http::HeaderMap::new();
+        crate::telemetry::otel::inject(&span, &mut context);
         let mut request = self
             .http
             .request(
@@ -401,6 +412,7 @@ impl SpikeClient {
                 format!("{}{}", self.base_url, call.path),
             )
             .timeout(remaining)
+            .headers(context)
             .header("accept", "application/json");
         if !call.query.is_empty() {
             request = request.query(&call.query);
@@ -423,11 +435,12 @@ impl SpikeClient {
                 Exchange::Failed(e.to_string())
             }
         };
-        let response = match request.send().await {
+        let response = match request.send().instrument(span.clone()).await {
             Ok(response) => response,
             Err(e) => return failed(e),
         };
         let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
         let retry_after = response
             .headers()
             .get("retry-after")

@@ -33,6 +33,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use crate::{
     deadletters,
@@ -237,25 +238,54 @@ async fn nutrition_webhook(
     receive(&state, WebhookCategory::NutritionRecords, &headers, body).await
 }
 
-#[tracing::instrument(
-    name = "webhook",
-    skip_all,
-    fields(
-        category = path.as_str_name(),
-        request_id = %crate::telemetry::request_id(
-            headers.get("x-request-id").and_then(|v| v.to_str().ok())
-        ),
-    )
-)]
+/// The request's span (`webhook receive`, a server span) continues an incoming
+/// `traceparent`; its children are `webhook verify` and `append events` (the commit).
 async fn receive(
     state: &WebhookState,
     path: WebhookCategory,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, WebhookError> {
+    let span = tracing::info_span!(
+        "webhook",
+        category = path.as_str_name(),
+        request_id = %crate::telemetry::request_id(
+            headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        ),
+        otel.name = "webhook receive",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = route(path),
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        messaging.system = MESSAGING_SYSTEM,
+        messaging.operation.type = "receive",
+        messaging.destination.name = route(path),
+    );
+    // Before the span is first entered: its parent is fixed then.
+    crate::telemetry::otel::continue_from(&span, headers);
+    received(state, path, headers, body, &span)
+        .instrument(span.clone())
+        .await
+}
+
+async fn received(
+    state: &WebhookState,
+    path: WebhookCategory,
+    headers: &HeaderMap,
+    body: Body,
+    span: &tracing::Span,
+) -> Result<Json<Accepted>, WebhookError> {
     let started = std::time::Instant::now();
     let result = verify_and_append(state, path, headers, body).await;
     let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "accepted");
+    let status = result
+        .as_ref()
+        .map_or_else(|e| e.status(), |_| StatusCode::OK);
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     state.metrics.webhook(path, outcome, started.elapsed());
     match &result {
         Ok(Json(accepted)) => tracing::info!(
@@ -285,11 +315,13 @@ async fn verify_and_append(
     // Held until the request is answered: the body's bytes stay charged to the budget.
     let (body, _charged) =
         read_body(body, headers, state.max_body_bytes, &state.body_budget).await?;
-    state.verifier.verify(&body, &signature)?;
+    tracing::info_span!("verify", otel.name = "webhook verify")
+        .in_scope(|| state.verifier.verify(&body, &signature))?;
 
     let received_at = from_micros(now_micros());
     let parsed = wire::parse_body(&body, path, received_at)?;
-    let batch = deadletters::batch(parsed, path, received_at);
+    let mut batch = deadletters::batch(parsed, path, received_at);
+    let append = append_span(path, &mut batch);
     let types: Vec<i32> = batch.events.iter().map(|e| e.event.r#type).collect();
     let reasons: Vec<_> = batch
         .dead_letters
@@ -301,6 +333,7 @@ async fn verify_and_append(
     let admitted = state
         .log
         .admit(batch.into_admission())
+        .instrument(append)
         .await
         .map_err(WebhookError::LogUnavailable)?;
     let mut duplicates = 0;
@@ -326,6 +359,43 @@ async fn verify_and_append(
         duplicates,
         dead_lettered: admitted.dead_letters.len(),
     }))
+}
+
+/// `messaging.system` of the gateway's spans (semantic conventions: lower-case name of the
+/// messaging product; ours is none of the well-known ones).
+pub const MESSAGING_SYSTEM: &str = "spike_gateway";
+
+fn route(path: WebhookCategory) -> &'static str {
+    match path {
+        WebhookCategory::LabReports => "/webhooks/spike/lab-reports",
+        WebhookCategory::NutritionRecords => "/webhooks/spike/nutrition",
+        _ => "/webhooks/spike",
+    }
+}
+
+/// The commit's span (a producer span), and the trace context every event of the batch
+/// carries from it, so a consumer can link its processing span to this delivery.
+fn append_span(path: WebhookCategory, batch: &mut deadletters::Batch) -> tracing::Span {
+    let span = tracing::info_span!(
+        "append",
+        otel.name = "append events",
+        otel.kind = "producer",
+        messaging.system = MESSAGING_SYSTEM,
+        messaging.operation.type = "send",
+        messaging.operation.name = "append",
+        messaging.destination.name = "events",
+        messaging.batch.message_count = batch.events.len(),
+        spike.webhook.category = path.as_str_name(),
+        spike.dead_letters = batch.dead_letters.len(),
+    );
+    let (traceparent, tracestate) = crate::telemetry::otel::trace_context(&span);
+    if !traceparent.is_empty() {
+        for new in &mut batch.events {
+            new.event.traceparent.clone_from(&traceparent);
+            new.event.tracestate.clone_from(&tracestate);
+        }
+    }
+    span
 }
 
 /// The body length the client declared, if it did. hyper has checked that it is a number.

@@ -22,6 +22,8 @@ pub struct Recorded {
     pub path: String,
     pub query: Option<String>,
     pub authorization: Option<String>,
+    /// The W3C `traceparent` header, if the gateway sent one.
+    pub traceparent: Option<String>,
     pub body: Value,
 }
 
@@ -153,6 +155,10 @@ async fn answer(
         query: uri.query().map(str::to_owned),
         authorization: headers
             .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        traceparent: headers
+            .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
