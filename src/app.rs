@@ -90,7 +90,7 @@ impl Application {
             );
         }
         let metrics = Arc::new(Metrics::default());
-        deadletters::refresh_gauge(log.as_ref(), &metrics).await;
+        deadletters::refresh_gauge(&log, &metrics).await;
         let spike = Arc::new(SpikeClient::new(&config.spike)?);
         if !config.grpc_addr.ip().is_loopback() && config.grpc.tls.is_none() {
             tracing::warn!(
@@ -343,7 +343,7 @@ async fn housekeep(log: Arc<dyn EventLog>, metrics: Arc<Metrics>, stop: Cancella
                     tracing::warn!(error = %e, "event log housekeeping failed; will retry");
                 }
                 // Retention removes letters too (and on NATS, other replicas store them).
-                deadletters::refresh_gauge(log.as_ref(), &metrics).await;
+                deadletters::refresh_gauge(&log, &metrics).await;
             }
         }
     }

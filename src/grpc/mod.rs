@@ -96,9 +96,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor set is valid: build.rs produced it");
-    let groups = parts.log.serves_consumer_groups().then(|| {
+    // Consumer groups are served over a local log's history; NATS serves none yet.
+    let groups = parts.log.clone().backend().local().map(|local| {
         Arc::new(ConsumerGroups::new(
-            parts.log.clone(),
+            local,
             parts.group_limits,
             parts.streams_shutdown.clone(),
         ))
