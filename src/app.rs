@@ -94,7 +94,7 @@ impl Application {
             );
         }
         let metrics = Arc::new(Metrics::default());
-        deadletters::refresh_gauge(log.as_ref(), &metrics).await;
+        deadletters::refresh_gauge(&log, &metrics).await;
         let spike = Arc::new(SpikeClient::new(&config.spike)?);
         if !config.grpc_addr.ip().is_loopback() && config.grpc.tls.is_none() {
             tracing::warn!(
@@ -304,8 +304,8 @@ fn consumer_groups(
     if let Some(nats) = nats {
         return Some(Arc::new(NatsGroups::new(nats, limits, shutdown.clone())));
     }
-    log.serves_consumer_groups().then(|| {
-        Arc::new(ConsumerGroups::new(log.clone(), limits, shutdown.clone())) as Arc<dyn Groups>
+    log.clone().backend().local().map(|local| {
+        Arc::new(ConsumerGroups::new(local, limits, shutdown.clone())) as Arc<dyn Groups>
     })
 }
 
@@ -371,7 +371,7 @@ async fn housekeep(log: Arc<dyn EventLog>, metrics: Arc<Metrics>, stop: Cancella
                     tracing::warn!(error = %e, "event log housekeeping failed; will retry");
                 }
                 // Retention removes letters too (and on NATS, other replicas store them).
-                deadletters::refresh_gauge(log.as_ref(), &metrics).await;
+                deadletters::refresh_gauge(&log, &metrics).await;
             }
         }
     }

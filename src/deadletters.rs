@@ -5,6 +5,8 @@
 //! Storage never parses JSON: whatever needs Spike's JSON read (the items of a letter,
 //! the users it names) is read here through [`crate::wire`], and storage gets the result.
 
+use std::sync::Arc;
+
 use prost_types::Timestamp;
 
 use crate::{
@@ -269,8 +271,8 @@ pub async fn backfill_user_ids(log: &dyn EventLog) -> Result<u64, LogError> {
 }
 
 /// Sets the `dead_letters_stored` gauge from the log (shared by every replica on NATS).
-pub async fn refresh_gauge(log: &dyn EventLog, metrics: &Metrics) {
-    match log.dead_letter_count().await {
+pub async fn refresh_gauge(log: &Arc<dyn EventLog>, metrics: &Metrics) {
+    match log.clone().backend().dead_letter_count().await {
         Ok(count) => metrics.dead_letters_stored(count),
         Err(e) => tracing::warn!(error = %e, "cannot count dead letters for the gauge"),
     }

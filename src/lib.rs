@@ -10,8 +10,9 @@
 //! - [`webhook`]: the axum HTTP front. Verifies `X-Body-Signature` over the raw bytes,
 //!   parses Spike's payload shapes at the edge (through [`wire`]), and answers 200 only once
 //!   the log has made every event durable.
-//! - [`events`]: the [`events::EventLog`] trait with its `embedded` (redb, group commit),
-//!   `memory` and `nats` (JetStream) backends, live fan-out, and the subscription feeds that
+//! - [`events`]: the narrow [`events::EventLog`] trait with its `embedded` (redb, group
+//!   commit), `memory` and `nats` (JetStream) backends; the local backends' history-and-live
+//!   capability [`events::LocalLog`], live fan-out, and the subscription feeds that
 //!   hand over from history to live without gaps or duplicates. Each committed event is
 //!   encoded once ([`events::CommittedEvent`]) and those bytes go to every subscriber.
 //!   Consumer groups: a pure state machine ([`events::groups`]) driven by one task per

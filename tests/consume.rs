@@ -305,7 +305,8 @@ async fn shutdown_ends_members_with_unavailable() {
 /// `acked_through` of `group` as the store saved it, if it saved the group.
 async fn saved_acked_through(app: &TestApp, group: &str) -> Option<u64> {
     use spike_gateway::events::groups::{Group, Limits};
-    let snapshots = app.log.load_consumer_groups().await.ok()?;
+    let local = app.log.clone().backend().local()?;
+    let snapshots = local.load_consumer_groups().await.ok()?;
     snapshots
         .iter()
         .filter_map(|s| Group::restore(s, Limits::default()).ok())

@@ -87,7 +87,7 @@ async fn a_retried_request_stores_one_dead_letter_and_one_event_on(store: &Store
         .unwrap();
     assert_eq!(retry["duplicates"], 1, "{}: {retry}", store.name);
     assert_eq!(
-        app.log.dead_letter_count().await.unwrap(),
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
         1,
         "{}",
         store.name
@@ -115,7 +115,7 @@ async fn dead_letters_are_listed_in_pages_by_user_with_raw_json_only_on_request_
 async fn dead_letters_are_listed_in_pages_by_user_with_raw_json_only_on_request_on(store: &Store) {
     let app = spawn_app_with(&store.flags()).await;
     for user in ["ann", "bob", "ann"] {
-        let n = app.log.dead_letter_count().await.unwrap();
+        let n = app.log.clone().backend().dead_letter_count().await.unwrap();
         let body = json!({"event_type": "sleep_changed", "application_user_id": user, "n": n});
         app.post_json(MAIN, &body).await;
     }
@@ -190,7 +190,10 @@ async fn list_and_redrive_check_their_arguments_and_tokens() {
     assert_eq!((letters.len(), next), (0, 0));
     let nothing = redrive(&app, vec![0, u64::MAX], false).await;
     assert_eq!(nothing, RedriveDeadLettersResponse::default());
-    assert_eq!(app.log.dead_letter_count().await.unwrap(), 1);
+    assert_eq!(
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
+        1
+    );
     let status = client
         .list_dead_letters(ListDeadLettersRequest::default())
         .await
@@ -336,7 +339,10 @@ async fn redrive_all_pages_through_more_letters_than_one_batch() {
         (answer.appended, answer.duplicates, answer.still_dead),
         (250, 0, 0)
     );
-    assert_eq!(app.log.dead_letter_count().await.unwrap(), 0);
+    assert_eq!(
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
+        0
+    );
     assert_eq!(app.log.bounds().await.unwrap().next, 251);
 }
 
@@ -373,7 +379,7 @@ async fn extreme_ids_find_nothing_and_are_no_error_on(store: &Store) {
         store.name
     );
     assert_eq!(
-        app.log.dead_letter_count().await.unwrap(),
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
         1,
         "{}",
         store.name

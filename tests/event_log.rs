@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use spike_gateway::{
     events::{
-        Admission, Admitted, AppendOutcome, EventLog, LogError, NewEvent,
+        Admission, Admitted, AppendOutcome, EventLog, LocalLog, LogError, NewEvent,
         embedded::EmbeddedLog,
         memory::MemoryLog,
         time::{from_micros, now_micros, to_micros},
@@ -31,7 +31,7 @@ fn events(ids: &[&str]) -> Vec<Event> {
 fn backends(
     dedup: Duration,
     retention: Duration,
-) -> Vec<(&'static str, Arc<dyn EventLog>, Option<tempfile::TempDir>)> {
+) -> Vec<(&'static str, Arc<dyn LocalLog>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
     let embedded = EmbeddedLog::open(dir.path(), dedup, retention).unwrap();
     vec![

@@ -325,7 +325,10 @@ async fn an_enormous_batch_of_unusable_items_is_one_dead_letter() {
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["dead_lettered"], 1, "{answer}");
-    assert_eq!(app.log.dead_letter_count().await.unwrap(), 1);
+    assert_eq!(
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
+        1
+    );
 }
 
 #[tokio::test]

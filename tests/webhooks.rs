@@ -153,7 +153,10 @@ async fn signed_json_that_cannot_be_classified_is_200_and_dead_lettered() {
     assert_eq!(response.status().as_u16(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["dead_lettered"], 1);
-    assert_eq!(app.log.dead_letter_count().await.unwrap(), 1);
+    assert_eq!(
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
+        1
+    );
     assert_eq!(app.log.bounds().await.unwrap().next, 1, "no event appended");
 
     // A lab report without record_id is meaningless: dead letter, still 200.
@@ -164,7 +167,10 @@ async fn signed_json_that_cannot_be_classified_is_200_and_dead_lettered() {
         )
         .await;
     assert_eq!(response.status().as_u16(), 200);
-    assert_eq!(app.log.dead_letter_count().await.unwrap(), 2);
+    assert_eq!(
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -179,7 +185,10 @@ async fn a_batch_keeps_its_good_items_and_dead_letters_the_bad_ones() {
     let body: serde_json::Value = app.post_json(MAIN, &batch).await.json().await.unwrap();
     assert_eq!(body["appended"], 2, "{body}");
     assert_eq!(body["dead_lettered"], 2, "{body}");
-    assert_eq!(app.log.dead_letter_count().await.unwrap(), 2);
+    assert_eq!(
+        app.log.clone().backend().dead_letter_count().await.unwrap(),
+        2
+    );
 }
 
 #[tokio::test]

@@ -5,8 +5,8 @@
 //! A group's task owns its `Group`, so no lock is held across I/O: members and admin
 //! calls talk to it over one bounded command channel, and it hands each member its
 //! deliveries over a bounded channel of its own. It follows the log from the group's read
-//! cursor with the sources `Subscribe`'s cursor uses ([`EventLog::read`], woken by
-//! [`EventLog::live`]), and its timer is [`Group::next_wakeup`]. On shutdown every member
+//! cursor with the sources `Subscribe`'s cursor uses ([`LocalLog::read`], woken by
+//! [`LocalLog::live`]), and its timer is [`Group::next_wakeup`]. On shutdown every member
 //! ends with [`MemberEnd::ShuttingDown`] and what it held returns to the group.
 
 use std::{
@@ -22,7 +22,7 @@ use tokio::sync::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CommittedEvent, EventLog, LogError,
+    CommittedEvent, LocalLog, LogError,
     groups::{
         Candidate, Delivery, Group, GroupConfig, GroupError, GroupName, GroupStats, Limits,
         MemberId,
@@ -257,7 +257,7 @@ impl Groups for ConsumerGroups {
 
 /// Every consumer group of one local log.
 pub struct ConsumerGroups {
-    log: Arc<dyn EventLog>,
+    log: Arc<dyn LocalLog>,
     limits: Limits,
     shutdown: CancellationToken,
     /// Each group's command queue, by name. A std mutex: held only to look up or insert,
@@ -271,7 +271,7 @@ pub struct ConsumerGroups {
 }
 
 impl ConsumerGroups {
-    pub fn new(log: Arc<dyn EventLog>, limits: Limits, shutdown: CancellationToken) -> Self {
+    pub fn new(log: Arc<dyn LocalLog>, limits: Limits, shutdown: CancellationToken) -> Self {
         Self {
             log,
             limits,
@@ -476,7 +476,7 @@ impl ConsumerGroups {
 }
 
 /// The first sequence a new group reads.
-async fn resolve_start(log: &dyn EventLog, start: Start) -> Result<u64, SubscriptionError> {
+async fn resolve_start(log: &dyn LocalLog, start: Start) -> Result<u64, SubscriptionError> {
     let bounds = log.bounds().await?;
     match (first_position(start, &bounds)?, start) {
         (Some(position), _) => Ok(position),
@@ -506,7 +506,7 @@ struct Page {
 /// One group's task.
 struct Driver {
     group: Group,
-    log: Arc<dyn EventLog>,
+    log: Arc<dyn LocalLog>,
     filter: Filter,
     members: BTreeMap<MemberId, Link>,
     /// Given to each joining member for its answers.
@@ -528,7 +528,7 @@ impl Driver {
     fn new(
         group: Group,
         fresh: bool,
-        log: Arc<dyn EventLog>,
+        log: Arc<dyn LocalLog>,
         commands: mpsc::Sender<Command>,
     ) -> Self {
         let changes = group.changes();

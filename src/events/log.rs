@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use super::{
     CommittedEvent, fanout,
     health::{Damage, LogHealth},
-    subscription::{Feed, Filter, PageLimit, Start, SubscriptionError},
+    subscription::PageLimit,
     time::Micros,
 };
 use crate::proto::{DeadLetter, Event};
@@ -147,12 +147,39 @@ pub enum LogError {
     Damaged(Damage),
 }
 
-/// A durable, ordered, deduplicating log of events.
+/// How subscriptions and consumer groups read a log: the choice of reader, in types.
+pub enum Backend {
+    /// History and live events in this process (memory, embedded): `Subscribe` uses the
+    /// generic cursor over [`LocalLog`], and consumer groups are served over it.
+    Local(Arc<dyn LocalLog>),
+    /// NATS JetStream, which follows the stream itself (an ordered consumer per
+    /// subscription) and keeps no history in this process.
+    Nats(Arc<super::nats::NatsLog>),
+}
+
+impl Backend {
+    /// The local capability, if this is a local backend.
+    pub fn local(self) -> Option<Arc<dyn LocalLog>> {
+        match self {
+            Self::Local(local) => Some(local),
+            Self::Nats(_) => None,
+        }
+    }
+
+    /// Number of dead letters stored (the `dead_letters_stored` gauge reads it). On NATS it
+    /// is the dead-letter stream's message count, shared by every replica.
+    pub async fn dead_letter_count(&self) -> Result<u64, LogError> {
+        match self {
+            Self::Local(local) => local.dead_letter_count().await,
+            Self::Nats(nats) => nats.dead_letter_count().await,
+        }
+    }
+}
+
+/// A durable, ordered, deduplicating log of events: what production calls on every backend.
 ///
-/// Implementations assign `sequence` (strictly increasing) and clamp `received_at` so it never
-/// decreases along the log, which makes `since` a search instead of a scan. After an append
-/// is acknowledged, the events are visible to [`EventLog::read`] *before* they are sent on
-/// [`EventLog::live`]; subscription cursors rely on that order.
+/// Implementations assign `sequence` (strictly increasing) and give every event a
+/// `received_at`. Reading is not here: see [`EventLog::backend`].
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Stores a request's events and dead letters (and a redrive's removals) atomically and
@@ -184,10 +211,43 @@ pub trait EventLog: Send + Sync + 'static {
         user: Option<&str>,
     ) -> Result<Vec<DeadLetter>, LogError>;
 
+    async fn bounds(&self) -> Result<LogBounds, LogError>;
+
+    /// Which reader subscriptions use: the generic cursor over a [`LocalLog`], or the
+    /// backend's own follow (NATS).
+    fn backend(self: Arc<Self>) -> Backend;
+
+    /// Applies retention and forgets expired dedup entries.
+    async fn housekeeping(&self) -> Result<(), LogError>;
+
+    /// Removes every event of `user`, their dedup entries, and the dead letters whose
+    /// recorded `application_user_ids` name the user, with their dedup entries (right to
+    /// erasure). Reads no JSON: the ids were recorded when each letter was stored.
+    async fn erase_user(&self, user: &str) -> Result<Erased, LogError>;
+
+    /// Whether the log can take writes now, and if not, why.
+    fn health(&self) -> LogHealth;
+
+    /// Whether the log can take writes now.
+    fn is_ready(&self) -> bool {
+        self.health().is_ready()
+    }
+
+    /// Finishes in-flight writes and refuses new ones.
+    async fn close(&self);
+}
+
+/// A log whose history and live events are read in this process (memory, embedded).
+///
+/// `received_at` never decreases along the log, which makes `since` a search instead of a
+/// scan. After an append is acknowledged, its events are visible to [`LocalLog::read`]
+/// *before* they are sent on [`LocalLog::live`]; subscription cursors rely on that order.
+#[async_trait]
+pub trait LocalLog: EventLog {
     /// Up to `limit` events with `sequence >= from`, in order.
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError>;
 
-    /// Like [`EventLog::read`], bounded in bytes too: stops after the event that brings the
+    /// Like [`LocalLog::read`], bounded in bytes too: stops after the event that brings the
     /// page's encoded size to `limit.bytes` (so a page is never empty while events remain).
     /// Subscription cursors read with it, so a catch-up page costs at most about
     /// `limit.bytes` whatever the size of the events.
@@ -219,31 +279,15 @@ pub trait EventLog: Send + Sync + 'static {
         Ok(page)
     }
 
-    async fn bounds(&self) -> Result<LogBounds, LogError>;
-
     /// The smallest position whose events were all received at or after `since`.
     async fn position_at(&self, since: Micros) -> Result<u64, LogError>;
 
     /// Events as they are committed. A receiver that falls behind gets `Lagged` and must
-    /// read what it missed from [`EventLog::read`].
+    /// read what it missed from [`LocalLog::read`].
     fn live(&self) -> fanout::Receiver;
 
-    /// A backend's own way of following the log from `start`, if it has one (NATS uses an
-    /// ordered consumer per subscription). `None`: subscriptions use the generic cursor over
-    /// [`EventLog::read`] and [`EventLog::live`].
-    async fn follow(
-        &self,
-        _start: Start,
-        _filter: &Filter,
-    ) -> Result<Option<Box<dyn Feed>>, SubscriptionError> {
-        Ok(None)
-    }
-
-    /// Whether `EventStream/Consume` is served over this log by
-    /// [`super::consumers::ConsumerGroups`] (the local backends); NATS serves none yet.
-    fn serves_consumer_groups(&self) -> bool {
-        false
-    }
+    /// Number of dead letters stored.
+    async fn dead_letter_count(&self) -> Result<u64, LogError>;
 
     /// The consumer groups' saved snapshots. A backend that keeps groups only in process
     /// (memory) has none.
@@ -259,27 +303,4 @@ pub trait EventLog: Send + Sync + 'static {
     ) -> Result<(), LogError> {
         Ok(())
     }
-
-    /// Applies retention and forgets expired dedup entries.
-    async fn housekeeping(&self) -> Result<(), LogError>;
-
-    /// Removes every event of `user`, their dedup entries, and the dead letters whose
-    /// recorded `application_user_ids` name the user, with their dedup entries (right to
-    /// erasure). Reads no JSON: the ids were recorded when each letter was stored.
-    async fn erase_user(&self, user: &str) -> Result<Erased, LogError>;
-
-    /// Number of dead letters stored (the `dead_letters_stored` gauge reads it; on NATS it
-    /// is shared by every replica, so no replica-local counter could stand in for it).
-    async fn dead_letter_count(&self) -> Result<u64, LogError>;
-
-    /// Whether the log can take writes now, and if not, why.
-    fn health(&self) -> LogHealth;
-
-    /// Whether the log can take writes now.
-    fn is_ready(&self) -> bool {
-        self.health().is_ready()
-    }
-
-    /// Finishes in-flight writes and refuses new ones.
-    async fn close(&self);
 }

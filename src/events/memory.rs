@@ -12,8 +12,8 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    Admission, Admitted, AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
-    NewEvent, dead_letter_key,
+    Admission, Admitted, AppendOutcome, Backend, CommittedEvent, Erased, EventLog, LocalLog,
+    LogBounds, LogError, NewEvent, dead_letter_key,
     fanout::{self, Fanout},
     names_user, place_at_tip,
     time::{Micros, now_micros},
@@ -171,10 +171,6 @@ impl State {
 
 #[async_trait]
 impl EventLog for MemoryLog {
-    fn serves_consumer_groups(&self) -> bool {
-        true
-    }
-
     async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(LogError::Closed);
@@ -229,13 +225,6 @@ impl EventLog for MemoryLog {
             .collect())
     }
 
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
-        let state = self.lock();
-        // By sequence, not by index: erasure leaves holes in the sequence.
-        let start = state.events.partition_point(|e| e.sequence() < from);
-        Ok(state.events.range(start..).take(limit).cloned().collect())
-    }
-
     async fn bounds(&self) -> Result<LogBounds, LogError> {
         let state = self.lock();
         Ok(LogBounds {
@@ -243,17 +232,6 @@ impl EventLog for MemoryLog {
             next: state.next,
             trimmed_through: state.trimmed_through,
         })
-    }
-
-    async fn position_at(&self, since: Micros) -> Result<u64, LogError> {
-        let state = self.lock();
-        // received_at never decreases along the log, so this is a binary search.
-        let index = state.events.partition_point(|e| e.received_at() < since);
-        Ok(state.events.get(index).map_or(state.next, |e| e.sequence()))
-    }
-
-    fn live(&self) -> fanout::Receiver {
-        self.fanout.subscribe()
     }
 
     async fn housekeeping(&self) -> Result<(), LogError> {
@@ -270,10 +248,6 @@ impl EventLog for MemoryLog {
         let max_dedup = self.capacity.saturating_mul(DEDUP_ENTRIES_PER_EVENT);
         state.expire_dedup(now, self.dedup_window, max_dedup);
         Ok(())
-    }
-
-    async fn dead_letter_count(&self) -> Result<u64, LogError> {
-        Ok(self.lock().dead_letters.len() as u64)
     }
 
     async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
@@ -321,5 +295,34 @@ impl EventLog for MemoryLog {
 
     async fn close(&self) {
         self.closed.store(true, Ordering::Release);
+    }
+
+    fn backend(self: Arc<Self>) -> Backend {
+        Backend::Local(self)
+    }
+}
+
+#[async_trait]
+impl LocalLog for MemoryLog {
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
+        let state = self.lock();
+        // By sequence, not by index: erasure leaves holes in the sequence.
+        let start = state.events.partition_point(|e| e.sequence() < from);
+        Ok(state.events.range(start..).take(limit).cloned().collect())
+    }
+
+    async fn position_at(&self, since: Micros) -> Result<u64, LogError> {
+        let state = self.lock();
+        // received_at never decreases along the log, so this is a binary search.
+        let index = state.events.partition_point(|e| e.received_at() < since);
+        Ok(state.events.get(index).map_or(state.next, |e| e.sequence()))
+    }
+
+    fn live(&self) -> fanout::Receiver {
+        self.fanout.subscribe()
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, LogError> {
+        Ok(self.lock().dead_letters.len() as u64)
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - [`committed`]: an event as the log committed it, decoded once and encoded once, so
 //!   every subscriber is sent the same bytes.
-//! - [`log`]: the [`EventLog`] trait every backend implements, and its error type.
+//! - [`log`]: the narrow [`EventLog`] trait every backend implements, the [`LocalLog`]
+//!   capability (history and live reading) of the local backends, and the error type.
 //! - [`embedded`]: the default backend, durable on disk (redb) with group commit.
 //! - [`nats`]: NATS JetStream, shared by several replicas.
 //! - [`memory`]: a bounded in-process backend for tests and throwaway runs.
@@ -35,6 +36,6 @@ pub use committed::CommittedEvent;
 pub use health::{Damage, LogHealth};
 use log::place_at_tip;
 pub use log::{
-    Admission, Admitted, AppendOutcome, Erased, EventLog, LogBounds, LogError, NewEvent,
-    dead_letter_key, names_user,
+    Admission, Admitted, AppendOutcome, Backend, Erased, EventLog, LocalLog, LogBounds, LogError,
+    NewEvent, dead_letter_key, names_user,
 };

@@ -10,14 +10,14 @@
 //! second stream on `{prefix}.dead.{category}`, keeping event sequences contiguous.
 //!
 //! Each subscription reads the stream with its own ordered push consumer
-//! ([`EventLog::follow`]): `after_sequence`, `from_beginning`, `since` and live map onto
+//! ([`NatsLog::follow`]): `after_sequence`, `from_beginning`, `since` and live map onto
 //! deliver policies, and a filter naming at most one type and one user becomes the
 //! consumer's filter subject, so NATS filters at the source. Ordered consumers recreate
 //! themselves on any gap or reconnect, so a stream stays ordered, gap-free and
 //! duplicate-free; flow control keeps a slow reader from buffering without bound.
 //!
-//! The generic [`EventLog::read`] / [`EventLog::live`] contract is implemented too
-//! (direct gets, and one ordered consumer per replica feeding the local fan-out).
+//! No history is read in this process, so NATS is not a [`super::LocalLog`]: the
+//! subscription entry point is [`super::Backend::Nats`].
 //!
 //! **No transaction across the two streams.** [`EventLog::admit`] publishes a request's
 //! dead letters, then its events, then removes redriven letters; a failure part way gets the
@@ -61,13 +61,10 @@ use async_nats::{
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use prost::Message;
-use tokio_util::sync::CancellationToken;
 
 use super::{
-    Admission, Admitted, AppendOutcome, CommittedEvent, Erased, EventLog, LogBounds, LogError,
-    NewEvent, dead_letter_key,
-    fanout::{self, Fanout},
-    names_user,
+    Admission, Admitted, AppendOutcome, Backend, CommittedEvent, Erased, EventLog, LogBounds,
+    LogError, NewEvent, dead_letter_key, names_user,
     subscription::{Feed, Filter, Start, SubscriptionError, first_position},
     time::{Micros, from_micros, now_micros},
 };
@@ -88,8 +85,6 @@ const SCAN_IDLE: Duration = Duration::from_secs(5);
 const SUBSCRIPTION_CAPACITY: usize = 1024;
 /// How long one publish waits for its PubAck before the webhook gets a 503.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before the tail consumer is recreated after an error.
-const TAIL_RETRY: Duration = Duration::from_millis(500);
 
 /// Where the gateway keeps its events in NATS.
 #[derive(Debug, Clone)]
@@ -107,13 +102,7 @@ pub struct NatsLog {
     events: stream::Stream,
     dead_letters: stream::Stream,
     settings: NatsSettings,
-    fanout: Fanout,
     closed: AtomicBool,
-    // Stops the tail task on close().
-    stop_tail: CancellationToken,
-    // The tail feeds only `live()`, which Subscribe does not use here (each subscription has
-    // its own consumer): it starts with the first `live()` call, not at connect.
-    tail_started: std::sync::Once,
     // 0.1-rule msg ids still in JetStream's duplicate window (see the module docs). A std
     // Mutex: held only for a map lookup, never across an await.
     legacy: std::sync::Mutex<LegacyIds>,
@@ -133,7 +122,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> LogError {
 }
 
 impl NatsLog {
-    /// Connects, creates or validates both streams, and starts tailing.
+    /// Connects, and creates or validates both streams.
     pub async fn connect(settings: NatsSettings) -> Result<Self, LogError> {
         let client = async_nats::ConnectOptions::new()
             .name("spike-gateway")
@@ -186,10 +175,7 @@ impl NatsLog {
             events,
             dead_letters,
             settings,
-            fanout: Fanout::default(),
             closed: AtomicBool::new(false),
-            stop_tail: CancellationToken::new(),
-            tail_started: std::sync::Once::new(),
             legacy: std::sync::Mutex::new(legacy),
         };
         Ok(log)
@@ -451,17 +437,76 @@ impl NatsLog {
         Ok(erased)
     }
 
-    /// The stored event at or after `sequence`, if any.
-    async fn next_at_or_after(&self, sequence: u64) -> Result<Option<CommittedEvent>, LogError> {
+    /// `received_at` of the stored event at or after `sequence`, if any: where
+    /// [`EventLog::bounds`] says retention has trimmed through.
+    async fn received_at_or_after(&self, sequence: u64) -> Result<Option<Micros>, LogError> {
         match self
             .events
             .direct_get_next_for_subject(self.event_filter(), Some(sequence))
             .await
         {
-            Ok(message) => decode(message.sequence, message.payload).map(Some),
+            Ok(message) => Ok(Some(
+                decode(message.sequence, message.payload)?.received_at(),
+            )),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable("NATS read failed", e)),
         }
+    }
+
+    /// Follows the stream from `start` with an ordered push consumer of its own, filtered
+    /// at the source by the narrowest subject covering `filter`: `Subscribe` on NATS.
+    pub async fn follow(
+        &self,
+        start: Start,
+        filter: &Filter,
+    ) -> Result<Box<dyn Feed>, SubscriptionError> {
+        self.connected()?;
+        let bounds = self.bounds().await?;
+        let position = first_position(start, &bounds)?;
+        let deliver_policy = match (start, position) {
+            (Start::Live, _) => DeliverPolicy::New,
+            (Start::FromBeginning, _) => DeliverPolicy::All,
+            (Start::AfterSequence(_), Some(position)) => DeliverPolicy::ByStartSequence {
+                start_sequence: position,
+            },
+            // JetStream's own timestamps: the moment the PubAck'd publish was stored, which
+            // is received_at give or take the publish round trip.
+            (Start::Since(since), _) => DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::from_nanos(i128::from(since) * 1_000)
+                    .map_err(|e| unavailable("invalid since", e))?,
+            },
+            (Start::AfterSequence(_), None) => unreachable!("after_sequence names a position"),
+        };
+        let consumer = self
+            .events
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: self.subject_for(filter),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("cannot create a NATS consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("cannot read a NATS consumer", e))?;
+        Ok(Box::new(NatsFeed {
+            messages,
+            position: position.unwrap_or(bounds.oldest),
+        }))
+    }
+
+    /// Number of dead letters stored, shared by every replica: the dead-letter stream's
+    /// message count (one stream-info request).
+    pub async fn dead_letter_count(&self) -> Result<u64, LogError> {
+        let mut dead = self.dead_letters.clone();
+        Ok(dead
+            .info()
+            .await
+            .map_err(|e| unavailable("cannot read the dead-letter stream", e))?
+            .state
+            .messages)
     }
 }
 
@@ -612,91 +657,6 @@ async fn ensure_stream(
     Ok(stream)
 }
 
-/// Follows the stream from its current end and publishes each event to the local fan-out.
-/// Anything a receiver misses before the tail starts it reads from the log, as after a lag.
-async fn tail(
-    mut events: stream::Stream,
-    client: async_nats::Client,
-    filter: String,
-    fanout: Fanout,
-    stop: CancellationToken,
-) {
-    let mut next = loop {
-        match events.info().await {
-            Ok(info) => break info.state.last_sequence + 1,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the stream's end for the tail; retrying");
-                if pause(&stop).await {
-                    return;
-                }
-            }
-        }
-    };
-    loop {
-        let consumer = events
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: client.new_inbox(),
-                filter_subject: filter.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: next,
-                },
-                ..Default::default()
-            })
-            .await;
-        let mut messages = match consumer {
-            Ok(consumer) => match consumer.messages().await {
-                Ok(messages) => messages,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the NATS tail consumer; retrying");
-                    if pause(&stop).await {
-                        return;
-                    }
-                    continue;
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot create the NATS tail consumer; retrying");
-                if pause(&stop).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        loop {
-            let message = tokio::select! {
-                () = stop.cancelled() => return,
-                message = messages.next() => message,
-            };
-            let message = match message {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "NATS tail consumer failed; recreating it");
-                    break;
-                }
-                None => break,
-            };
-            let Ok(info) = message.info() else { continue };
-            let sequence = info.stream_sequence;
-            match decode(sequence, message.payload.clone()) {
-                Ok(event) => fanout.publish([Arc::new(event)]),
-                Err(e) => tracing::error!(sequence, error = %e, "undecodable event in the stream"),
-            }
-            next = sequence + 1;
-        }
-        if pause(&stop).await {
-            return;
-        }
-    }
-}
-
-/// Waits before a retry; true if the log is closing instead.
-async fn pause(stop: &CancellationToken) -> bool {
-    tokio::select! {
-        () = stop.cancelled() => true,
-        () = tokio::time::sleep(TAIL_RETRY) => false,
-    }
-}
-
 fn type_token(event_type: i32) -> String {
     EventType::try_from(event_type)
         .unwrap_or(EventType::Unspecified)
@@ -804,21 +764,6 @@ impl EventLog for NatsLog {
         Ok(out)
     }
 
-    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
-        let mut out = Vec::new();
-        let mut at = from;
-        while out.len() < limit {
-            match self.next_at_or_after(at).await? {
-                Some(event) => {
-                    at = event.sequence() + 1;
-                    out.push(Arc::new(event));
-                }
-                None => break,
-            }
-        }
-        Ok(out)
-    }
-
     async fn bounds(&self) -> Result<LogBounds, LogError> {
         let mut events = self.events.clone();
         let info = events
@@ -835,8 +780,8 @@ impl EventLog for NatsLog {
         // JetStream does not say when it removed messages; if any were removed, treat
         // everything before the oldest retained event as gone.
         let trimmed_through = if oldest > 1 {
-            match self.next_at_or_after(oldest).await? {
-                Some(event) => Some(event.received_at() - 1),
+            match self.received_at_or_after(oldest).await? {
+                Some(received) => Some(received - 1),
                 None => Some(now_micros()),
             }
         } else {
@@ -847,67 +792,6 @@ impl EventLog for NatsLog {
             next,
             trimmed_through,
         })
-    }
-
-    async fn position_at(&self, since: Micros) -> Result<u64, LogError> {
-        let bounds = self.bounds().await?;
-        // Binary search on received_at, as for the embedded log. Replicas' clocks may
-        // disagree by a little; `since` is as precise as they are.
-        let (mut low, mut high) = (bounds.oldest, bounds.next);
-        while low < high {
-            let mid = low + (high - low) / 2;
-            let at_or_after = match self.next_at_or_after(mid).await? {
-                Some(event) => event.received_at() >= since,
-                None => true,
-            };
-            if at_or_after {
-                high = mid;
-            } else {
-                low = mid + 1;
-            }
-        }
-        Ok(low)
-    }
-
-    fn live(&self) -> fanout::Receiver {
-        // Subscribe before the tail starts, so the first receiver misses nothing it reads.
-        let receiver = self.fanout.subscribe();
-        self.tail_started.call_once(|| {
-            tokio::spawn(tail(
-                self.events.clone(),
-                self.client.clone(),
-                self.event_filter(),
-                self.fanout.clone(),
-                self.stop_tail.clone(),
-            ));
-        });
-        receiver
-    }
-
-    async fn follow(
-        &self,
-        start: Start,
-        filter: &Filter,
-    ) -> Result<Option<Box<dyn Feed>>, SubscriptionError> {
-        let (deliver_policy, position, bounds) = self.deliver_policy(start).await?;
-        let consumer = self
-            .events
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: self.subject_for(filter),
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("cannot create a NATS consumer", e))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| unavailable("cannot read a NATS consumer", e))?;
-        Ok(Some(Box::new(NatsFeed {
-            messages,
-            position: position.unwrap_or(bounds.oldest),
-        })))
     }
 
     async fn housekeeping(&self) -> Result<(), LogError> {
@@ -937,16 +821,6 @@ impl EventLog for NatsLog {
         })
     }
 
-    async fn dead_letter_count(&self) -> Result<u64, LogError> {
-        let mut dead = self.dead_letters.clone();
-        Ok(dead
-            .info()
-            .await
-            .map_err(|e| unavailable("cannot read the dead-letter stream", e))?
-            .state
-            .messages)
-    }
-
     fn health(&self) -> super::LogHealth {
         use super::LogHealth;
         match self.connected() {
@@ -958,8 +832,11 @@ impl EventLog for NatsLog {
 
     async fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.stop_tail.cancel();
         let _ = self.client.flush().await;
+    }
+
+    fn backend(self: Arc<Self>) -> Backend {
+        Backend::Nats(self)
     }
 }
 

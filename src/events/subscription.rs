@@ -13,7 +13,7 @@ use std::{collections::HashSet, sync::Arc};
 use async_trait::async_trait;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::{CommittedEvent, EventLog, LogError, fanout, time::Micros};
+use super::{Backend, CommittedEvent, EventLog, LocalLog, LogError, fanout, time::Micros};
 use crate::proto::{Event, EventType, WebhookCategory};
 
 /// Events read from the log per page while catching up, at most.
@@ -145,8 +145,8 @@ pub trait Feed: Send {
     fn position(&self) -> u64;
 }
 
-/// Opens a feed from `start`: the backend's own ([`EventLog::follow`]) where it has one,
-/// else the generic [`Cursor`]. `filter` lets a backend filter at the source; callers still
+/// Opens a feed from `start`: the generic [`Cursor`] over a local log's history and live
+/// events, or NATS's own follow ([`super::nats::NatsLog::follow`]). `filter` lets a backend filter at the source; callers still
 /// apply it to what they receive.
 pub async fn open(
     log: Arc<dyn EventLog>,
@@ -163,10 +163,10 @@ pub async fn open_with(
     filter: &Filter,
     page: PageLimit,
 ) -> Result<Box<dyn Feed>, SubscriptionError> {
-    if let Some(feed) = log.follow(start, filter).await? {
-        return Ok(feed);
+    match log.backend() {
+        Backend::Local(local) => Ok(Box::new(Cursor::open(local, start).await?.with_pages(page))),
+        Backend::Nats(nats) => nats.follow(start, filter).await,
     }
-    Ok(Box::new(Cursor::open(log, start).await?.with_pages(page)))
 }
 
 /// The first position `start` names, checked against what the log retains. Shared by the
@@ -214,7 +214,7 @@ pub fn first_position(
 
 /// A position in the log plus the live receiver that continues it.
 pub struct Cursor {
-    log: Arc<dyn EventLog>,
+    log: Arc<dyn LocalLog>,
     live: fanout::Receiver,
     /// Sequence of the next event to deliver.
     next: u64,
@@ -223,7 +223,7 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    pub async fn open(log: Arc<dyn EventLog>, start: Start) -> Result<Self, SubscriptionError> {
+    pub async fn open(log: Arc<dyn LocalLog>, start: Start) -> Result<Self, SubscriptionError> {
         // Subscribe first: see the module comment for why this order closes every gap.
         let live = log.live();
         let bounds = log.bounds().await?;

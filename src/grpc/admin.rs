@@ -99,7 +99,7 @@ impl Admin for AdminService {
             Some(groups) => groups.erase_user(&user).await.map_err(log_status)?,
             None => 0,
         };
-        deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
+        deadletters::refresh_gauge(&self.log, &self.metrics).await;
         // An audit record of who was erased and how much; no health data.
         tracing::info!(
             application_user_id = %user,
@@ -163,7 +163,7 @@ impl Admin for AdminService {
         let redriven = deadletters::redrive(self.log.as_ref(), selection)
             .await
             .map_err(log_status)?;
-        deadletters::refresh_gauge(self.log.as_ref(), &self.metrics).await;
+        deadletters::refresh_gauge(&self.log, &self.metrics).await;
         tracing::info!(
             appended = redriven.appended,
             duplicates = redriven.duplicates,

@@ -352,7 +352,7 @@ async fn verify_and_append(
         }
     }
     if stored_letters {
-        deadletters::refresh_gauge(state.log.as_ref(), &state.metrics).await;
+        deadletters::refresh_gauge(&state.log, &state.metrics).await;
     }
     Ok(Json(Accepted {
         appended: admitted.events.len() - duplicates,

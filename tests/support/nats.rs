@@ -38,29 +38,6 @@ pub fn require_installed() {
     );
 }
 
-/// Waits until a push consumer on `stream` has a subscriber bound to it. On a log no one
-/// else follows, that is the log's tail, which `EventLog::live` starts on first use: from
-/// then on every appended event reaches live receivers.
-pub async fn wait_for_bound_consumer(url: &str, stream: &str) {
-    use futures_util::StreamExt;
-    let jetstream = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
-    let stream = jetstream.get_stream(stream).await.unwrap();
-    super::wait_until(
-        Duration::from_secs(10),
-        "the NATS tail consumer has a subscriber",
-        async || {
-            let mut consumers = stream.consumers();
-            while let Some(info) = consumers.next().await {
-                if info.is_ok_and(|info| info.push_bound) {
-                    return true;
-                }
-            }
-            false
-        },
-    )
-    .await;
-}
-
 impl NatsServer {
     /// Starts a JetStream-enabled server on a free loopback port with a fresh store.
     pub fn start() -> Self {

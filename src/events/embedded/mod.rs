@@ -44,7 +44,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Admission, Admitted, CommittedEvent, Erased, EventLog, LogBounds, LogError, LogHealth,
+    Admission, Admitted, Backend, CommittedEvent, Erased, EventLog, LocalLog, LogBounds, LogError,
+    LogHealth,
     fanout::{self, Fanout},
     names_user,
     subscription::PageLimit,
@@ -392,39 +393,6 @@ fn next_sequence(
 
 #[async_trait]
 impl EventLog for EmbeddedLog {
-    fn serves_consumer_groups(&self) -> bool {
-        true
-    }
-
-    async fn load_consumer_groups(&self) -> Result<Vec<Vec<u8>>, LogError> {
-        self.with_reader(None, |db, _| {
-            let txn = db.begin_read()?;
-            let table = match txn.open_table(CONSUMER_GROUPS) {
-                Ok(table) => table,
-                // A store opened read-only before the table existed: no groups yet.
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
-            };
-            let mut snapshots = Vec::new();
-            for entry in table.iter()? {
-                snapshots.push(entry?.1.value().to_vec());
-            }
-            Ok(snapshots)
-        })
-        .await
-    }
-
-    async fn save_consumer_groups(
-        &self,
-        writes: Vec<(String, Option<Vec<u8>>)>,
-    ) -> Result<(), LogError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        self.send(|reply| Command::SaveGroups { writes, reply })
-            .await
-    }
-
     async fn admit(&self, admission: Admission) -> Result<Admitted, LogError> {
         if admission.is_empty() {
             return Ok(Admitted::default());
@@ -457,6 +425,89 @@ impl EventLog for EmbeddedLog {
             Ok(out)
         })
         .await
+    }
+
+    async fn bounds(&self) -> Result<LogBounds, LogError> {
+        self.with_reader(None, |db, _| {
+            // One read transaction: oldest, next and trimmed_through from one snapshot.
+            let txn = db.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let meta = txn.open_table(META)?;
+            let next = next_sequence(&events, &meta)?;
+            let oldest = events.first()?.map_or(next, |(k, _)| k.value());
+            let trimmed_through = meta.get(META_TRIMMED_THROUGH)?.map(|v| v.value() as Micros);
+            Ok(LogBounds {
+                oldest,
+                next,
+                trimmed_through,
+            })
+        })
+        .await
+    }
+
+    async fn housekeeping(&self) -> Result<(), LogError> {
+        self.send(|reply| Command::Housekeeping { reply }).await
+    }
+
+    async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
+        let user = user.to_owned();
+        self.send(|reply| Command::Erase { user, reply }).await
+    }
+
+    fn health(&self) -> LogHealth {
+        if self.commands.is_closed() && !self.closed.load(Ordering::Acquire) {
+            return LogHealth::WriteFailing("the event log writer stopped".into());
+        }
+        self.health.current()
+    }
+
+    async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.health.close();
+        // Everything queued before Shutdown is still committed and answered.
+        let _ = self.commands.send(Command::Shutdown).await;
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    fn backend(self: Arc<Self>) -> Backend {
+        Backend::Local(self)
+    }
+}
+
+#[async_trait]
+impl LocalLog for EmbeddedLog {
+    async fn load_consumer_groups(&self) -> Result<Vec<Vec<u8>>, LogError> {
+        self.with_reader(None, |db, _| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(CONSUMER_GROUPS) {
+                Ok(table) => table,
+                // A store opened read-only before the table existed: no groups yet.
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut snapshots = Vec::new();
+            for entry in table.iter()? {
+                snapshots.push(entry?.1.value().to_vec());
+            }
+            Ok(snapshots)
+        })
+        .await
+    }
+
+    async fn save_consumer_groups(
+        &self,
+        writes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), LogError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.send(|reply| Command::SaveGroups { writes, reply })
+            .await
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Arc<CommittedEvent>>, LogError> {
@@ -517,24 +568,6 @@ impl EventLog for EmbeddedLog {
         .await
     }
 
-    async fn bounds(&self) -> Result<LogBounds, LogError> {
-        self.with_reader(None, |db, _| {
-            // One read transaction: oldest, next and trimmed_through from one snapshot.
-            let txn = db.begin_read()?;
-            let events = txn.open_table(EVENTS)?;
-            let meta = txn.open_table(META)?;
-            let next = next_sequence(&events, &meta)?;
-            let oldest = events.first()?.map_or(next, |(k, _)| k.value());
-            let trimmed_through = meta.get(META_TRIMMED_THROUGH)?.map(|v| v.value() as Micros);
-            Ok(LogBounds {
-                oldest,
-                next,
-                trimmed_through,
-            })
-        })
-        .await
-    }
-
     async fn position_at(&self, since: Micros) -> Result<u64, LogError> {
         self.with_reader(None, move |db, at| {
             let txn = db.begin_read()?;
@@ -566,40 +599,11 @@ impl EventLog for EmbeddedLog {
         self.fanout.subscribe()
     }
 
-    async fn housekeeping(&self) -> Result<(), LogError> {
-        self.send(|reply| Command::Housekeeping { reply }).await
-    }
-
-    async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
-        let user = user.to_owned();
-        self.send(|reply| Command::Erase { user, reply }).await
-    }
-
     async fn dead_letter_count(&self) -> Result<u64, LogError> {
         self.with_reader(None, |db, _| {
             let txn = db.begin_read()?;
             Ok(txn.open_table(DEAD_LETTERS)?.len()?)
         })
         .await
-    }
-
-    fn health(&self) -> LogHealth {
-        if self.commands.is_closed() && !self.closed.load(Ordering::Acquire) {
-            return LogHealth::WriteFailing("the event log writer stopped".into());
-        }
-        self.health.current()
-    }
-
-    async fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.health.close();
-        // Everything queued before Shutdown is still committed and answered.
-        let _ = self.commands.send(Command::Shutdown).await;
-        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-        }
     }
 }
