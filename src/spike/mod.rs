@@ -398,9 +398,9 @@ impl SpikeClient {
         // A client span per attempt; no path or query (they name users and records).
         let span = tracing::info_span!(
             "spike",
-            otel.name = method.as_str(),
+            otel.name = call.method.as_str(),
             otel.kind = "client",
-            http.request.method = method.as_str(),
+            http.request.method = call.method.as_str(),
             http.response.status_code = tracing::field::Empty,
         );
         let mut context = http::HeaderMap::new();
