@@ -312,8 +312,8 @@ impl TracesConfig {
             }
         };
         let endpoint = match (
-            non_empty(&cli.otel_exporter_otlp_traces_endpoint),
-            non_empty(&cli.otel_exporter_otlp_endpoint),
+            non_empty(cli.otel_exporter_otlp_traces_endpoint.as_deref()),
+            non_empty(cli.otel_exporter_otlp_endpoint.as_deref()),
         ) {
             (Some(traces), _) => traces.to_owned(),
             (None, Some(base)) if protocol == OtlpProtocol::HttpProtobuf => {
@@ -368,8 +368,8 @@ impl TraceSampler {
     }
 }
 
-fn non_empty(value: &Option<String>) -> Option<&str> {
-    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.map(str::trim).filter(|v| !v.is_empty())
 }
 
 #[derive(Debug, Clone)]

@@ -334,7 +334,7 @@ async fn traces_reach_the_receiver(protocol: &str, endpoint: String, received: R
         .unwrap()
         .trim_start_matches("Bearer ")
         .to_owned();
-    let all = format!("{:?}", spans);
+    let all = format!("{spans:?}");
     for secret in [KEY, HMAC_KEY, USER, PROVIDER, "rec-1", token.as_str()] {
         assert!(!all.contains(secret), "{secret:?} appears in a span");
     }
