@@ -23,7 +23,7 @@ struct Args {
     /// anything else to the main path).
     #[arg(long)]
     path: Option<String>,
-    /// JSON files to post; none = every sample in tests/fixtures.
+    /// JSON files to post; none = every `*.json` sample in tests/fixtures.
     files: Vec<PathBuf>,
 }
 
@@ -49,7 +49,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         files = std::fs::read_dir(samples)?
             .map(|entry| entry.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            // Only the samples: the directory also holds a 0.1 data directory (upgrade test).
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .collect();
         files.sort();
     }
     let client = reqwest::Client::new();
