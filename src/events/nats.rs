@@ -460,23 +460,7 @@ impl NatsLog {
         start: Start,
         filter: &Filter,
     ) -> Result<Box<dyn Feed>, SubscriptionError> {
-        self.connected()?;
-        let bounds = self.bounds().await?;
-        let position = first_position(start, &bounds)?;
-        let deliver_policy = match (start, position) {
-            (Start::Live, _) => DeliverPolicy::New,
-            (Start::FromBeginning, _) => DeliverPolicy::All,
-            (Start::AfterSequence(_), Some(position)) => DeliverPolicy::ByStartSequence {
-                start_sequence: position,
-            },
-            // JetStream's own timestamps: the moment the PubAck'd publish was stored, which
-            // is received_at give or take the publish round trip.
-            (Start::Since(since), _) => DeliverPolicy::ByStartTime {
-                start_time: async_nats::datetime::from_nanos(i128::from(since) * 1_000)
-                    .map_err(|e| unavailable("invalid since", e))?,
-            },
-            (Start::AfterSequence(_), None) => unreachable!("after_sequence names a position"),
-        };
+        let (deliver_policy, position, bounds) = self.deliver_policy(start).await?;
         let consumer = self
             .events
             .create_consumer(push::OrderedConfig {
