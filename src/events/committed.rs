@@ -170,6 +170,24 @@ fn with_sequence(sequence: u64, stored: &[u8]) -> Bytes {
     wire.freeze()
 }
 
+/// `Event.event_id`'s field number in `events.proto`.
+const EVENT_ID_FIELD: u32 = 2;
+
+/// The `event_id` of an encoded `Event`, read without decoding the rest: the dedup index
+/// is rebuilt from the stored events at start-up, and this layout puts the id second.
+pub fn stored_event_id(wire: &[u8]) -> Option<&str> {
+    let mut rest = wire;
+    while rest.has_remaining() {
+        let (field, wire_type) = encoding::decode_key(&mut rest).ok()?;
+        if (field, wire_type) == (EVENT_ID_FIELD, WireType::LengthDelimited) {
+            let len = usize::try_from(encoding::decode_varint(&mut rest).ok()?).ok()?;
+            return std::str::from_utf8(rest.get(..len)?).ok();
+        }
+        encoding::skip_field(wire_type, field, &mut rest, Default::default()).ok()?;
+    }
+    None
+}
+
 /// What a walk over an encoded `Event`'s top-level fields found.
 struct Layout {
     /// The value of field 1, if present.
@@ -234,6 +252,13 @@ mod tests {
             raw_json: Bytes::from_static(br#"{"type":"record_change"}"#),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_event_id_reads_without_decoding() {
+        let committed = CommittedEvent::new(sample());
+        assert_eq!(stored_event_id(&committed.encoded(true)), Some("evt-1"));
+        assert_eq!(stored_event_id(&[]), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The `memory` backend: bounded, in process, lost on exit. For tests and throwaway runs.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -13,9 +13,11 @@ use async_trait::async_trait;
 
 use super::{
     Admission, Admitted, AppendOutcome, Backend, CommittedEvent, Erased, EventLog, LocalLog,
-    LogBounds, LogError, NewEvent, dead_letter_key,
+    LogBounds, LogError, NewEvent,
+    admission::{self, Gate},
+    dead_letter_key,
     fanout::{self, Fanout},
-    names_user, place_at_tip,
+    names_user,
     time::{Micros, now_micros},
 };
 use crate::proto::DeadLetter;
@@ -33,20 +35,16 @@ pub struct MemoryLog {
     state: Mutex<State>,
     fanout: Fanout,
     capacity: usize,
-    dedup_window: Micros,
     retention: Micros,
     closed: AtomicBool,
 }
 
 struct State {
     events: VecDeque<Arc<CommittedEvent>>,
-    next: u64,
-    last_received: Micros,
+    /// The shared admission rule: the tip and the dedup index (event ids and dead-letter
+    /// keys).
+    gate: Gate,
     trimmed_through: Option<Micros>,
-    /// Event ids and dead-letter keys → (sequence or letter id, first seen).
-    dedup: HashMap<String, (u64, Micros)>,
-    /// Dedup entries by insertion time, to expire them in order.
-    dedup_order: VecDeque<(Micros, String)>,
     /// In increasing id.
     dead_letters: VecDeque<DeadLetter>,
     next_dead_letter: u64,
@@ -57,17 +55,14 @@ impl MemoryLog {
         Self {
             state: Mutex::new(State {
                 events: VecDeque::new(),
-                next: 1,
-                last_received: Micros::MIN,
+                gate: Gate::new(1, Micros::MIN, dedup_window.as_micros() as Micros)
+                    .with_max_entries(capacity.saturating_mul(DEDUP_ENTRIES_PER_EVENT)),
                 trimmed_through: None,
-                dedup: HashMap::new(),
-                dedup_order: VecDeque::new(),
                 dead_letters: VecDeque::new(),
                 next_dead_letter: 1,
             }),
             fanout: Fanout::default(),
             capacity,
-            dedup_window: dedup_window.as_micros() as Micros,
             retention: retention.as_micros() as Micros,
             closed: AtomicBool::new(false),
         }
@@ -82,7 +77,7 @@ impl MemoryLog {
 
 impl State {
     fn oldest(&self) -> u64 {
-        self.events.front().map_or(self.next, |e| e.sequence())
+        self.events.front().map_or(self.gate.next, |e| e.sequence())
     }
 
     fn drop_oldest_event(&mut self) {
@@ -91,57 +86,37 @@ impl State {
         }
     }
 
-    /// What `key` was first stored as, if that was within the dedup window.
-    fn seen(&self, key: &str, now: Micros, window: Micros) -> Option<u64> {
-        self.dedup
-            .get(key)
-            .filter(|(_, at)| at + window > now)
-            .map(|(id, _)| *id)
-    }
-
-    fn remember(&mut self, key: String, id: u64, now: Micros) {
-        self.dedup.insert(key.clone(), (id, now));
-        self.dedup_order.push_back((now, key));
-    }
-
     fn append_event(
         &mut self,
         new: NewEvent,
         now: Micros,
-        window: Micros,
     ) -> (AppendOutcome, Option<Arc<CommittedEvent>>) {
         // No persisted state survives a restart, so no id of an earlier rule is ever held:
-        // `legacy_event_id` needs no lookup here.
-        let mut event = new.event;
-        if let Some(sequence) = self.seen(&event.event_id, now, window) {
-            return (AppendOutcome::Duplicate { sequence }, None);
+        // the gate has no legacy instant and never looks `legacy_event_id` up.
+        match self.gate.admit_event(new, now) {
+            Err(duplicate) => (duplicate, None),
+            Ok((event, _)) => {
+                let outcome = AppendOutcome::Appended {
+                    sequence: event.sequence,
+                };
+                let event = Arc::new(CommittedEvent::new(event));
+                self.events.push_back(event.clone());
+                (outcome, Some(event))
+            }
         }
-        place_at_tip(&mut event, now, &mut self.next, &mut self.last_received);
-        self.remember(event.event_id.clone(), event.sequence, now);
-        let outcome = AppendOutcome::Appended {
-            sequence: event.sequence,
-        };
-        let event = Arc::new(CommittedEvent::new(event));
-        self.events.push_back(event.clone());
-        (outcome, Some(event))
     }
 
-    fn store_letter(
-        &mut self,
-        mut letter: DeadLetter,
-        now: Micros,
-        window: Micros,
-    ) -> AppendOutcome {
+    fn store_letter(&mut self, mut letter: DeadLetter, now: Micros) -> AppendOutcome {
         let key = dead_letter_key(&letter);
-        if let Some(id) = self.seen(&key, now, window) {
-            return AppendOutcome::Duplicate { sequence: id };
+        if let Some(hit) = self.gate.seen(&key, now) {
+            return AppendOutcome::Duplicate { sequence: hit.id };
         }
         if self.dead_letters.len() == DEAD_LETTER_CAPACITY {
             self.dead_letters.pop_front();
         }
         letter.id = self.next_dead_letter;
         self.next_dead_letter += 1;
-        self.remember(key, letter.id, now);
+        self.gate.remember(&key, letter.id, now);
         let outcome = AppendOutcome::Appended {
             sequence: letter.id,
         };
@@ -154,19 +129,6 @@ impl State {
             .binary_search_by_key(&id, |letter| letter.id)
             .ok()
     }
-
-    fn expire_dedup(&mut self, now: Micros, window: Micros, max_entries: usize) {
-        while let Some((inserted, _)) = self.dedup_order.front() {
-            if *inserted + window > now && self.dedup_order.len() <= max_entries {
-                break;
-            }
-            let (inserted, id) = self.dedup_order.pop_front().expect("front exists");
-            // Only remove the map entry this queue entry created, not a newer one.
-            if self.dedup.get(&id).is_some_and(|(_, at)| *at == inserted) {
-                self.dedup.remove(&id);
-            }
-        }
-    }
 }
 
 #[async_trait]
@@ -176,17 +138,16 @@ impl EventLog for MemoryLog {
             return Err(LogError::Closed);
         }
         let now = now_micros();
-        let window = self.dedup_window;
         let mut state = self.lock();
         let mut admitted = Admitted::default();
         let mut appended = Vec::with_capacity(admission.events.len());
         for new in admission.events {
-            let (outcome, event) = state.append_event(new, now, window);
+            let (outcome, event) = state.append_event(new, now);
             admitted.events.push(outcome);
             appended.extend(event);
         }
         for letter in admission.dead_letters {
-            let outcome = state.store_letter(letter, now, window);
+            let outcome = state.store_letter(letter, now);
             admitted.dead_letters.push(outcome);
         }
         for letter in admission.updated {
@@ -202,8 +163,7 @@ impl EventLog for MemoryLog {
         while state.events.len() > self.capacity {
             state.drop_oldest_event();
         }
-        let max_dedup = self.capacity.saturating_mul(DEDUP_ENTRIES_PER_EVENT);
-        state.expire_dedup(now, self.dedup_window, max_dedup);
+        state.gate.expire(now);
         self.fanout.publish(appended);
         Ok(admitted)
     }
@@ -229,7 +189,7 @@ impl EventLog for MemoryLog {
         let state = self.lock();
         Ok(LogBounds {
             oldest: state.oldest(),
-            next: state.next,
+            next: state.gate.next,
             trimmed_through: state.trimmed_through,
         })
     }
@@ -245,8 +205,7 @@ impl EventLog for MemoryLog {
         {
             state.drop_oldest_event();
         }
-        let max_dedup = self.capacity.saturating_mul(DEDUP_ENTRIES_PER_EVENT);
-        state.expire_dedup(now, self.dedup_window, max_dedup);
+        state.gate.expire(now);
         Ok(())
     }
 
@@ -255,7 +214,7 @@ impl EventLog for MemoryLog {
         let mut erased = Erased::default();
         let mut ids = Vec::new();
         state.events.retain(|event| {
-            let keep = event.event().application_user_id != user;
+            let keep = !admission::event_of(event.event(), user);
             if !keep {
                 ids.push(event.event().event_id.clone());
             }
@@ -263,7 +222,7 @@ impl EventLog for MemoryLog {
         });
         erased.events = ids.len() as u64;
         for id in ids {
-            if state.dedup.remove(&id).is_some() {
+            if state.gate.forget(&id) {
                 erased.dedup_entries += 1;
             }
         }
@@ -277,7 +236,7 @@ impl EventLog for MemoryLog {
         });
         erased.dead_letters = keys.len() as u64;
         for key in keys {
-            if state.dedup.remove(&key).is_some() {
+            if state.gate.forget(&key) {
                 erased.dedup_entries += 1;
             }
         }
@@ -315,7 +274,10 @@ impl LocalLog for MemoryLog {
         let state = self.lock();
         // received_at never decreases along the log, so this is a binary search.
         let index = state.events.partition_point(|e| e.received_at() < since);
-        Ok(state.events.get(index).map_or(state.next, |e| e.sequence()))
+        Ok(state
+            .events
+            .get(index)
+            .map_or(state.gate.next, |e| e.sequence()))
     }
 
     fn live(&self) -> fanout::Receiver {

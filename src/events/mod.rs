@@ -2,6 +2,8 @@
 //!
 //! - [`committed`]: an event as the log committed it, decoded once and encoded once, so
 //!   every subscriber is sent the same bytes.
+//! - [`admission`]: the admission rule (dedup, tip) and erasure's part in the dedup index,
+//!   shared by `memory` and `embedded`.
 //! - [`log`]: the narrow [`EventLog`] trait every backend implements, the [`LocalLog`]
 //!   capability (history and live reading) of the local backends, and the error type.
 //! - [`embedded`]: the default backend, durable on disk (redb) with group commit.
@@ -19,6 +21,7 @@
 //!   or a duplicate.
 //! - [`time`]: the conversions between wall-clock time and protobuf timestamps.
 
+mod admission;
 pub mod committed;
 pub mod consumers;
 pub mod embedded;

@@ -15,11 +15,16 @@
 //! damaged one.
 //!
 //! Tables: `events` (sequence → received µs ‖ the event as [`CommittedEvent`] encodes it
-//! for subscribers), `dedup` (event_id or [`super::dead_letter_key`] → sequence or letter id,
-//! first seen µs), `dedup_expiry` ((first seen µs, key) → ()) to expire the dedup index in
-//! order, `dead_letters` (id → received µs ‖ encoded `DeadLetter`), and `meta` (the next
+//! for subscribers), `dedup` (key → sequence or letter id, first seen µs) and
+//! `dedup_expiry` ((first seen µs, key) → ()) for the dedup keys the events do not give:
+//! dead letters' [`super::dead_letter_key`]s and ids of events retention removed inside the
+//! window; `dead_letters` (id → received µs ‖ encoded `DeadLetter`), and `meta` (the next
 //! dead-letter id, how far retention trimmed, the next sequence once events were removed
 //! from the end, the identity rule of the ids written, and since when).
+//!
+//! Event ids are deduplicated in memory by the shared admission rule
+//! ([`super::admission`]), rebuilt at start-up from `events` and `dedup` ([`index`]), so
+//! an append writes one table with sequential keys.
 //!
 //! Upgrade from 0.1: its dedup index holds ids of the old identity rule. The first open by
 //! this release records `legacy_ids_before` (now) if the index is not empty; until that
@@ -46,6 +51,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Admission, Admitted, Backend, CommittedEvent, Erased, EventLog, LocalLog, LogBounds, LogError,
     LogHealth,
+    admission::Gate,
     fanout::{self, Fanout},
     names_user,
     subscription::PageLimit,
@@ -53,6 +59,7 @@ use super::{
 };
 use crate::proto::DeadLetter;
 
+mod index;
 mod recovery;
 pub mod salvage;
 pub mod store;
@@ -170,6 +177,15 @@ impl EmbeddedLog {
                     fault.detail()
                 ))
             })?;
+        let window = dedup_window.as_micros() as Micros;
+        let gate =
+            load_index(&db, next, last_received, window, legacy_ids_before).map_err(|fault| {
+                LogError::Storage(format!(
+                    "cannot rebuild the dedup index from {}: {}",
+                    path.display(),
+                    fault.detail()
+                ))
+            })?;
         let fanout = Fanout::default();
         let health = Arc::new(Health::default());
         let slot = Arc::new(Slot::new(db.clone()));
@@ -182,11 +198,10 @@ impl EmbeddedLog {
             fanout: fanout.clone(),
             health: health.clone(),
             commits: commits.clone(),
-            next,
-            last_received,
-            dedup_window: dedup_window.as_micros() as Micros,
+            gate,
+            pending: None,
+            dedup_window: window,
             retention: retention.as_micros() as Micros,
-            legacy_ids_before,
             fault: None,
         };
         let handle = thread::Builder::new()
@@ -248,6 +263,30 @@ impl EmbeddedLog {
         .await
         .map_err(|e| LogError::Storage(format!("reader task failed: {e}")))?
     }
+}
+
+/// The admission rule's state for this store: the tip, and the dedup index rebuilt (after
+/// upgrading an older store's `dedup` table once; see [`index`]).
+fn load_index(
+    db: &Database,
+    next: u64,
+    last_received: Micros,
+    window: Micros,
+    legacy_ids_before: Option<Micros>,
+) -> Result<Gate, Fault> {
+    let started = std::time::Instant::now();
+    let mut gate = Gate::new(next, last_received, window).with_legacy_ids_before(legacy_ids_before);
+    let loaded = store::contain(|| {
+        index::upgrade(db)?;
+        Ok(index::rebuild(db, &mut gate, now_micros(), window)?)
+    })?;
+    tracing::info!(
+        entries = loaded,
+        bytes = gate.allocated_bytes(),
+        took = ?started.elapsed(),
+        "dedup index rebuilt from the log"
+    );
+    Ok(gate)
 }
 
 /// Creates the tables and reads where the log left off.

@@ -81,35 +81,36 @@ impl Writer {
             }
         };
         self.db = Arc::new(db);
-        if next < self.next {
+        if next < self.gate.next {
             tracing::error!(
-                expected = self.next,
+                expected = self.gate.next,
                 found = next,
                 "the reopened log ends before the last acknowledged commit; sequences continue \
                  from the higher value so none is reused"
             );
         }
         self.publish_recovered(next);
-        self.next = self.next.max(next);
-        self.last_received = self.last_received.max(last_received);
+        self.gate.next = self.gate.next.max(next);
+        self.gate.last_received = self.gate.last_received.max(last_received);
         self.slot.set(Some(self.db.clone()));
         self.health.write_recovered();
         tracing::info!(
             attempts,
             took = ?started.elapsed(),
-            next_sequence = self.next,
+            next_sequence = self.gate.next,
             "event log takes writes again"
         );
         Some(self)
     }
 
     /// Sends subscribers the events of a commit that reported failure but reached the
-    /// disk. Their webhooks got 503; Spike's retry will be a duplicate of them.
-    fn publish_recovered(&self, next: u64) {
-        if next <= self.next {
+    /// disk, and indexes their ids (the gate forgot them with the failure). Their webhooks
+    /// got 503; Spike's retry will be a duplicate of them.
+    fn publish_recovered(&mut self, next: u64) {
+        if next <= self.gate.next {
             return;
         }
-        let from = self.next;
+        let from = self.gate.next;
         let read = contain(|| {
             let txn = self.db.begin_read().map_err(redb::Error::from)?;
             let events = txn.open_table(EVENTS).map_err(redb::Error::from)?;
@@ -127,6 +128,11 @@ impl Writer {
                     next,
                     "a commit reported as failed was durable; its events are published now"
                 );
+                for event in &found {
+                    let id = &event.event().event_id;
+                    self.gate
+                        .remember(id, event.sequence(), event.received_at());
+                }
                 self.fanout.publish(found);
             }
             // Subscribers still find them in the log when the next event shows the gap.

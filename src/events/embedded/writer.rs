@@ -21,10 +21,12 @@ use super::{
 };
 use crate::{
     events::{
-        Admission, Admitted, AppendOutcome, CommittedEvent, Erased, LogError, NewEvent,
+        Admission, Admitted, AppendOutcome, CommittedEvent, Erased, LogError,
+        admission::{self, Gate, Mark},
+        committed::stored_event_id,
         dead_letter_key,
         fanout::Fanout,
-        names_user, place_at_tip,
+        names_user,
         time::{Micros, now_micros, to_micros},
     },
     proto::DeadLetter,
@@ -39,26 +41,24 @@ pub(super) struct Writer {
     pub(super) fanout: Fanout,
     pub(super) health: Arc<Health>,
     pub(super) commits: Arc<AtomicU64>,
-    /// Sequence of the next appended event; only advanced after a successful commit.
-    pub(super) next: u64,
-    /// Largest received_at written, so received_at never decreases along the log.
-    pub(super) last_received: Micros,
+    /// The shared admission rule: the tip (next sequence, last `received_at`) and the
+    /// in-memory dedup index. What a group places is rolled back if its commit fails.
+    pub(super) gate: Gate,
+    /// Where the gate stood before the group being written, until it commits: a panic
+    /// inside redb mid-group rolls the gate back to it.
+    pub(super) pending: Option<Mark>,
     pub(super) dedup_window: Micros,
     pub(super) retention: Micros,
-    /// Dedup entries first seen before this may hold 0.1-rule ids (see the module docs).
-    pub(super) legacy_ids_before: Option<Micros>,
     /// Set when a command failed in redb: the writer reopens the file before going on.
     pub(super) fault: Option<Fault>,
 }
 
-/// The tables one group's appends write. Letter tables are opened on first use, when some
-/// command of the group stores, rewrites or removes a dead letter: every table a commit
-/// touches costs copied pages.
+/// The tables one group's appends write: `events`, and on first use (some command of the
+/// group stores, rewrites or removes a dead letter) the letter tables. Event ids are
+/// deduplicated in memory, so an append-only commit touches one table.
 struct AppendTables<'t> {
     txn: &'t WriteTransaction,
     events: Table<'t, u64, &'static [u8]>,
-    dedup: Table<'t, &'static str, (u64, i64)>,
-    expiry: Table<'t, (i64, &'static str), ()>,
     letters: Option<LetterTables<'t>>,
 }
 
@@ -72,23 +72,20 @@ impl<'t> AppendTables<'t> {
     }
 }
 
+/// Dead letters, and their dedup keys on disk: a letter can be resolved (redriven) while
+/// its key must still answer retries, so letter keys cannot be rebuilt from the letters.
 struct LetterTables<'t> {
     dead_letters: Table<'t, u64, &'static [u8]>,
+    dedup: Table<'t, &'static str, (u64, i64)>,
+    expiry: Table<'t, (i64, &'static str), ()>,
     meta: Table<'t, &'static str, u64>,
     next_id: u64,
-}
-
-/// Where the log's end is while a group is being written; kept only if it commits.
-struct Tip {
-    next: u64,
-    last_received: Micros,
 }
 
 /// What a committed group hands back: per command the outcomes, and the events to publish.
 struct GroupWritten {
     admitted: Vec<Admitted>,
     appended: Vec<Arc<CommittedEvent>>,
-    tip: Tip,
 }
 
 impl Writer {
@@ -130,6 +127,9 @@ impl Writer {
         });
         if let Err(fault) = handled {
             group.clear();
+            if let Some(mark) = self.pending.take() {
+                self.gate.rollback(mark);
+            }
             self.fault = Some(fault);
         }
     }
@@ -184,12 +184,13 @@ impl Writer {
     /// One transaction, one fsync, for every append and dead letter in the group.
     fn commit_writes(&mut self, mut writes: Vec<Command>) {
         let now = now_micros();
+        self.gate.expire(now);
+        self.pending = Some(self.gate.mark());
         let result = self.write_group(&mut writes, now);
+        let mark = self.pending.take().expect("set above");
         match result {
             Ok(written) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
-                self.next = written.tip.next;
-                self.last_received = written.tip.last_received;
                 let mut admitted = written.admitted.into_iter();
                 for command in writes {
                     if let Command::Append { reply, .. } = command {
@@ -200,6 +201,7 @@ impl Writer {
                 self.fanout.publish(written.appended);
             }
             Err(e) => {
+                self.gate.rollback(mark);
                 tracing::error!(error = %e, "event log commit failed; webhooks get 503 until it recovers");
                 self.note_fault(&e);
                 let message = e.to_string();
@@ -213,15 +215,12 @@ impl Writer {
     }
 
     fn write_group(
-        &self,
+        &mut self,
         writes: &mut [Command],
         now: Micros,
     ) -> Result<GroupWritten, redb::Error> {
-        let txn = self.db.begin_write()?;
-        let mut tip = Tip {
-            next: self.next,
-            last_received: self.last_received,
-        };
+        let db = self.db.clone();
+        let txn = db.begin_write()?;
         let mut admitted = Vec::with_capacity(writes.len());
         let mut appended = Vec::new();
         // The next sequence is not stored per commit: it follows from the last event (see
@@ -230,8 +229,6 @@ impl Writer {
             let mut tables = AppendTables {
                 txn: &txn,
                 events: txn.open_table(EVENTS)?,
-                dedup: txn.open_table(DEDUP)?,
-                expiry: txn.open_table(DEDUP_EXPIRY)?,
                 letters: None,
             };
             for command in writes.iter_mut() {
@@ -239,7 +236,7 @@ impl Writer {
                     continue;
                 };
                 let admission = std::mem::take(admission);
-                admitted.push(self.admit(&mut tables, admission, now, &mut tip, &mut appended)?);
+                admitted.push(self.admit(&mut tables, admission, now, &mut appended)?);
             }
             if let Some(letters) = &mut tables.letters {
                 letters
@@ -248,28 +245,25 @@ impl Writer {
             }
         }
         txn.commit()?;
-        Ok(GroupWritten {
-            admitted,
-            appended,
-            tip,
-        })
+        Ok(GroupWritten { admitted, appended })
     }
 
     /// One request's events and letters, inside the group's transaction.
     fn admit(
-        &self,
+        &mut self,
         tables: &mut AppendTables<'_>,
         admission: Admission,
         now: Micros,
-        tip: &mut Tip,
         appended: &mut Vec<Arc<CommittedEvent>>,
     ) -> Result<Admitted, redb::Error> {
         let mut admitted = Admitted::default();
         for new in admission.events {
-            let outcome = match self.duplicate_of(tables, &new, now)? {
-                Some(sequence) => AppendOutcome::Duplicate { sequence },
-                None => {
-                    let event = append_event(tables, new.event, now, tip)?;
+            let outcome = match self.gate.admit_event(new, now) {
+                Err(duplicate) => duplicate,
+                Ok((event, received)) => {
+                    let event = CommittedEvent::new(event);
+                    let value = stored_event(received, &event);
+                    tables.events.insert(event.sequence(), value.as_slice())?;
                     let sequence = event.sequence();
                     appended.push(Arc::new(event));
                     AppendOutcome::Appended { sequence }
@@ -304,47 +298,20 @@ impl Writer {
 
     /// Stores a new letter unless its key was seen within the dedup window.
     fn store_new_letter(
-        &self,
+        &mut self,
         tables: &mut AppendTables<'_>,
         letter: DeadLetter,
         now: Micros,
     ) -> Result<AppendOutcome, redb::Error> {
         let key = dead_letter_key(&letter);
-        let (dedup, expiry) = (&mut tables.dedup, &mut tables.expiry);
-        if let Some((id, _)) = live_entry(dedup, expiry, &key, now, self.dedup_window)? {
-            return Ok(AppendOutcome::Duplicate { sequence: id });
+        if let Some(hit) = self.gate.seen(&key, now) {
+            return Ok(AppendOutcome::Duplicate { sequence: hit.id });
         }
-        let id = store_letter(tables.letters()?, letter, now)?;
-        remember(&mut tables.dedup, &mut tables.expiry, &key, id, now)?;
+        let letters = tables.letters()?;
+        let id = store_letter(letters, letter, now)?;
+        remember(&mut letters.dedup, &mut letters.expiry, &key, id, now)?;
+        self.gate.remember(&key, id, now);
         Ok(AppendOutcome::Appended { sequence: id })
-    }
-
-    /// The sequence `new` was first appended at, if that was within the dedup window: by
-    /// its `event_id`, or while 0.1-rule ids may be indexed, by its `legacy_event_id`.
-    fn duplicate_of(
-        &self,
-        tables: &mut AppendTables<'_>,
-        new: &NewEvent,
-        now: Micros,
-    ) -> Result<Option<u64>, redb::Error> {
-        let window = self.dedup_window;
-        let id = new.event.event_id.as_str();
-        if let Some((sequence, _)) =
-            live_entry(&mut tables.dedup, &mut tables.expiry, id, now, window)?
-        {
-            return Ok(Some(sequence));
-        }
-        let (Some(before), Some(legacy)) = (self.legacy_ids_before, &new.legacy_event_id) else {
-            return Ok(None);
-        };
-        if before + window <= now {
-            return Ok(None);
-        }
-        let seen = tables.dedup.get(legacy.as_str())?.map(|v| v.value());
-        // Only an entry 0.1 wrote (first seen before the upgrade) is an old-rule id.
-        Ok(seen
-            .filter(|(_, first_seen)| *first_seen < before && first_seen + window > now)
-            .map(|(sequence, _)| sequence))
     }
 
     /// Removes one user's events, their dedup entries and attributable dead letters, in one
@@ -366,9 +333,12 @@ impl Writer {
         Ok(())
     }
 
-    fn erase(&self, user: &str) -> Result<Erased, redb::Error> {
+    fn erase(&mut self, user: &str) -> Result<Erased, redb::Error> {
         let txn = self.db.begin_write()?;
         let mut erased = Erased::default();
+        // Keys to forget in memory once the commit succeeded, with whether a row on disk
+        // held them: an entry counts once wherever it was kept.
+        let mut keys = Vec::new();
         {
             let mut events = txn.open_table(EVENTS)?;
             let mut dedup = txn.open_table(DEDUP)?;
@@ -378,23 +348,20 @@ impl Writer {
             for entry in events.iter()? {
                 let (key, value) = entry?;
                 let event = decode_event(key.value(), value.value())?;
-                if event.event().application_user_id == user {
+                if admission::event_of(event.event(), user) {
                     doomed.push((key.value(), event.event().event_id.clone()));
                 }
             }
-            for (sequence, event_id) in &doomed {
-                events.remove(*sequence)?;
-                let first_seen = dedup.remove(event_id.as_str())?.map(|v| v.value().1);
-                if let Some(first_seen) = first_seen {
-                    expiry.remove((first_seen, event_id.as_str()))?;
-                    erased.dedup_entries += 1;
-                }
+            for (sequence, event_id) in doomed {
+                events.remove(sequence)?;
+                let on_disk = forget_row(&mut dedup, &mut expiry, &event_id)?;
+                keys.push((event_id, on_disk));
+                erased.events += 1;
             }
-            erased.events = doomed.len() as u64;
-            if !doomed.is_empty() {
+            if erased.events > 0 {
                 // The newest event may be gone: keep the next sequence from going back.
                 txn.open_table(META)?
-                    .insert(META_NEXT_SEQUENCE, self.next)?;
+                    .insert(META_NEXT_SEQUENCE, self.gate.next)?;
             }
             let mut letters = Vec::new();
             for entry in dead_letters.iter()? {
@@ -404,28 +371,31 @@ impl Writer {
                     letters.push((key.value(), dead_letter_key(&letter)));
                 }
             }
-            for (id, dedup_key) in &letters {
-                dead_letters.remove(*id)?;
-                let first_seen = dedup.remove(dedup_key.as_str())?.map(|v| v.value().1);
-                if let Some(first_seen) = first_seen {
-                    expiry.remove((first_seen, dedup_key.as_str()))?;
-                    erased.dedup_entries += 1;
-                }
+            for (id, dedup_key) in letters {
+                dead_letters.remove(id)?;
+                let on_disk = forget_row(&mut dedup, &mut expiry, &dedup_key)?;
+                keys.push((dedup_key, on_disk));
+                erased.dead_letters += 1;
             }
-            erased.dead_letters = letters.len() as u64;
         }
         txn.commit()?;
+        for (key, on_disk) in keys {
+            if self.gate.forget(&key) | on_disk {
+                erased.dedup_entries += 1;
+            }
+        }
         Ok(erased)
     }
 
     /// Applies retention to events and dead letters and expires the dedup index, in chunks.
-    fn housekeeping(&self) -> Result<(), redb::Error> {
+    fn housekeeping(&mut self) -> Result<(), redb::Error> {
         let now = now_micros();
+        self.gate.expire(now);
         let retention_cutoff = now.saturating_sub(self.retention);
         let dedup_cutoff = now.saturating_sub(self.dedup_window);
         loop {
             let txn = self.db.begin_write()?;
-            let removed = trim_events(&txn, retention_cutoff, self.next)?
+            let removed = trim_events(&txn, retention_cutoff, self.gate.next, dedup_cutoff)?
                 + trim_dead_letters(&txn, retention_cutoff)?
                 + expire_dedup(&txn, dedup_cutoff)?;
             txn.commit()?;
@@ -441,31 +411,28 @@ fn open_letter_tables(txn: &WriteTransaction) -> Result<LetterTables<'_>, redb::
     let next_id = meta.get(META_NEXT_DEAD_LETTER)?.map_or(1, |v| v.value());
     Ok(LetterTables {
         dead_letters: txn.open_table(DEAD_LETTERS)?,
+        dedup: txn.open_table(DEDUP)?,
+        expiry: txn.open_table(DEDUP_EXPIRY)?,
         meta,
         next_id,
     })
 }
 
-/// The entry for `key` if it is within the dedup window. An expired one not yet swept is
-/// forgotten here, so the key can be claimed again.
-fn live_entry(
+/// Removes `key`'s row from the on-disk dedup table, if it has one.
+fn forget_row(
     dedup: &mut Table<'_, &'static str, (u64, i64)>,
     expiry: &mut Table<'_, (i64, &'static str), ()>,
     key: &str,
-    now: Micros,
-    window: Micros,
-) -> Result<Option<(u64, Micros)>, redb::Error> {
-    let Some((id, first_seen)) = dedup.get(key)?.map(|v| v.value()) else {
-        return Ok(None);
-    };
-    if first_seen + window > now {
-        return Ok(Some((id, first_seen)));
+) -> Result<bool, redb::Error> {
+    let first_seen = dedup.remove(key)?.map(|v| v.value().1);
+    if let Some(first_seen) = first_seen {
+        expiry.remove((first_seen, key))?;
     }
-    expiry.remove((first_seen, key))?;
-    dedup.remove(key)?;
-    Ok(None)
+    Ok(first_seen.is_some())
 }
 
+/// Records `key` on disk, replacing an expired row not yet swept (and its expiry row, so
+/// the sweep does not remove the new one).
 fn remember(
     dedup: &mut Table<'_, &'static str, (u64, i64)>,
     expiry: &mut Table<'_, (i64, &'static str), ()>,
@@ -473,30 +440,10 @@ fn remember(
     id: u64,
     now: Micros,
 ) -> Result<(), redb::Error> {
+    forget_row(dedup, expiry, key)?;
     dedup.insert(key, (id, now))?;
     expiry.insert((now, key), ())?;
     Ok(())
-}
-
-/// Writes a new event at the tip, with its dedup entry.
-fn append_event(
-    tables: &mut AppendTables<'_>,
-    mut event: crate::proto::Event,
-    now: Micros,
-    tip: &mut Tip,
-) -> Result<CommittedEvent, redb::Error> {
-    let received = place_at_tip(&mut event, now, &mut tip.next, &mut tip.last_received);
-    remember(
-        &mut tables.dedup,
-        &mut tables.expiry,
-        &event.event_id,
-        event.sequence,
-        now,
-    )?;
-    let event = CommittedEvent::new(event);
-    let value = stored_event(received, &event);
-    tables.events.insert(event.sequence(), value.as_slice())?;
-    Ok(event)
 }
 
 /// Stores a new letter under the next id; returns the id.
@@ -516,10 +463,19 @@ fn store_letter(
 }
 
 /// Removes events older than `cutoff`. `next` is recorded in `meta` so the next sequence
-/// survives a log that retention emptied.
-fn trim_events(txn: &WriteTransaction, cutoff: Micros, next: u64) -> Result<usize, redb::Error> {
+/// survives a log that retention emptied. A removed event first seen after `dedup_cutoff`
+/// (retention shorter than the dedup window) leaves its id in the on-disk dedup table, so
+/// the index rebuilt at the next start still knows it.
+fn trim_events(
+    txn: &WriteTransaction,
+    cutoff: Micros,
+    next: u64,
+    dedup_cutoff: Micros,
+) -> Result<usize, redb::Error> {
     let mut events = txn.open_table(EVENTS)?;
     let mut meta = txn.open_table(META)?;
+    let mut dedup = txn.open_table(DEDUP)?;
+    let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
     let mut removed = 0;
     let mut trimmed_through = None;
     while removed < HOUSEKEEPING_CHUNK {
@@ -529,7 +485,13 @@ fn trim_events(txn: &WriteTransaction, cutoff: Micros, next: u64) -> Result<usiz
         if received >= cutoff {
             break;
         }
-        events.pop_first()?;
+        let popped = events.pop_first()?;
+        if received > dedup_cutoff
+            && let Some((sequence, value)) = &popped
+            && let Some(id) = stored_event_id(value.value().get(8..).unwrap_or_default())
+        {
+            remember(&mut dedup, &mut expiry, id, sequence.value(), received)?;
+        }
         trimmed_through = Some(received);
         removed += 1;
     }

@@ -1,0 +1,153 @@
+//! The in-memory dedup index at start-up: rebuilt from the stored events, plus the
+//! on-disk `dedup` rows (dead-letter keys, ids of events retention removed inside the
+//! window, and 0.1's entries), and the one-time upgrade that empties `dedup` of the rows
+//! the events already give.
+//!
+//! Before this layout every append also wrote its id to `dedup` and `dedup_expiry`:
+//! random keys, so each event copied and rewrote B-tree pages there (about half the pages
+//! a commit wrote). Now an append writes `events` only.
+
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
+
+use super::{DEDUP, DEDUP_EXPIRY, EVENTS, META, received_of};
+use crate::events::{admission::Gate, committed::stored_event_id, time::Micros};
+
+/// Set once `dedup` holds only rows the events do not give (this layout).
+const META_DEDUP_LAYOUT: &str = "dedup_layout";
+const DEDUP_LAYOUT: u64 = 2;
+/// Rows removed per upgrade transaction, so a large store's upgrade stays bounded in memory.
+const UPGRADE_CHUNK: usize = 50_000;
+
+/// Removes the `dedup` rows that an event still stored gives (its id at its sequence):
+/// the index is rebuilt from the events. Runs once per store; a no-op afterwards.
+pub(super) fn upgrade(db: &Database) -> Result<(), redb::Error> {
+    {
+        let txn = db.begin_read()?;
+        if let Ok(meta) = txn.open_table(META)
+            && meta.get(META_DEDUP_LAYOUT)?.is_some()
+        {
+            return Ok(());
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let txn = db.begin_write()?;
+        let (redundant, last) = redundant_rows(&txn, &after)?;
+        {
+            let mut dedup = txn.open_table(DEDUP)?;
+            let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+            for (key, first_seen) in &redundant {
+                dedup.remove(key.as_str())?;
+                expiry.remove((*first_seen, key.as_str()))?;
+            }
+            if last.is_none() {
+                txn.open_table(META)?
+                    .insert(META_DEDUP_LAYOUT, DEDUP_LAYOUT)?;
+            }
+        }
+        txn.commit()?;
+        match last {
+            Some(last) => after = last,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Up to [`UPGRADE_CHUNK`] rows after `after` in key order, those of them an event gives,
+/// and the last key looked at if the table goes on.
+fn redundant_rows(
+    txn: &WriteTransaction,
+    after: &str,
+) -> Result<(Vec<(String, Micros)>, Option<String>), redb::Error> {
+    let dedup = txn.open_table(DEDUP)?;
+    let events = txn.open_table(EVENTS)?;
+    let mut redundant = Vec::new();
+    let mut seen = 0;
+    let mut last = None;
+    let from: &str = after;
+    for row in dedup.range::<&str>(from..)? {
+        let (key, value) = row?;
+        let key = key.value();
+        if key == after {
+            continue;
+        }
+        if seen == UPGRADE_CHUNK {
+            return Ok((redundant, last));
+        }
+        seen += 1;
+        last = Some(key.to_owned());
+        let (sequence, first_seen) = value.value();
+        let given = events.get(sequence)?.is_some_and(|stored| {
+            stored_event_id(stored.value().get(8..).unwrap_or_default()) == Some(key)
+        });
+        if given {
+            redundant.push((key.to_owned(), first_seen));
+        }
+    }
+    Ok((redundant, None))
+}
+
+/// Fills `gate` with every entry still inside the window at `now`: the `dedup` rows first
+/// (they are older: ids of trimmed events, letters), then the events, in sequence order.
+/// Returns how many entries it loaded.
+pub(super) fn rebuild(
+    db: &Database,
+    gate: &mut Gate,
+    now: Micros,
+    window: Micros,
+) -> Result<u64, redb::Error> {
+    let cutoff = now.saturating_sub(window);
+    let txn = db.begin_read()?;
+    let dedup = txn.open_table(DEDUP)?;
+    let expiry = txn.open_table(DEDUP_EXPIRY)?;
+    let mut loaded = 0;
+    for row in expiry.range::<(i64, &str)>((cutoff.saturating_add(1), "")..)? {
+        let (key, _) = row?;
+        let (first_seen, key) = key.value();
+        let entry = dedup.get(key)?.map(|v| v.value());
+        if let Some((id, stored_first_seen)) = entry
+            && stored_first_seen == first_seen
+        {
+            gate.remember(key, id, first_seen);
+            loaded += 1;
+        }
+    }
+    let events = txn.open_table(EVENTS)?;
+    for row in events.range(first_inside(&events, cutoff)?..)? {
+        let (sequence, value) = row?;
+        let value = value.value();
+        // An unreadable id is damage that readers report at its sequence; the event
+        // cannot be matched by id anyway.
+        if let Some(id) = stored_event_id(value.get(8..).unwrap_or_default()) {
+            gate.remember(id, sequence.value(), received_of(value));
+            loaded += 1;
+        }
+    }
+    Ok(loaded)
+}
+
+/// The first sequence whose event was received after `cutoff` (`received_at` never
+/// decreases along the log, so a binary search).
+fn first_inside(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    cutoff: Micros,
+) -> Result<u64, redb::Error> {
+    let Some(first) = events.first()?.map(|(k, _)| k.value()) else {
+        return Ok(0);
+    };
+    let end = events.last()?.map_or(first, |(k, _)| k.value() + 1);
+    let (mut low, mut high) = (first, end);
+    while low < high {
+        let mid = low + (high - low) / 2;
+        let inside = match events.range(mid..)?.next() {
+            Some(entry) => received_of(entry?.1.value()) > cutoff,
+            None => true,
+        };
+        if inside {
+            high = mid;
+        } else {
+            low = mid + 1;
+        }
+    }
+    Ok(low)
+}
