@@ -411,6 +411,39 @@ async fn the_embedded_log_keeps_events_sequence_and_dedup_across_reopen() {
     );
 }
 
+/// Retention shorter than the dedup window: an event it removed is no longer in the log,
+/// so its id must come from the store's own record of removed ids, across a restart too.
+#[tokio::test]
+async fn an_id_retention_removed_stays_a_duplicate_inside_the_window() {
+    for (name, log, dir) in backends(HOUR, Duration::from_millis(300)) {
+        log.append(events(&["trimmed"])).await.unwrap();
+        // The 300 ms retention must really pass for the event to age out.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        log.append(events(&["kept"])).await.unwrap();
+        log.housekeeping().await.unwrap();
+        assert_eq!(log.bounds().await.unwrap().oldest, 2, "{name}: trimmed");
+        let again = log.append(events(&["trimmed"])).await.unwrap();
+        assert_eq!(again, [AppendOutcome::Duplicate { sequence: 1 }], "{name}");
+        let Some(dir) = dir else { continue };
+        log.close().await;
+        drop(log);
+        let log = EmbeddedLog::open(dir.path(), HOUR, Duration::from_millis(300)).unwrap();
+        let outcomes = log
+            .append(events(&["trimmed", "kept", "fresh"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            [
+                AppendOutcome::Duplicate { sequence: 1 },
+                AppendOutcome::Duplicate { sequence: 2 },
+                AppendOutcome::Appended { sequence: 3 },
+            ],
+            "{name} after a restart"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_commits() {
     let dir = tempfile::tempdir().unwrap();
