@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use spike_gateway::events::nats::partition_of;
 use spike_gateway::proto::{
     ConsumeOpen, ConsumeOrdering, DeleteConsumerGroupRequest, EraseUserRequest, EventType,
     ListConsumerGroupsRequest, Nak, SeekConsumerGroupRequest, Term, consume_request,
@@ -289,49 +290,108 @@ async fn another_filter_on_another_replica_is_a_failed_precondition() {
     join(&rb, open_request("defined")).await.unwrap();
 }
 
+/// `n` user ids whose events fall in `n` different partitions.
+fn users_in_distinct_partitions(n: usize) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    (0..)
+        .map(|k| format!("u{k}"))
+        .filter(|user| seen.insert(partition_of(user)))
+        .take(n)
+        .collect()
+}
+
+/// The next delivery of either member, named `'a'` or `'b'`.
+async fn either(a: &mut TestMember, b: &mut TestMember) -> (char, spike_gateway::proto::Delivery) {
+    tokio::select! {
+        d = a.next() => ('a', d.unwrap()),
+        d = b.next() => ('b', d.unwrap()),
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn per_user_ordering_across_two_replicas_and_three_users() {
     let (_store, ra, rb) = two_replicas().await;
     let open = ConsumeOpen {
         ordering: ConsumeOrdering::PerUser as i32,
-        max_in_flight: 10,
         ..open_request("ordered")
     };
-    let mut a = join(&ra, open.clone()).await.unwrap();
-    let mut b = join(&rb, open).await.unwrap();
+    let users = users_in_distinct_partitions(3);
     for n in 0..18 {
-        let user = format!("u{}", n % 3);
-        post_events(&ra, &user, n..n + 1).await;
+        post_events(&ra, &users[n as usize % 3], n..n + 1).await;
     }
+    // a holds at most one; it takes one user's first event.
+    let mut a = join(
+        &ra,
+        ConsumeOpen {
+            max_in_flight: 1,
+            ..open.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let first_a = a.next().await.unwrap();
+    // While a holds it unacked, b (another replica) gets the two other users' first
+    // events: users proceed in parallel, across replicas.
+    let mut b = join(
+        &rb,
+        ConsumeOpen {
+            max_in_flight: 10,
+            ..open
+        },
+    )
+    .await
+    .unwrap();
+    let first_b = b.take(2).await;
+    let user =
+        |d: &spike_gateway::proto::Delivery| d.event.as_ref().unwrap().application_user_id.clone();
+    let firsts: BTreeSet<u64> = std::iter::once(&first_a).chain(&first_b).map(seq).collect();
+    assert_eq!(firsts, BTreeSet::from([1, 2, 3]), "each user's first event");
+    // Nothing more: each user's next event waits for the previous one's ack.
+    a.assert_quiet().await;
+    b.assert_quiet().await;
+
+    // Then every event, acked one at a time in an order that is not the stream's: a user
+    // never has two in flight, and each user's events come in sequence order.
+    let mut in_flight: BTreeMap<String, (char, u64)> = BTreeMap::new();
     let mut order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (name, d) in [('a', &first_a), ('b', &first_b[0]), ('b', &first_b[1])] {
+        in_flight.insert(user(d), (name, seq(d)));
+        order.entry(user(d)).or_default().push(seq(d));
+    }
     let mut members = BTreeSet::new();
-    for _ in 0..18 {
-        let (name, delivery) = tokio::select! {
-            d = a.next() => ('a', d.unwrap()),
-            d = b.next() => ('b', d.unwrap()),
-        };
-        let event = delivery.event.unwrap();
+    let mut acked = 0;
+    while acked < 18 {
+        // The newest-held first: not the stream's order.
+        let (held_user, (name, sequence)) = in_flight
+            .iter()
+            .max_by_key(|(_, (_, s))| *s)
+            .map(|(u, h)| (u.clone(), *h))
+            .unwrap();
+        in_flight.remove(&held_user);
         members.insert(name);
-        // Held, unacked: nothing else of this user (on NATS: of the group) may come now.
-        let (member, other) = if name == 'a' {
-            (&mut a, &mut b)
-        } else {
-            (&mut b, &mut a)
-        };
-        other.assert_quiet().await;
-        member.assert_quiet().await;
-        order
-            .entry(event.application_user_id)
-            .or_default()
-            .push(event.sequence);
-        member.ack(vec![event.sequence]).await;
+        let member = if name == 'a' { &a } else { &b };
+        member.ack(vec![sequence]).await;
+        acked += 1;
+        if order[&held_user].len() == 6 {
+            continue;
+        }
+        // The user's next event comes (to either member) once the previous is acked.
+        let (name, d) = either(&mut a, &mut b).await;
+        assert!(
+            in_flight.insert(user(&d), (name, seq(&d))).is_none(),
+            "two events of {} in flight at once: {d:?}",
+            user(&d)
+        );
+        order.entry(user(&d)).or_default().push(seq(&d));
     }
     for (user, sequences) in &order {
         assert_eq!(sequences.len(), 6, "{user}");
         assert!(sequences.is_sorted(), "{user}: {sequences:?}");
     }
     assert_eq!(members.len(), 2, "both replicas' members took work");
+    a.assert_quiet().await;
+    b.assert_quiet().await;
 }
 
 async fn list(app: &TestApp) -> Vec<spike_gateway::proto::ConsumerGroupInfo> {
