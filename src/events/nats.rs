@@ -285,9 +285,9 @@ impl NatsLog {
         }
     }
 
-    /// The JetStream context and the events stream's name, for the groups' counters.
-    pub(super) fn jetstream(&self) -> (&Context, &str) {
-        (&self.jetstream, &self.settings.stream)
+    /// The JetStream context and the settings, for the groups' counters.
+    pub(super) fn jetstream(&self) -> (&Context, &NatsSettings) {
+        (&self.jetstream, &self.settings)
     }
 
     /// The events stream, for the consumer groups' durable consumers.

@@ -39,7 +39,7 @@
 //!   JetStream redelivers them at once to any member. A replica that dies without a word
 //!   is covered by `ack_wait`. `attempt` is the message's delivered count.
 //! - **Counters JetStream does not keep** ([`Tally`]): `terminated` and `expired` live in a
-//!   JetStream key-value bucket `{stream}_GROUPS`, one entry per group, updated with
+//!   stream `{stream}_GROUPS` used as a key-value store, one subject per group, updated with
 //!   compare-and-set by whichever replica terms (or sees the expiry), so they survive
 //!   restarts and are shared. `expired` is counted when the group is listed (an admin call
 //!   or a metrics scrape): the stream sequences retention removed between the consumer's
@@ -62,7 +62,7 @@ use std::{
 use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
-    kv, stream,
+    stream,
 };
 use base64::Engine;
 use futures_util::{
@@ -429,6 +429,32 @@ impl NatsGroups {
         Ok((config, description))
     }
 
+    /// Through where every event of `consumer`'s subject is settled: up to the first
+    /// message of its subject after its ack floor (which is unsettled, by the floor's
+    /// definition), or everything the stream holds if there is none.
+    async fn settled_through(
+        &self,
+        consumer: &jetstream::consumer::Info,
+        state: &stream::State,
+    ) -> Result<u64, LogError> {
+        let floor = consumer.ack_floor.stream_sequence;
+        if consumer.num_pending == 0 && consumer.num_ack_pending == 0 {
+            return Ok(state.last_sequence.max(floor));
+        }
+        let subject = consumer.config.filter_subject.as_str();
+        match self
+            .stream
+            .direct_get_next_for_subject(subject, Some(floor + 1))
+            .await
+        {
+            Ok(next) => Ok(next.sequence.saturating_sub(1).max(floor)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                Ok(state.last_sequence.max(floor))
+            }
+            Err(e) => Err(storage("NATS read failed", e)),
+        }
+    }
+
     fn local(&self, group: &GroupName) -> LocalGroup {
         let mut local = self.local.lock().expect("local lock is never poisoned");
         local.entry(group.clone()).or_default().clone()
@@ -482,6 +508,7 @@ impl Groups for NatsGroups {
         local.members.fetch_add(1, AtomicOrdering::Relaxed);
         let task = MemberTask {
             feeds: consumers.into_iter().map(Feed::new).collect(),
+            per_user: open.config.ordering == Ordering::PerUser,
             legacy_drained: false,
             rotation: 0,
             pulls: SelectAll::new(),
@@ -528,7 +555,12 @@ impl Groups for NatsGroups {
         let mut rows = Vec::with_capacity(groups.len());
         for (name, listed) in groups {
             let counts = self.tally.observe(&name, &listed, &state).await;
-            rows.push(row(name, listed, &state, counts));
+            let mut settled = Vec::with_capacity(listed.consumers.len());
+            for consumer in &listed.consumers {
+                settled.push(self.settled_through(consumer, &state).await?);
+            }
+            let acked_through = settled.into_iter().min().unwrap_or(0);
+            rows.push(row(name, listed, acked_through, counts));
         }
         Ok(rows)
     }
@@ -614,23 +646,12 @@ impl Listed {
 }
 
 /// A group's row from its consumers' infos (README, "On NATS").
-fn row(name: GroupName, listed: Listed, state: &stream::State, counts: Tally3) -> GroupRow {
+fn row(name: GroupName, listed: Listed, acked_through: u64, counts: Tally3) -> GroupRow {
     let consumers = &listed.consumers;
     let in_flight: u64 = consumers.iter().map(|c| c.num_ack_pending as u64).sum();
     let unsettled: u64 = consumers.iter().map(|c| c.num_pending).sum();
     // Every matching event up to it is settled: a consumer with nothing pending or in
     // flight has settled everything the stream holds.
-    let acked_through = consumers
-        .iter()
-        .map(|c| {
-            if c.num_pending == 0 && c.num_ack_pending == 0 {
-                state.last_sequence.max(c.ack_floor.stream_sequence)
-            } else {
-                c.ack_floor.stream_sequence
-            }
-        })
-        .min()
-        .unwrap_or(0);
     GroupRow {
         name,
         config: listed.config,
@@ -693,18 +714,14 @@ impl Tally3 {
     }
 }
 
-/// The groups' `terminated` and `expired` counters in the `{stream}_GROUPS` key-value
-/// bucket, shared by every replica (module docs).
+/// The groups' `terminated` and `expired` counters in the `{stream}_GROUPS` stream, one
+/// subject per group holding its latest value (`max_messages_per_subject` 1), shared by
+/// every replica (module docs). A key-value bucket by hand: async-nats's own KV creation
+/// sends a configuration nats-server 2.9 does not answer in a form the client reads.
 struct Tally {
     log: Arc<NatsLog>,
     /// Opened (or created) on first use, then shared by every member and admin call.
-    bucket: OnceCell<kv::Store>,
-}
-
-fn tally_key(group: &GroupName) -> String {
-    // KV keys allow `[-/_=.A-Za-z0-9]` but no leading or trailing `.`; `=` is not in a
-    // group name, so the mapping is one to one.
-    format!("g_{}", group.as_str().replace('.', "="))
+    bucket: OnceCell<stream::Stream>,
 }
 
 impl Tally {
@@ -715,63 +732,67 @@ impl Tally {
         }
     }
 
-    async fn bucket(&self) -> Result<&kv::Store, LogError> {
+    /// The group's counter subject: `{prefix}.groups.{name}`, `.` written `~` (which a
+    /// group name cannot hold), so one group is one token.
+    fn subject(&self, group: &GroupName) -> String {
+        let prefix = &self.log.jetstream().1.subject_prefix;
+        format!("{prefix}.groups.{}", group.as_str().replace('.', "~"))
+    }
+
+    async fn bucket(&self) -> Result<&stream::Stream, LogError> {
         self.bucket
             .get_or_try_init(|| async {
-                let (jetstream, stream) = self.log.jetstream();
-                let name = format!("{stream}_GROUPS");
-                if let Ok(store) = jetstream.get_key_value(&name).await {
-                    return Ok(store);
-                }
-                let created = jetstream
-                    .create_key_value(kv::Config {
-                        bucket: name.clone(),
-                        description: "spike-gateway consumer group counters".to_owned(),
-                        history: 1,
+                let (jetstream, settings) = self.log.jetstream();
+                jetstream
+                    .get_or_create_stream(stream::Config {
+                        name: format!("{}_GROUPS", settings.stream),
+                        description: Some("spike-gateway consumer group counters".to_owned()),
+                        subjects: vec![format!("{}.groups.>", settings.subject_prefix)],
+                        max_messages_per_subject: 1,
                         storage: stream::StorageType::File,
+                        allow_direct: true,
                         ..Default::default()
                     })
-                    .await;
-                match created {
-                    Ok(store) => Ok(store),
-                    // Another replica created it meanwhile.
-                    Err(_) => jetstream
-                        .get_key_value(&name)
-                        .await
-                        .map_err(|e| storage("cannot open the groups' counters", e)),
-                }
+                    .await
+                    .map_err(|e| storage("cannot open the groups' counters", e))
             })
             .await
     }
 
-    /// Applies `change` to the group's entry with compare-and-set; `change` returns
-    /// `false` when there is nothing to write. Returns the counters as they now are.
+    /// Applies `change` to the group's counters with compare-and-set (the publish expects
+    /// the subject's last sequence it read); `change` returns `false` when there is
+    /// nothing to write. Returns the counters as they now are.
     async fn update(
         &self,
         group: &GroupName,
         change: impl Fn(&mut Tally3) -> bool,
     ) -> Result<Tally3, LogError> {
         let bucket = self.bucket().await?;
-        let key = tally_key(group);
+        let subject = self.subject(group);
         for _ in 0..TALLY_ATTEMPTS {
-            let entry = bucket
-                .entry(key.as_str())
-                .await
-                .map_err(|e| storage("cannot read a group's counters", e))?;
-            let (mut counts, revision) = match entry {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    (Tally3::decode(&entry.value), entry.revision)
-                }
-                Some(entry) => (Tally3::default(), entry.revision),
-                None => (Tally3::default(), 0),
-            };
+            let (mut counts, revision) =
+                match bucket.direct_get_last_for_subject(subject.as_str()).await {
+                    Ok(message) => (Tally3::decode(&message.payload), message.sequence),
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                        (Tally3::default(), 0)
+                    }
+                    Err(e) => return Err(storage("cannot read a group's counters", e)),
+                };
             if !change(&mut counts) {
                 return Ok(counts);
             }
-            if bucket
-                .update(key.as_str(), counts.encode(), revision)
-                .await
-                .is_ok()
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                revision.to_string().as_str(),
+            );
+            let (jetstream, _) = self.log.jetstream();
+            let published = jetstream
+                .publish_with_headers(subject.clone(), headers, counts.encode())
+                .await;
+            // A refused publish: another replica wrote first; read again.
+            if let Ok(ack) = published
+                && ack.await.is_ok()
             {
                 return Ok(counts);
             }
@@ -817,14 +838,17 @@ impl Tally {
 
     /// A deleted group's counters go with it.
     async fn forget(&self, group: &GroupName) {
-        let deleted = match self.bucket().await {
+        let purged = match self.bucket().await {
+            // A filtered purge of the counters' own stream: no consumer reads it.
             Ok(bucket) => bucket
-                .delete(tally_key(group))
+                .purge()
+                .filter(self.subject(group))
                 .await
+                .map(|_| ())
                 .map_err(|e| storage("cannot delete a group's counters", e)),
             Err(e) => Err(e),
         };
-        if let Err(error) = deleted {
+        if let Err(error) = purged {
             tracing::warn!(%group, %error, "a deleted group's counters stay");
         }
     }
@@ -864,6 +888,7 @@ impl Feed {
 /// One member on this replica: pulls, holds, and answers its deliveries.
 struct MemberTask {
     feeds: Vec<Feed>,
+    per_user: bool,
     /// The legacy consumer (if any) has nothing pending or in flight: read the others.
     legacy_drained: bool,
     /// Where the next round of pulls starts among the feeds, so a member with less room
@@ -939,14 +964,26 @@ impl MemberTask {
         }
     }
 
-    /// The feeds to pull from now: the legacy one alone until it is drained.
+    /// The feeds to pull from now: the legacy one alone until it is drained; after that,
+    /// per-user, never again (everything in it is settled), unordered, with the others
+    /// (what it redelivers after a nak or `ack_wait` comes from it).
     fn readable(&self) -> Vec<usize> {
         let legacy = self.feeds.iter().position(|f| f.part == Part::Legacy);
         match legacy {
             Some(at) if !self.legacy_drained => vec![at],
             _ => (0..self.feeds.len())
-                .filter(|&at| self.feeds[at].part != Part::Legacy)
+                .filter(|&at| !self.per_user || self.feeds[at].part != Part::Legacy)
                 .collect(),
+        }
+    }
+
+    /// Whether a pull of `feed` asks for as many as there is room (else for one: a
+    /// per-user consumer has one message in flight at most).
+    fn batched(&self, feed: usize) -> bool {
+        match self.feeds[feed].part {
+            Part::All => true,
+            Part::Legacy => !self.per_user,
+            Part::Partition(_) => false,
         }
     }
 
@@ -956,14 +993,12 @@ impl MemberTask {
         let count = readable.len();
         let mut candidates: Vec<usize> = (0..count)
             .map(|k| readable[(self.rotation + k) % count])
-            .filter(|&at| {
-                let feed = &self.feeds[at];
-                // One at a time from a partition (its max_ack_pending is 1): a pull there
-                // while the member holds its message would only wait.
-                let busy = feed.part != Part::All && feed.held > 0;
-                !feed.pulling && !busy
-            })
+            .filter(|&at| !self.feeds[at].pulling)
             .collect();
+        // A partition whose message the member holds delivers nothing until it is
+        // answered (max_ack_pending 1), so it goes last; it is still pulled when there is
+        // room, since a seek may have recreated its consumer and its message is forgotten.
+        candidates.sort_by_key(|&at| !self.batched(at) && self.feeds[at].held > 0);
         let asked: usize = self.feeds.iter().map(|f| f.asked).sum();
         let mut room = self.max_in_flight.saturating_sub(self.held.len() + asked);
         if room == 0 || candidates.is_empty() {
@@ -976,11 +1011,7 @@ impl MemberTask {
             if room == 0 {
                 break;
             }
-            let want = if self.feeds[at].part == Part::All {
-                room
-            } else {
-                1
-            };
+            let want = if self.batched(at) { room } else { 1 };
             let batch = self.pull(at, want).await?;
             let feed = &mut self.feeds[at];
             feed.pulling = true;
@@ -1001,7 +1032,8 @@ impl MemberTask {
     }
 
     /// A pull on `feed` ended: its room is free again; the legacy consumer is drained once
-    /// a pull of it brings nothing and it has nothing pending or in flight.
+    /// a pull of it brings nothing and it has nothing left to deliver (per-user: and
+    /// nothing in flight, so no user's older event is unsettled).
     async fn pull_over(&mut self, feed: usize) {
         let state = &mut self.feeds[feed];
         state.pulling = false;
@@ -1011,7 +1043,7 @@ impl MemberTask {
         }
         if let Ok(info) = state.consumer.info().await
             && info.num_pending == 0
-            && info.num_ack_pending == 0
+            && (info.num_ack_pending == 0 || !self.per_user)
         {
             tracing::info!(group = %self.group, "the group's pre-partition events are settled");
             self.legacy_drained = true;
