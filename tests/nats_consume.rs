@@ -1,4 +1,4 @@
-//! Consumer groups on NATS (SPEC §4.3, §4.4): a group is one JetStream durable consumer
+//! Consumer groups on NATS (SPEC §4.3, §4.4): a group is a set of JetStream durable consumers
 //! shared by every replica. Real nats-server, real gateways (in process and the binary),
 //! real tonic clients. `#[ignore]`d: `.ci/test` runs them when a server is there.
 
