@@ -324,6 +324,13 @@ impl NatsGroups {
             .into());
         }
         let (deliver_policy, position, bounds) = self.log.deliver_policy(start).await?;
+        // One start for every consumer: `New` would be each one's own creation moment.
+        let deliver_policy = match (deliver_policy, position) {
+            (DeliverPolicy::New, Some(start_sequence)) => {
+                DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            (policy, _) => policy,
+        };
         let legacy = self
             .log
             .legacy_from(position.unwrap_or(bounds.oldest))
@@ -344,6 +351,16 @@ impl NatsGroups {
                 })?;
                 check_open(name, existing.config.description.as_deref(), config)?;
             }
+        }
+        // What retention removed before the group (or its new start) is not its expiry.
+        let before = bounds.oldest.saturating_sub(1);
+        let counted = self.tally.update(name, |c| {
+            let moved = c.expired_through < before;
+            c.expired_through = c.expired_through.max(before);
+            moved
+        });
+        if let Err(error) = counted.await {
+            tracing::warn!(group = %name, %error, "cannot set the group's counters");
         }
         Ok(position)
     }
