@@ -1187,3 +1187,57 @@ async fn with_work_first(feeds: &[Feed], candidates: &mut [usize]) {
     // Stable: the rotation's order among equals is kept.
     candidates.sort_by_key(|at| !ready.contains(at));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(users: &[&str], ordering: Ordering) -> GroupConfig {
+        let users = users.iter().map(|u| (*u).to_owned()).collect();
+        GroupConfig::new(GroupFilter::new(&[], users, vec![]).unwrap(), ordering, 0).unwrap()
+    }
+
+    #[test]
+    fn a_per_user_group_has_one_consumer_per_partition_and_its_anchor_last() {
+        let name = GroupName::parse("a.b").unwrap();
+        let sources = plan(&name, &config(&[], Ordering::PerUser), true);
+        assert_eq!(sources.len(), PARTITIONS as usize + 1);
+        assert_eq!(
+            (sources[0].name.as_str(), sources[0].part),
+            ("group_a~b@legacy", Part::Legacy)
+        );
+        let last = sources.last().unwrap();
+        assert_eq!(
+            (last.name.as_str(), last.part),
+            ("group_a~b", Part::Partition(0))
+        );
+        assert_eq!(sources[1].name, "group_a~b@p1");
+        let names: std::collections::HashSet<_> = sources.iter().map(|s| &s.name).collect();
+        assert_eq!(names.len(), sources.len());
+
+        let one = plan(&name, &config(&["u"], Ordering::PerUser), false);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].part, Part::Partition(partition_of("u")));
+        assert_eq!(one[0].name, "group_a~b");
+        let unordered = plan(&name, &config(&["u"], Ordering::Unordered), false);
+        assert_eq!(
+            (
+                unordered[0].name.as_str(),
+                unordered[0].part,
+                unordered.len()
+            ),
+            ("group_a~b", Part::All, 1)
+        );
+    }
+
+    #[test]
+    fn counters_round_trip() {
+        let counts = Tally3 {
+            terminated: 3,
+            expired: u64::MAX,
+            expired_through: 7,
+        };
+        assert_eq!(Tally3::decode(&counts.encode()), counts);
+        assert_eq!(Tally3::decode(b"short"), Tally3::default());
+    }
+}
