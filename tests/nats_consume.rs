@@ -1,4 +1,4 @@
-//! Consumer groups on NATS (SPEC §4.3, §4.4): a group is one JetStream durable consumer
+//! Consumer groups on NATS (SPEC §4.3, §4.4): a group is a set of JetStream durable consumers
 //! shared by every replica. Real nats-server, real gateways (in process and the binary),
 //! real tonic clients. `#[ignore]`d: `.ci/test` runs them when a server is there.
 
@@ -9,10 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use spike_gateway::events::{
+    CommittedEvent,
+    nats::{partition_of, subject_token},
+};
 use spike_gateway::proto::{
     ConsumeOpen, ConsumeOrdering, DeleteConsumerGroupRequest, EraseUserRequest, EventType,
-    ListConsumerGroupsRequest, Nak, SeekConsumerGroupRequest, Term, consume_request,
-    seek_consumer_group_request,
+    ListConsumerGroupsRequest, Nak, SeekConsumerGroupRequest, SubscribeRequest, Term,
+    consume_request, seek_consumer_group_request,
 };
 use support::{
     admin::{Store, admin, authed, nats_store},
@@ -289,49 +293,108 @@ async fn another_filter_on_another_replica_is_a_failed_precondition() {
     join(&rb, open_request("defined")).await.unwrap();
 }
 
+/// `n` user ids whose events fall in `n` different partitions.
+fn users_in_distinct_partitions(n: usize) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    (0..)
+        .map(|k| format!("u{k}"))
+        .filter(|user| seen.insert(partition_of(user)))
+        .take(n)
+        .collect()
+}
+
+/// The next delivery of either member, named `'a'` or `'b'`.
+async fn either(a: &mut TestMember, b: &mut TestMember) -> (char, spike_gateway::proto::Delivery) {
+    tokio::select! {
+        d = a.next() => ('a', d.unwrap()),
+        d = b.next() => ('b', d.unwrap()),
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn per_user_ordering_across_two_replicas_and_three_users() {
     let (_store, ra, rb) = two_replicas().await;
     let open = ConsumeOpen {
         ordering: ConsumeOrdering::PerUser as i32,
-        max_in_flight: 10,
         ..open_request("ordered")
     };
-    let mut a = join(&ra, open.clone()).await.unwrap();
-    let mut b = join(&rb, open).await.unwrap();
+    let users = users_in_distinct_partitions(3);
     for n in 0..18 {
-        let user = format!("u{}", n % 3);
-        post_events(&ra, &user, n..n + 1).await;
+        post_events(&ra, &users[n as usize % 3], n..n + 1).await;
     }
+    // a holds at most one; it takes one user's first event.
+    let mut a = join(
+        &ra,
+        ConsumeOpen {
+            max_in_flight: 1,
+            ..open.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let first_a = a.next().await.unwrap();
+    // While a holds it unacked, b (another replica) gets the two other users' first
+    // events: users proceed in parallel, across replicas.
+    let mut b = join(
+        &rb,
+        ConsumeOpen {
+            max_in_flight: 10,
+            ..open
+        },
+    )
+    .await
+    .unwrap();
+    let first_b = b.take(2).await;
+    let user =
+        |d: &spike_gateway::proto::Delivery| d.event.as_ref().unwrap().application_user_id.clone();
+    let firsts: BTreeSet<u64> = std::iter::once(&first_a).chain(&first_b).map(seq).collect();
+    assert_eq!(firsts, BTreeSet::from([1, 2, 3]), "each user's first event");
+    // Nothing more: each user's next event waits for the previous one's ack.
+    a.assert_quiet().await;
+    b.assert_quiet().await;
+
+    // Then every event, acked one at a time in an order that is not the stream's: a user
+    // never has two in flight, and each user's events come in sequence order.
+    let mut in_flight: BTreeMap<String, (char, u64)> = BTreeMap::new();
     let mut order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (name, d) in [('a', &first_a), ('b', &first_b[0]), ('b', &first_b[1])] {
+        in_flight.insert(user(d), (name, seq(d)));
+        order.entry(user(d)).or_default().push(seq(d));
+    }
     let mut members = BTreeSet::new();
-    for _ in 0..18 {
-        let (name, delivery) = tokio::select! {
-            d = a.next() => ('a', d.unwrap()),
-            d = b.next() => ('b', d.unwrap()),
-        };
-        let event = delivery.event.unwrap();
+    let mut acked = 0;
+    while acked < 18 {
+        // The newest-held first: not the stream's order.
+        let (held_user, (name, sequence)) = in_flight
+            .iter()
+            .max_by_key(|(_, (_, s))| *s)
+            .map(|(u, h)| (u.clone(), *h))
+            .unwrap();
+        in_flight.remove(&held_user);
         members.insert(name);
-        // Held, unacked: nothing else of this user (on NATS: of the group) may come now.
-        let (member, other) = if name == 'a' {
-            (&mut a, &mut b)
-        } else {
-            (&mut b, &mut a)
-        };
-        other.assert_quiet().await;
-        member.assert_quiet().await;
-        order
-            .entry(event.application_user_id)
-            .or_default()
-            .push(event.sequence);
-        member.ack(vec![event.sequence]).await;
+        let member = if name == 'a' { &a } else { &b };
+        member.ack(vec![sequence]).await;
+        acked += 1;
+        if order[&held_user].len() == 6 {
+            continue;
+        }
+        // The user's next event comes (to either member) once the previous is acked.
+        let (name, d) = either(&mut a, &mut b).await;
+        assert!(
+            in_flight.insert(user(&d), (name, seq(&d))).is_none(),
+            "two events of {} in flight at once: {d:?}",
+            user(&d)
+        );
+        order.entry(user(&d)).or_default().push(seq(&d));
     }
     for (user, sequences) in &order {
         assert_eq!(sequences.len(), 6, "{user}");
         assert!(sequences.is_sorted(), "{user}: {sequences:?}");
     }
     assert_eq!(members.len(), 2, "both replicas' members took work");
+    a.assert_quiet().await;
+    b.assert_quiet().await;
 }
 
 async fn list(app: &TestApp) -> Vec<spike_gateway::proto::ConsumerGroupInfo> {
@@ -447,4 +510,391 @@ async fn erasure_removes_the_users_events_from_the_groups_work() {
     })
     .await;
     assert_eq!(row.pending, 0);
+}
+
+/// The value of `--name` among the store's flags.
+fn flag(store: &Store, name: &str) -> String {
+    let at = store.flags.iter().position(|f| f == name).unwrap();
+    store.flags[at + 1].clone()
+}
+
+/// The events stream's consumers: name → filter subject, read from NATS itself.
+async fn stream_consumers(store: &Store) -> BTreeMap<String, String> {
+    let client = async_nats::connect(flag(store, "--nats-url"))
+        .await
+        .unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(flag(store, "--nats-stream"))
+        .await
+        .unwrap();
+    let mut consumers = stream.consumers();
+    let mut out = BTreeMap::new();
+    while let Some(info) = futures_util::StreamExt::next(&mut consumers).await {
+        let info = info.unwrap();
+        out.insert(info.name, info.config.filter_subject);
+    }
+    out
+}
+
+fn group_consumers(all: &BTreeMap<String, String>, group: &str) -> BTreeMap<String, String> {
+    let anchor = format!("group_{group}");
+    all.iter()
+        .filter(|(name, _)| **name == anchor || name.starts_with(&format!("{anchor}@")))
+        .map(|(name, subject)| (name.clone(), subject.clone()))
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn group_and_subscribe_filters_narrow_at_the_source() {
+    let store = nats_store();
+    let app = spawn_app_with(&store.flags()).await;
+    let prefix = flag(&store, "--nats-subject-prefix");
+    post_events(&app, "other", 0..1).await; // the stream holds only partitioned subjects
+    let _typed = join(
+        &app,
+        ConsumeOpen {
+            event_types: vec![EventType::RecordChange as i32],
+            ..open_request("typed")
+        },
+    )
+    .await
+    .unwrap();
+    let _one_user = join(
+        &app,
+        ConsumeOpen {
+            ordering: ConsumeOrdering::PerUser as i32,
+            application_user_ids: vec!["u.1".into()],
+            ..open_request("one")
+        },
+    )
+    .await
+    .unwrap();
+    let _every_user = join(
+        &app,
+        ConsumeOpen {
+            ordering: ConsumeOrdering::PerUser as i32,
+            ..open_request("all")
+        },
+    )
+    .await
+    .unwrap();
+    let mut narrow = app
+        .subscribe(SubscribeRequest {
+            application_user_ids: vec!["u.1".into()],
+            ..from_beginning()
+        })
+        .await
+        .unwrap();
+    post_events(&app, "u.1", 1..2).await;
+    assert_eq!(next(&mut narrow).await.unwrap().application_user_id, "u.1");
+
+    let consumers = stream_consumers(&store).await;
+    assert_eq!(
+        group_consumers(&consumers, "typed"),
+        BTreeMap::from([(
+            "group_typed".to_owned(),
+            format!("{prefix}.event.record_change.*.*")
+        )])
+    );
+    let partition = partition_of("u.1");
+    assert_eq!(
+        group_consumers(&consumers, "one"),
+        BTreeMap::from([(
+            "group_one".to_owned(),
+            format!("{prefix}.event.*.u~2E1.p{partition}")
+        )]),
+        "a filter naming one user needs only that user's partition"
+    );
+    let all = group_consumers(&consumers, "all");
+    assert_eq!(all.len(), 16, "{all:?}");
+    for n in 0..16 {
+        let subject = format!("{prefix}.event.*.*.p{n}");
+        assert!(all.values().any(|s| *s == subject), "{subject}: {all:?}");
+    }
+    let user_subject = format!("{prefix}.event.*.u~2E1.*");
+    assert!(
+        consumers.values().any(|s| *s == user_subject),
+        "Subscribe narrowed at the source: {consumers:?}"
+    );
+}
+
+/// Publishes events the way releases before the partition token did: 4-token subjects.
+async fn publish_unpartitioned(store: &Store, events: &[(&str, &str)]) {
+    let client = async_nats::connect(flag(store, "--nats-url"))
+        .await
+        .unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let prefix = flag(store, "--nats-subject-prefix");
+    for (id, user) in events {
+        let event = spike_gateway::proto::Event {
+            event_id: (*id).into(),
+            r#type: EventType::RecordChange as i32,
+            application_user_id: (*user).into(),
+            received_at: Some(prost_types::Timestamp::default()),
+            ..Default::default()
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", *id);
+        let subject = format!("{prefix}.event.record_change.{}", subject_token(user));
+        let payload = CommittedEvent::new(event).encoded(true);
+        jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn events_stored_before_partitions_reach_groups_and_subscribers_exactly_once() {
+    let store = nats_store();
+    // The stream as an older release left it: 4 events on 4-token subjects.
+    spawn_app_with(&store.flags()).await.stop().await;
+    let old = [
+        ("old-1", "x"),
+        ("old-2", "y"),
+        ("old-3", "x"),
+        ("old-4", "y"),
+    ];
+    publish_unpartitioned(&store, &old).await;
+    let app = spawn_app_with(&store.flags()).await;
+    post_events(&app, "x", 10..12).await; // 5, 6
+    post_events(&app, "y", 12..14).await; // 7, 8
+    let user_of = |sequence: u64| {
+        if [1, 3, 5, 6].contains(&sequence) {
+            "x"
+        } else {
+            "y"
+        }
+    };
+
+    // Per user: every event once, each user's in sequence order across the two layouts.
+    let mut per_user = join(
+        &app,
+        ConsumeOpen {
+            ordering: ConsumeOrdering::PerUser as i32,
+            ..open_request("ordered")
+        },
+    )
+    .await
+    .unwrap();
+    let mut order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for _ in 0..8 {
+        let delivery = per_user.next().await.unwrap();
+        assert_eq!(delivery.attempt, 1);
+        let event = delivery.event.unwrap();
+        assert_eq!(event.application_user_id, user_of(event.sequence));
+        order
+            .entry(event.application_user_id)
+            .or_default()
+            .push(event.sequence);
+        per_user.ack(vec![event.sequence]).await;
+    }
+    per_user.assert_quiet().await;
+    assert_eq!(
+        order,
+        BTreeMap::from([
+            ("x".into(), vec![1, 3, 5, 6]),
+            ("y".into(), vec![2, 4, 7, 8])
+        ])
+    );
+
+    // Unordered: every event once, first deliveries in sequence order.
+    let mut unordered = join(&app, open_request("plain")).await.unwrap();
+    let got = unordered.take(8).await;
+    assert_eq!(
+        got.iter().map(seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    unordered.ack(got.iter().map(seq).collect()).await;
+    unordered.assert_quiet().await;
+
+    // Subscribe with a user filter sees both layouts.
+    let mut x = app
+        .subscribe(SubscribeRequest {
+            application_user_ids: vec!["x".into()],
+            ..from_beginning()
+        })
+        .await
+        .unwrap();
+    let seen: Vec<u64> = take(&mut x, 4).await.iter().map(|e| e.sequence).collect();
+    assert_eq!(seen, vec![1, 3, 5, 6]);
+
+    // Erasure finds the user's events in both layouts.
+    admin(&app)
+        .await
+        .erase_user(authed(EraseUserRequest {
+            application_user_id: "y".into(),
+        }))
+        .await
+        .unwrap();
+    let mut everything = app.subscribe(from_beginning()).await.unwrap();
+    let left: Vec<u64> = take(&mut everything, 4)
+        .await
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(left, vec![1, 3, 5, 6]);
+    assert_quiet(&mut everything).await;
+}
+
+#[tokio::test]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn terminated_is_counted_across_replicas_and_restarts() {
+    let (store, mut ra, mut rb) = two_replicas().await;
+    let open = ConsumeOpen {
+        max_in_flight: 1,
+        ..open_request("terms")
+    };
+    let mut a = join(&ra, open.clone()).await.unwrap();
+    post_events(&ra, "u", 0..3).await;
+    let on_a = a.next().await.unwrap();
+    let mut b = join(&rb, open).await.unwrap();
+    let on_b = b.next().await.unwrap();
+    for (member, delivery) in [(&a, &on_a), (&b, &on_b)] {
+        member
+            .send(consume_request::Request::Term(Term {
+                sequences: vec![seq(delivery)],
+                reason: "poison".into(),
+            }))
+            .await;
+    }
+    // Both have room again: the third goes to either.
+    let (name, third) = either(&mut a, &mut b).await;
+    assert_eq!(seq(&third), 3);
+    let member = if name == 'a' { &a } else { &b };
+    member.ack(vec![3]).await;
+    let row = eventually(Duration::from_secs(5), "both terms counted", async || {
+        list(&rb)
+            .await
+            .into_iter()
+            .find(|g| g.terminated == 2 && g.in_flight == 0)
+    })
+    .await;
+    assert_eq!((row.acked_through, row.pending, row.expired), (3, 0, 0));
+    drop((a, b));
+    ra.stop().await;
+    rb.stop().await;
+    let rc = spawn_app_with(&store.flags()).await;
+    let row = list(&rc).await.pop().unwrap();
+    assert_eq!(
+        (row.group.as_str(), row.terminated),
+        ("terms", 2),
+        "kept in NATS"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn events_retention_removed_before_the_group_read_them_are_counted_expired_once() {
+    let store = nats_store();
+    let short = [
+        store.flags(),
+        vec!["--retention", "2s", "--dedup-window", "1s"],
+    ]
+    .concat();
+    let mut app = spawn_app_with(&short).await;
+    drop(join(&app, open_request("late")).await.unwrap()); // the group exists, unread
+    post_events(&app, "u", 0..3).await;
+    // They expire one by one; each list counts what was removed since the last one.
+    // (`pending` is JetStream's `num_pending`, which may lag behind the removal.)
+    let row = eventually(
+        Duration::from_secs(15),
+        "retention removed 1..=3",
+        async || list(&app).await.into_iter().find(|g| g.expired >= 3),
+    )
+    .await;
+    assert_eq!(row.expired, 3, "{row:?}");
+    post_events(&app, "u", 3..4).await;
+    let mut member = join(&app, open_request("late")).await.unwrap();
+    let fourth = member.next().await.unwrap();
+    assert_eq!(seq(&fourth), 4);
+    member.ack(vec![4]).await;
+    let row = eventually(Duration::from_secs(5), "the ack is applied", async || {
+        list(&app).await.into_iter().find(|g| g.acked_through == 4)
+    })
+    .await;
+    assert_eq!(row.expired, 3, "counted once");
+    drop(member);
+    app.stop().await;
+    let again = spawn_app_with(&short).await;
+    assert_eq!(list(&again).await.pop().unwrap().expired, 3, "kept in NATS");
+}
+
+#[tokio::test]
+#[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
+async fn seek_and_delete_act_on_every_partition_of_a_per_user_group() {
+    let store = nats_store();
+    let app = spawn_app_with(&store.flags()).await;
+    let users = users_in_distinct_partitions(3);
+    for n in 0..6 {
+        post_events(&app, &users[n as usize % 3], n..n + 1).await;
+    }
+    let mut member = join(
+        &app,
+        ConsumeOpen {
+            ordering: ConsumeOrdering::PerUser as i32,
+            ..open_request("parts")
+        },
+    )
+    .await
+    .unwrap();
+    let firsts = member.take(3).await;
+    assert_eq!(
+        firsts.iter().map(seq).collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2, 3])
+    );
+    member.ack(vec![1, 2, 3]).await;
+    let seconds = member.take(3).await;
+    assert_eq!(
+        seconds.iter().map(seq).collect::<BTreeSet<_>>(),
+        BTreeSet::from([4, 5, 6])
+    );
+    let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
+        list(&app).await.into_iter().find(|g| g.acked_through == 3)
+    })
+    .await;
+    assert_eq!((row.in_flight, row.pending), (3, 3));
+
+    // Seek: every partition moves; what the member held is forgotten.
+    let moved = admin(&app)
+        .await
+        .seek_consumer_group(authed(SeekConsumerGroupRequest {
+            group: "parts".into(),
+            start: Some(seek_consumer_group_request::Start::AfterSequence(4)),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.next_sequence, 5);
+    let again = member.take(2).await;
+    assert_eq!(
+        again.iter().map(seq).collect::<BTreeSet<_>>(),
+        BTreeSet::from([5, 6])
+    );
+    member.assert_quiet().await;
+    member.ack(vec![5, 6]).await;
+    let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
+        list(&app).await.into_iter().find(|g| g.in_flight == 0)
+    })
+    .await;
+    assert_eq!((row.acked_through, row.pending), (6, 0));
+
+    // Delete: every partition's consumer goes.
+    let deleted = admin(&app)
+        .await
+        .delete_consumer_group(authed(DeleteConsumerGroupRequest {
+            group: "parts".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.members_ended, 1);
+    assert_eq!(member.end().await.code(), Code::FailedPrecondition);
+    assert!(list(&app).await.is_empty());
+    let left = group_consumers(&stream_consumers(&store).await, "parts");
+    assert!(left.is_empty(), "{left:?}");
 }

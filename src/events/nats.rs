@@ -5,9 +5,15 @@
 //! `Nats-Msg-Id` = `event_id` and the stream's duplicate window = the dedup window. An
 //! event's `sequence` is its stream sequence.
 //!
-//! Subjects are `{prefix}.event.{type}.{user}` (user escaped by [`subject_token`], since
-//! Spike ids may contain `.`), so NATS can filter by type and user. Dead letters go to a
-//! second stream on `{prefix}.dead.{category}`, keeping event sequences contiguous.
+//! Subjects are `{prefix}.event.{type}.{user}.p{N}` (user escaped by [`subject_token`],
+//! since Spike ids may contain `.`), so NATS can filter by type and user. `p{N}` is the
+//! user's partition ([`partition_of`]: a stable hash of the user id, modulo the fixed
+//! [`PARTITIONS`]), which per-user consumer groups read one consumer per partition (see
+//! [`super::nats_groups`]). The token is *trailing*, so a filter on type and user is still
+//! one subject (`{prefix}.event.{type}.{user}.*`). Streams written before it (0.1, and
+//! this release before partitions) hold 4-token subjects `{prefix}.event.{type}.{user}`;
+//! they stay readable: see "Legacy subjects" below. Dead letters go to a second stream on
+//! `{prefix}.dead.{category}`, keeping event sequences contiguous.
 //!
 //! Each subscription reads the stream with its own ordered push consumer
 //! ([`NatsLog::follow`]): `after_sequence`, `from_beginning`, `since` and live map onto
@@ -15,6 +21,14 @@
 //! consumer's filter subject, so NATS filters at the source. Ordered consumers recreate
 //! themselves on any gap or reconnect, so a stream stays ordered, gap-free and
 //! duplicate-free; flow control keeps a slow reader from buffering without bound.
+//!
+//! **Legacy subjects.** nats-server 2.9 takes one filter subject per consumer, and no
+//! single subject matches both `a.b.c.d` and `a.b.c.d.e`. So while the stream still holds
+//! a 4-token message (checked at connect and again by each `Subscribe` until none is
+//! left: retention removes them), a narrowing `Subscribe` reads `{prefix}.event.>` and the
+//! gateway applies the filter; once they are gone it narrows at the source again. Groups
+//! read them with one extra consumer (see [`super::nats_groups`]). Every message this
+//! release publishes has 5 tokens, so the legacy form never comes back.
 //!
 //! No history is read in this process, so NATS is not a [`super::LocalLog`]: the
 //! subscription entry point is [`super::Backend::Nats`].
@@ -86,6 +100,13 @@ const SUBSCRIPTION_CAPACITY: usize = 1024;
 /// How long one publish waits for its PubAck before the webhook gets a 503.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Partitions of the subject layout: a user's events all carry `p{partition_of(user)}`.
+/// Fixed, not configurable: changing it would move users to other partitions, and a
+/// per-user group could then deliver a user's newer events (new partition) before older
+/// ones still pending in the old partition. 16 lets 16 users proceed in parallel per
+/// group, at the cost of 16 JetStream consumers per per-user group.
+pub const PARTITIONS: u32 = 16;
+
 /// Where the gateway keeps its events in NATS.
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
@@ -103,6 +124,9 @@ pub struct NatsLog {
     dead_letters: stream::Stream,
     settings: NatsSettings,
     closed: AtomicBool,
+    /// The stream may still hold 4-token (pre-partition) event subjects; cleared once a
+    /// look-up finds none (they never come back: see the module docs).
+    legacy_subjects: AtomicBool,
     // 0.1-rule msg ids still in JetStream's duplicate window (see the module docs). A std
     // Mutex: held only for a map lookup, never across an await.
     legacy: std::sync::Mutex<LegacyIds>,
@@ -176,6 +200,7 @@ impl NatsLog {
             dead_letters,
             settings,
             closed: AtomicBool::new(false),
+            legacy_subjects: AtomicBool::new(true),
             legacy: std::sync::Mutex::new(legacy),
         };
         Ok(log)
@@ -192,27 +217,77 @@ impl NatsLog {
 
     fn subject_of(&self, event: &Event) -> String {
         format!(
-            "{}.event.{}.{}",
+            "{}.event.{}.{}.p{}",
             self.settings.subject_prefix,
             type_token(event.r#type),
-            subject_token(&event.application_user_id)
+            subject_token(&event.application_user_id),
+            partition_of(&event.application_user_id)
         )
     }
 
-    /// The narrowest single subject covering `filter` (NATS 2.9 takes one filter subject).
-    pub(super) fn subject_for(&self, filter: &Filter) -> String {
-        let one = |set: usize| set == 1;
-        let kind = match filter.event_types.iter().next() {
-            Some(t) if one(filter.event_types.len()) => type_token(*t),
-            _ if filter.event_types.is_empty() => "*".to_owned(),
-            _ => return self.event_filter(),
+    /// The `{type}.{user}` tokens of the narrowest subject covering `filter` (`*` where it
+    /// names none), or `None` when it names several of either (NATS 2.9 takes one
+    /// filter subject).
+    pub(super) fn tokens_for(filter: &Filter) -> Option<(String, String)> {
+        let kind = match filter.event_types.len() {
+            0 => "*".to_owned(),
+            1 => type_token(*filter.event_types.iter().next()?),
+            _ => return None,
         };
-        let user = match filter.application_user_ids.iter().next() {
-            Some(u) if one(filter.application_user_ids.len()) => subject_token(u),
-            _ if filter.application_user_ids.is_empty() => "*".to_owned(),
-            _ => return self.event_filter(),
+        let user = match filter.application_user_ids.len() {
+            0 => "*".to_owned(),
+            1 => subject_token(filter.application_user_ids.iter().next()?),
+            _ => return None,
         };
-        format!("{}.event.{kind}.{user}", self.settings.subject_prefix)
+        Some((kind, user))
+    }
+
+    /// `{prefix}.event.{kind}.{user}.{tail}`, or the 4-token legacy form without a tail.
+    pub(super) fn event_subject(&self, kind: &str, user: &str, tail: Option<&str>) -> String {
+        let prefix = &self.settings.subject_prefix;
+        match tail {
+            Some(tail) => format!("{prefix}.event.{kind}.{user}.{tail}"),
+            None => format!("{prefix}.event.{kind}.{user}"),
+        }
+    }
+
+    /// The narrowest single subject covering `filter` for a `Subscribe`: wide while the
+    /// stream may hold legacy subjects, which a narrowed one would miss.
+    pub(super) async fn subject_for(&self, filter: &Filter) -> Result<String, LogError> {
+        match Self::tokens_for(filter) {
+            Some((kind, user)) if !self.legacy_from(1).await? => {
+                Ok(self.event_subject(&kind, &user, Some("*")))
+            }
+            _ => Ok(self.event_filter()),
+        }
+    }
+
+    /// Whether the stream holds a 4-token (pre-partition) event at or after `sequence`.
+    /// Once none is left anywhere, answers without asking NATS.
+    pub(super) async fn legacy_from(&self, sequence: u64) -> Result<bool, LogError> {
+        if !self.legacy_subjects.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let legacy = format!("{}.event.*.*", self.settings.subject_prefix);
+        match self
+            .events
+            .direct_get_next_for_subject(legacy, Some(sequence.max(1)))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                if sequence <= 1 {
+                    self.legacy_subjects.store(false, Ordering::Release);
+                }
+                Ok(false)
+            }
+            Err(e) => Err(unavailable("NATS read failed", e)),
+        }
+    }
+
+    /// The JetStream context and the settings, for the groups' counters.
+    pub(super) fn jetstream(&self) -> (&Context, &NatsSettings) {
+        (&self.jetstream, &self.settings)
     }
 
     /// The events stream, for the consumer groups' durable consumers.
@@ -465,7 +540,7 @@ impl NatsLog {
             .events
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
-                filter_subject: self.subject_for(filter),
+                filter_subject: self.subject_for(filter).await?,
                 deliver_policy,
                 ..Default::default()
             })
@@ -559,8 +634,8 @@ async fn legacy_ids(
             let token = message
                 .subject
                 .get(prefix_len..)
-                .and_then(|rest| rest.split_once('.'))
-                .map_or_else(String::new, |(_, user)| user.to_owned());
+                .and_then(|rest| rest.split('.').nth(1))
+                .map_or_else(String::new, str::to_owned);
             let entry = (info.stream_sequence, token);
             legacy.ids.insert(id.as_str().to_owned(), entry);
         }
@@ -683,6 +758,19 @@ pub(super) fn decode(sequence: u64, payload: bytes::Bytes) -> Result<CommittedEv
         .map_err(|e| LogError::Storage(format!("undecodable event at {sequence}: {e}")))
 }
 
+/// The partition of `user`'s events: FNV-1a (64 bit) of the id's bytes modulo
+/// [`PARTITIONS`]. Stable across releases and platforms, since it decides which consumer
+/// of a per-user group reads the user; never change it (or [`PARTITIONS`]) for a stream
+/// in use.
+pub fn partition_of(user: &str) -> u32 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = user.bytes().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    });
+    (hash % u64::from(PARTITIONS)) as u32
+}
+
 /// A user id as one NATS subject token: `[A-Za-z0-9_-]` kept, every other byte `~XX` (hex).
 /// Injective (so filters are exact), and `.`, `*`, `>` and spaces never reach the subject.
 /// The empty id is `~`.
@@ -790,14 +878,19 @@ impl EventLog for NatsLog {
     async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
         self.connected()?;
         let token = subject_token(user);
-        let subject = format!("{}.event.*.{token}", self.settings.subject_prefix);
         let dead_letters = self.erase_letters(user).await?;
         self.legacy
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ids
             .retain(|_, (_, owner)| *owner != token);
-        let events = self.delete_events(subject).await?;
+        // Both layouts: the user's partition form, and the legacy 4-token form.
+        let mut events = 0;
+        for tail in [Some("*"), None] {
+            events += self
+                .delete_events(self.event_subject("*", &token, tail))
+                .await?;
+        }
         Ok(Erased {
             events,
             dead_letters,
@@ -826,7 +919,19 @@ impl EventLog for NatsLog {
 
 #[cfg(test)]
 mod tests {
-    use super::subject_token;
+    use super::{PARTITIONS, partition_of, subject_token};
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        // Pinned: a change would reorder users' events in per-user groups.
+        assert_eq!(partition_of(""), (0xcbf2_9ce4_8422_2325_u64 % 16) as u32);
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c (the published test vector).
+        assert_eq!(partition_of("a"), (0xaf63_dc4c_8601_ec8c_u64 % 16) as u32);
+        let used: std::collections::HashSet<_> = (0..200)
+            .map(|n| partition_of(&format!("user-{n}")))
+            .collect();
+        assert_eq!(used.len(), PARTITIONS as usize, "{used:?}");
+    }
 
     #[test]
     fn user_tokens_are_safe_and_distinct() {
