@@ -716,65 +716,6 @@ async fn fanout_section() {
     }
 }
 
-/// Deliveries/s and gateway CPU per delivery (µs) of the `readers` started, counted until
-/// `expected` have arrived.
-async fn drain(
-    gateway: &Server,
-    expected: u64,
-    readers: impl AsyncFnOnce(Arc<AtomicU64>) -> Vec<tokio::task::JoinHandle<()>>,
-) -> (f64, f64) {
-    let received = Arc::new(AtomicU64::new(0));
-    let before = gateway.cpu();
-    let started = Instant::now();
-    let tasks = readers(received.clone()).await;
-    wait_for(&received, expected, Duration::from_secs(120)).await;
-    let seconds = started.elapsed().as_secs_f64();
-    let cpu = gateway.cpu().since(&before).total * 1e6 / expected as f64;
-    tasks.iter().for_each(|t| t.abort());
-    (expected as f64 / seconds, cpu)
-}
-
-/// A consumer group of 4 members acking each delivery, against 4 plain `Subscribe`
-/// streams, both reading the same 100,000 stored events from the beginning.
-async fn groups_section() {
-    let events = 100_000u64;
-    let (mut plain, mut group, mut ratios, mut added) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..runs() {
-        let gateway = Server::gateway();
-        bulk_load(&gateway, events).await;
-        let url = gateway.grpc_url();
-        let (plain_rate, plain_cpu) = drain(&gateway, 4 * events, async |received| {
-            let mut tasks = Vec::new();
-            for _ in 0..4 {
-                let stream = subscribe(&url, Some(Start::FromBeginning(true))).await;
-                tasks.push(count_events(stream, received.clone()));
-            }
-            tasks
-        })
-        .await;
-        let (group_rate, group_cpu) = drain(&gateway, events, async |received| {
-            (0..4)
-                .map(|_| tokio::spawn(groups::member(url.clone(), "bench", received.clone())))
-                .collect()
-        })
-        .await;
-        plain.push(plain_rate);
-        group.push(group_rate);
-        ratios.push(group_rate / plain_rate);
-        added.push(group_cpu - plain_cpu);
-    }
-    println!(
-        "plain Subscribe, 4 streams from the beginning: {} deliveries/s",
-        spread(&plain, 0)
-    );
-    println!(
-        "consumer group, 4 members acking each delivery: {} acknowledged deliveries/s; {}x plain (target >= 0.5x); added gateway CPU {} µs per acknowledged delivery\n",
-        spread(&group, 0),
-        spread(&ratios, 2),
-        spread(&added, 2)
-    );
-}
-
 async fn run() {
     println!(
         "spike-gateway benchmarks: {} cores, CPU {:?}, {} runs per figure: median [min–max]\n",
@@ -792,7 +733,7 @@ async fn run() {
         fanout_section().await;
     }
     if enabled("groups") {
-        groups_section().await;
+        groups::section().await;
     }
 
     // 4 and 5. Replay of a 1,000,000-event log, RSS after it, and idle subscribers.

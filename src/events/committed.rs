@@ -27,6 +27,8 @@ use crate::proto::Event;
 const RAW_JSON_FIELD: u32 = 20;
 /// `Event.sequence`'s field number in `events.proto`.
 const SEQUENCE_FIELD: u32 = 1;
+/// `Event.application_user_id`'s field number in `events.proto`.
+const USER_FIELD: u32 = 5;
 
 #[derive(Debug, Clone)]
 pub struct CommittedEvent {
@@ -141,6 +143,21 @@ impl CommittedEvent {
         })
     }
 
+    /// The event's `application_user_id`, without decoding the rest when it was not
+    /// decoded yet: a consumer group needs it of every event it reads, and a stored event
+    /// would otherwise be decoded whole for it. The field's bytes are read in place
+    /// (the last occurrence wins, as in a decode); anything unexpected falls back to the
+    /// decoded event.
+    pub fn application_user_id(&self) -> &str {
+        if let Some(event) = self.decoded.get() {
+            return &event.application_user_id;
+        }
+        match find_string(&self.wire, USER_FIELD) {
+            Some(found) => found,
+            None => &self.event().application_user_id,
+        }
+    }
+
     /// The encoded `Event`, with or without `raw_json`. A view of shared bytes: cheap to
     /// take once per subscriber.
     pub fn encoded(&self, with_raw_json: bool) -> Bytes {
@@ -229,6 +246,27 @@ fn scan(wire: &[u8]) -> Result<Layout, prost::DecodeError> {
     })
 }
 
+/// The last top-level string field `wanted` of an encoded message ("" when absent, as
+/// protobuf decodes it), read in place; `None` if the bytes do not frame or the string is
+/// not UTF-8.
+fn find_string(wire: &[u8], wanted: u32) -> Option<&str> {
+    let mut rest = wire;
+    let mut found: &[u8] = &[];
+    while rest.has_remaining() {
+        let (field, wire_type) = encoding::decode_key(&mut rest).ok()?;
+        if field == wanted && wire_type == WireType::LengthDelimited {
+            let len = usize::try_from(encoding::decode_varint(&mut rest).ok()?).ok()?;
+            if len > rest.len() {
+                return None;
+            }
+            (found, rest) = rest.split_at(len);
+        } else {
+            encoding::skip_field(wire_type, field, &mut rest, Default::default()).ok()?;
+        }
+    }
+    std::str::from_utf8(found).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +313,25 @@ mod tests {
             }
         );
         assert!(committed.encoded(false).len() < committed.encoded(true).len());
+    }
+
+    #[test]
+    fn the_user_of_a_stored_event_is_read_without_decoding_it() {
+        let wire = CommittedEvent::new(sample()).encoded(true);
+        let stored = CommittedEvent::stored(42, 0, wire).unwrap();
+        assert_eq!(stored.application_user_id(), "user-1");
+        assert!(stored.decoded.get().is_none(), "not decoded for it");
+        assert_eq!(
+            stored.application_user_id(),
+            stored.event().application_user_id
+        );
+        let anonymous = CommittedEvent::new(Event {
+            application_user_id: String::new(),
+            ..sample()
+        })
+        .encoded(true);
+        let anonymous = CommittedEvent::stored(42, 0, anonymous).unwrap();
+        assert_eq!(anonymous.application_user_id(), "");
     }
 
     #[test]

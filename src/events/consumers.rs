@@ -8,6 +8,12 @@
 //! cursor with the sources `Subscribe`'s cursor uses ([`LocalLog::read`], woken by
 //! [`LocalLog::live`]), and its timer is [`Group::next_wakeup`]. On shutdown every member
 //! ends with [`MemberEnd::ShuttingDown`] and what it held returns to the group.
+//!
+//! Batching, for the cost per acknowledged delivery: a member's stream merges the acks it
+//! has already received into one answer, the task applies every command queued before it
+//! hands out deliveries (so one pass over the members serves a burst of acks, and each
+//! member's deliveries go out together), and the state is saved at most once per
+//! [`SAVE_EVERY`].
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -38,7 +44,7 @@ const COMMAND_QUEUE: usize = 256;
 /// How long a group's changes wait before its snapshot is saved: batches a busy group's
 /// acks into one small write a second, which is also what a crash can lose (those acks
 /// are redelivered; nothing unacked is skipped, SPEC §4.3).
-const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+pub const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a group waits to read the log again after a read failed: the store is
 /// recovering (webhooks get 503 meanwhile), and a retry loop would only add load.
@@ -494,13 +500,22 @@ struct Link {
     ended: CancellationToken,
 }
 
-/// The matching events read from the log and not yet taken, from the group's cursor up
-/// to `end` (exclusive).
+/// The matching events read from the log up to `end` (exclusive); those from `taken` on
+/// are not taken yet. Taking moves `taken` rather than shifting the vectors (a page is
+/// taken a few events at a time, once per batch of acks), and hands the event out of
+/// `events`, so what is delivered is not held here.
 #[derive(Default)]
 struct Page {
     candidates: Vec<Candidate>,
-    events: Vec<Arc<CommittedEvent>>,
+    events: Vec<Option<Arc<CommittedEvent>>>,
     end: u64,
+    taken: usize,
+}
+
+impl Page {
+    fn untaken(&self) -> &[Candidate] {
+        &self.candidates[self.taken..]
+    }
 }
 
 /// One group's task.
@@ -571,15 +586,11 @@ impl Driver {
                 biased;
                 () = shutdown.cancelled() => break,
                 command = queue.recv() => match command {
-                    Some(Command::Delete { reply }) => {
-                        let result = self.delete().await;
-                        let deleted = result.is_ok();
-                        let _ = reply.send(result);
-                        if deleted {
+                    Some(command) => {
+                        if self.commands(command, &mut queue).await.is_break() {
                             return;
                         }
                     }
-                    Some(command) => self.handle(command),
                     None => break,
                 },
                 appended = live.recv(), if live_open => live_open = self.appended(appended, &mut live),
@@ -596,6 +607,33 @@ impl Driver {
             }
         }
         self.stop(queue).await;
+    }
+
+    /// Handles `first` and every command queued behind it (up to a queue's worth), before
+    /// the next dispatch: a burst of answers from every member costs one pass over the
+    /// members, not one each. `Break` when the group was deleted: its task ends.
+    async fn commands(
+        &mut self,
+        first: Command,
+        queue: &mut mpsc::Receiver<Command>,
+    ) -> std::ops::ControlFlow<()> {
+        let mut next = Some(first);
+        for _ in 0..COMMAND_QUEUE {
+            let Some(command) = next.take().or_else(|| queue.try_recv().ok()) else {
+                break;
+            };
+            if let Command::Delete { reply } = command {
+                let result = self.delete().await;
+                let deleted = result.is_ok();
+                let _ = reply.send(result);
+                if deleted {
+                    return std::ops::ControlFlow::Break(());
+                }
+            } else {
+                self.handle(command);
+            }
+        }
+        std::ops::ControlFlow::Continue(())
     }
 
     /// Retention removed every event below `oldest`: the group skips them, counting as
@@ -692,7 +730,7 @@ impl Driver {
                 self.drop_user(&user);
                 let _ = reply.send(erased);
             }
-            // Handled by `run`: it ends the task.
+            // Handled by `commands`: it ends the task.
             Command::Delete { .. } => {}
         }
     }
@@ -703,12 +741,14 @@ impl Driver {
             .candidates
             .into_iter()
             .zip(page.events)
+            .skip(page.taken)
             .filter(|(c, _)| &*c.user != user)
             .unzip();
         self.page = Page {
             candidates,
             events,
             end: page.end,
+            taken: 0,
         };
     }
 
@@ -832,7 +872,7 @@ impl Driver {
         let mut handed = 0;
         for member in self.members_with_room() {
             let scan = super::groups::Scan {
-                matching: &self.page.candidates,
+                matching: self.page.untaken(),
                 end: self.page.end,
             };
             let deliveries = match self.group.next_deliveries(member, now_micros(), scan) {
@@ -845,7 +885,7 @@ impl Driver {
             // First deliveries' events are on the page; take them before it moves on.
             let found: Vec<_> = deliveries
                 .iter()
-                .map(|d| self.on_page(d.sequence))
+                .map(|d| self.take_from_page(d.sequence))
                 .collect();
             self.drop_taken();
             for (delivery, event) in deliveries.into_iter().zip(found) {
@@ -860,12 +900,8 @@ impl Driver {
     /// Forgets the page's candidates below the group's cursor.
     fn drop_taken(&mut self) {
         let cursor = self.group.read_cursor();
-        let taken = self
-            .page
-            .candidates
-            .partition_point(|c| c.sequence < cursor);
-        self.page.candidates.drain(..taken);
-        self.page.events.drain(..taken);
+        let taken = self.page.untaken().partition_point(|c| c.sequence < cursor);
+        self.page.taken += taken;
     }
 
     async fn fill_page(&mut self) -> Result<(), LogError> {
@@ -889,15 +925,16 @@ impl Driver {
             .map(|e| {
                 let candidate = Candidate {
                     sequence: e.sequence(),
-                    user: Arc::from(e.event().application_user_id.as_str()),
+                    user: Arc::from(e.application_user_id()),
                 };
-                (candidate, e)
+                (candidate, Some(e))
             })
             .unzip();
         self.page = Page {
             candidates,
             events,
             end,
+            taken: 0,
         };
         Ok(())
     }
@@ -935,13 +972,14 @@ impl Driver {
         }
     }
 
-    fn on_page(&self, sequence: u64) -> Option<Arc<CommittedEvent>> {
+    /// A first delivery's event, out of the page.
+    fn take_from_page(&mut self, sequence: u64) -> Option<Arc<CommittedEvent>> {
         let index = self
             .page
-            .candidates
+            .untaken()
             .binary_search_by_key(&sequence, |c| c.sequence)
             .ok()?;
-        self.page.events.get(index).cloned()
+        self.page.events.get_mut(self.page.taken + index)?.take()
     }
 
     /// A redelivery's event, read back from the log; `None` if it left the log.

@@ -47,24 +47,30 @@ impl Encoder for EncodedEventEncoder {
     }
 }
 
-/// One `spike.gateway.v1.Delivery`, already encoded: the event's bytes as the log encoded
-/// them, wrapped with the attempt.
+/// One `spike.gateway.v1.Delivery`: the event's bytes as the log encoded them (shared,
+/// not copied) and the attempt, written as `Delivery`'s wire format straight into the
+/// HTTP/2 frame by [`EncodedDeliveryEncoder`], with no buffer of its own per delivery.
 #[derive(Debug, Clone)]
-pub struct EncodedDelivery(pub Bytes);
+pub struct EncodedDelivery {
+    event: Bytes,
+    attempt: u32,
+}
 
 impl EncodedDelivery {
+    pub fn new(event: Bytes, attempt: u32) -> Self {
+        Self { event, attempt }
+    }
+
     /// `Delivery { event: <encoded>, attempt }` in protobuf's wire format.
-    pub fn new(event: &[u8], attempt: u32) -> Self {
+    pub fn encode(&self, buf: &mut impl BufMut) {
         use prost::encoding::{WireType, encode_key, encode_varint};
-        let mut buf = bytes::BytesMut::with_capacity(event.len() + 16);
-        encode_key(1, WireType::LengthDelimited, &mut buf);
-        encode_varint(event.len() as u64, &mut buf);
-        buf.put_slice(event);
-        if attempt != 0 {
-            encode_key(2, WireType::Varint, &mut buf);
-            encode_varint(u64::from(attempt), &mut buf);
+        encode_key(1, WireType::LengthDelimited, buf);
+        encode_varint(self.event.len() as u64, buf);
+        buf.put_slice(&self.event);
+        if self.attempt != 0 {
+            encode_key(2, WireType::Varint, buf);
+            encode_varint(u64::from(self.attempt), buf);
         }
-        Self(buf.freeze())
     }
 }
 
@@ -94,7 +100,7 @@ impl Encoder for EncodedDeliveryEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: EncodedDelivery, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.put_slice(&item.0);
+        item.encode(buf);
         Ok(())
     }
 }
@@ -115,12 +121,13 @@ mod tests {
             ..Event::default()
         };
         for attempt in [0, 1, 300] {
-            let encoded = EncodedDelivery::new(&event.encode_to_vec(), attempt);
+            let mut encoded = Vec::new();
+            EncodedDelivery::new(event.encode_to_vec().into(), attempt).encode(&mut encoded);
             let expected = Delivery {
                 event: Some(event.clone()),
                 attempt,
             };
-            assert_eq!(Delivery::decode(encoded.0).unwrap(), expected);
+            assert_eq!(Delivery::decode(encoded.as_slice()).unwrap(), expected);
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -70,7 +71,7 @@ pub async fn consume(
     });
     let deliveries = ReceiverStream::new(member.deliveries).map(move |message| match message {
         MemberMessage::Delivery { event, attempt } => Ok(EncodedDelivery::new(
-            &event.encoded(include_raw_json),
+            event.encoded(include_raw_json),
             attempt,
         )),
         MemberMessage::End(why) => Err(end_status(&group, why)),
@@ -78,23 +79,54 @@ pub async fn consume(
     Ok(Response::new(Box::pin(deliveries)))
 }
 
+/// Most sequences one merged ack carries to the group: a member's acks already received
+/// go as one command (one pass of the group's task for the lot); the bound keeps that
+/// command small whatever the client sends.
+const ACK_BATCH: usize = 1024;
+
 /// Passes the member's answers on until its stream ends; returns how it ended.
 async fn read_answers(
     incoming: &mut Streaming<ConsumeRequest>,
     handle: &crate::events::consumers::MemberHandle,
 ) -> Answer {
+    let mut carried = None;
     loop {
-        // Closed by the client, or broken (the client went away): the member's end.
-        let Ok(Some(request)) = incoming.message().await else {
-            return Answer::Leave;
+        let next = match carried.take() {
+            Some(next) => next,
+            None => next_answer(incoming.next().await),
         };
-        let answer = match answer_of(request) {
+        let mut answer = match next {
             Ok(answer) => answer,
-            Err(why) => return Answer::Violation(why),
+            Err(end) => return end,
         };
+        if let Answer::Ack(sequences) = &mut answer {
+            // Acks the client sent meanwhile, already received and decodable without
+            // waiting, join this one; anything else waits for the next turn, in order.
+            while sequences.len() < ACK_BATCH {
+                let Some(ready) = incoming.next().now_or_never() else {
+                    break;
+                };
+                match next_answer(ready) {
+                    Ok(Answer::Ack(more)) => sequences.extend(more),
+                    other => {
+                        carried = Some(other);
+                        break;
+                    }
+                }
+            }
+        }
         if !handle.send(answer).await {
             return Answer::Leave;
         }
+    }
+}
+
+/// The stream's next message as an answer, or (`Err`) how the stream ends: the client
+/// closed or broke it (the member's end), or it broke the protocol.
+fn next_answer(message: Option<Result<ConsumeRequest, Status>>) -> Result<Answer, Answer> {
+    match message {
+        Some(Ok(request)) => answer_of(request).map_err(Answer::Violation),
+        Some(Err(_)) | None => Err(Answer::Leave),
     }
 }
 
