@@ -25,8 +25,10 @@
 //! The one open label, `group`, holds operator-chosen names and is capped at
 //! [`groups::GROUP_SERIES`] values.
 
+mod batched;
 mod groups;
 
+pub use batched::{BatchedHistogram, Tally};
 pub use groups::{GROUP_SERIES, GroupSample, GroupSource, OTHER_GROUPS};
 
 use std::{
@@ -118,6 +120,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// One subscriber's deliveries not yet added to the series.
+#[derive(Debug, Clone)]
+pub struct DeliveryTally {
+    lag: Tally,
+    age: Tally,
+}
+
 pub struct Metrics {
     registry: Registry,
     webhooks: Family<WebhookLabels, Counter>,
@@ -128,8 +137,10 @@ pub struct Metrics {
     dead_letter_reasons: Family<ReasonLabels, Counter>,
     dead_letters_stored: Gauge,
     subscribers: Gauge,
-    subscriber_lag: Histogram,
-    delivery: Histogram,
+    /// Both delivery histograms are batched: they are observed once per delivery to every
+    /// subscriber, the hottest path in the gateway.
+    subscriber_lag: BatchedHistogram,
+    delivery: BatchedHistogram,
     upstream_calls: Family<RpcLabels, Counter>,
     upstream_latency: HistogramFamily<RpcOnly>,
     grpc_requests: Family<GrpcLabels, Counter>,
@@ -155,8 +166,8 @@ impl Default for Metrics {
             dead_letter_reasons: Family::default(),
             dead_letters_stored: Gauge::default(),
             subscribers: Gauge::default(),
-            subscriber_lag: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
-            delivery: latency_histogram(),
+            subscriber_lag: BatchedHistogram::new(exponential_buckets(1.0, 4.0, 12)),
+            delivery: BatchedHistogram::new(exponential_buckets(0.0001, 2.0, 20)),
             upstream_calls: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             grpc_requests: Family::default(),
@@ -343,14 +354,35 @@ impl Metrics {
         self.subscribers.clone()
     }
 
-    /// One event sent to a subscriber, `age` after the gateway received it.
-    pub fn delivered(&self, sequence: u64, age: Duration) {
-        let head = self
-            .head
+    /// A subscriber's own tally of its deliveries, added to the series by
+    /// [`Metrics::add_deliveries`] once per batch.
+    pub fn delivery_tally(&self) -> DeliveryTally {
+        DeliveryTally {
+            lag: self.subscriber_lag.tally(),
+            age: self.delivery.tally(),
+        }
+    }
+
+    /// The newest sequence seen, once `sequence` is counted in: the head a batch that
+    /// ends at `sequence` measures its lag from.
+    pub fn head_through(&self, sequence: u64) -> u64 {
+        self.head
             .fetch_max(sequence, Ordering::Relaxed)
-            .max(sequence);
-        self.subscriber_lag.observe((head - sequence) as f64);
-        self.delivery.observe(age.as_secs_f64());
+            .max(sequence)
+    }
+
+    /// One event sent to a subscriber, `age` after the gateway received it, with `head`
+    /// from [`Metrics::head_through`]. Counted into `tally` only (no shared write).
+    pub fn delivered(&self, tally: &mut DeliveryTally, head: u64, sequence: u64, age: Duration) {
+        self.subscriber_lag
+            .observe(&mut tally.lag, head.saturating_sub(sequence) as f64);
+        self.delivery.observe(&mut tally.age, age.as_secs_f64());
+    }
+
+    /// Adds a batch's deliveries to the series and empties `tally`.
+    pub fn add_deliveries(&self, tally: &mut DeliveryTally) {
+        self.subscriber_lag.add(&mut tally.lag);
+        self.delivery.add(&mut tally.age);
     }
 
     /// Readiness changed from `previous` to `current` (see [`crate::readiness`]).
