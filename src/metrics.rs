@@ -120,6 +120,24 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// The outcome of a webhook answered `200`.
+pub const ACCEPTED: &str = "accepted";
+
+/// `WebhookCategory` values (0 to 3); a value past them is counted without the cache.
+const CATEGORIES: usize = 4;
+/// `EventType` values (0 to 7); likewise.
+const EVENT_TYPES: usize = 8;
+
+/// Handles to the series every accepted webhook touches, resolved on first use: a family
+/// lookup hashes the labels and takes a lock, several times per request otherwise. Filled
+/// lazily so a series still appears only once something counted in it.
+#[derive(Default)]
+struct Cached {
+    accepted: [OnceLock<Counter>; CATEGORIES],
+    ack: [OnceLock<Histogram>; CATEGORIES],
+    appended: [OnceLock<Counter>; EVENT_TYPES],
+}
+
 /// One subscriber's deliveries not yet added to the series.
 #[derive(Debug, Clone)]
 pub struct DeliveryTally {
@@ -147,6 +165,7 @@ pub struct Metrics {
     grpc_latency: HistogramFamily<GrpcMethodLabels>,
     /// Newest sequence this replica has appended or delivered, for the lag histogram.
     head: AtomicU64,
+    cached: Cached,
     readiness: Family<ReasonLabels, Gauge>,
     /// The consumer groups' series, refreshed from `group_source` at each scrape.
     groups: Arc<groups::GroupSeries>,
@@ -173,6 +192,7 @@ impl Default for Metrics {
             grpc_requests: Family::default(),
             grpc_latency: Family::new_with_constructor(latency_histogram),
             head: AtomicU64::new(0),
+            cached: Cached::default(),
             readiness: Family::default(),
             groups: Arc::default(),
             group_source: OnceLock::new(),
@@ -308,21 +328,39 @@ impl Metrics {
 
     pub fn webhook(&self, path: WebhookCategory, outcome: &'static str, took: Duration) {
         let category = category(path);
-        self.webhooks
-            .get_or_create(&WebhookLabels { category, outcome })
-            .inc();
-        self.webhook_ack
-            .get_or_create(&CategoryLabels { category })
-            .observe(took.as_secs_f64());
+        let counter = || {
+            self.webhooks
+                .get_or_create(&WebhookLabels { category, outcome })
+                .clone()
+        };
+        match self.cached.accepted.get(path as usize) {
+            Some(slot) if outcome == ACCEPTED => slot.get_or_init(counter).inc(),
+            _ => counter().inc(),
+        };
+        let histogram = || {
+            self.webhook_ack
+                .get_or_create(&CategoryLabels { category })
+                .clone()
+        };
+        match self.cached.ack.get(path as usize) {
+            Some(slot) => slot.get_or_init(histogram).observe(took.as_secs_f64()),
+            None => histogram().observe(took.as_secs_f64()),
+        }
     }
 
     pub fn appended(&self, event_type: i32, sequence: u64) {
-        let event_type = EventType::try_from(event_type)
-            .unwrap_or(EventType::Unspecified)
-            .as_str_name();
-        self.appended
-            .get_or_create(&TypeLabels { event_type })
-            .inc();
+        let event_type = EventType::try_from(event_type).unwrap_or(EventType::Unspecified);
+        let counter = || {
+            self.appended
+                .get_or_create(&TypeLabels {
+                    event_type: event_type.as_str_name(),
+                })
+                .clone()
+        };
+        match self.cached.appended.get(event_type as usize) {
+            Some(slot) => slot.get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
         self.head.fetch_max(sequence, Ordering::Relaxed);
     }
 
