@@ -25,8 +25,10 @@
 //! The one open label, `group`, holds operator-chosen names and is capped at
 //! [`groups::GROUP_SERIES`] values.
 
+mod batched;
 mod groups;
 
+pub use batched::{BatchedHistogram, Tally};
 pub use groups::{GROUP_SERIES, GroupSample, GroupSource, OTHER_GROUPS};
 
 use std::{
@@ -118,6 +120,31 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// The outcome of a webhook answered `200`.
+pub const ACCEPTED: &str = "accepted";
+
+/// `WebhookCategory` values (0 to 3); a value past them is counted without the cache.
+const CATEGORIES: usize = 4;
+/// `EventType` values (0 to 7); likewise.
+const EVENT_TYPES: usize = 8;
+
+/// Handles to the series every accepted webhook touches, resolved on first use: a family
+/// lookup hashes the labels and takes a lock, several times per request otherwise. Filled
+/// lazily so a series still appears only once something counted in it.
+#[derive(Default)]
+struct Cached {
+    accepted: [OnceLock<Counter>; CATEGORIES],
+    ack: [OnceLock<Histogram>; CATEGORIES],
+    appended: [OnceLock<Counter>; EVENT_TYPES],
+}
+
+/// One subscriber's deliveries not yet added to the series.
+#[derive(Debug, Clone)]
+pub struct DeliveryTally {
+    lag: Tally,
+    age: Tally,
+}
+
 pub struct Metrics {
     registry: Registry,
     webhooks: Family<WebhookLabels, Counter>,
@@ -128,14 +155,17 @@ pub struct Metrics {
     dead_letter_reasons: Family<ReasonLabels, Counter>,
     dead_letters_stored: Gauge,
     subscribers: Gauge,
-    subscriber_lag: Histogram,
-    delivery: Histogram,
+    /// Both delivery histograms are batched: they are observed once per delivery to every
+    /// subscriber, the hottest path in the gateway.
+    subscriber_lag: BatchedHistogram,
+    delivery: BatchedHistogram,
     upstream_calls: Family<RpcLabels, Counter>,
     upstream_latency: HistogramFamily<RpcOnly>,
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_latency: HistogramFamily<GrpcMethodLabels>,
     /// Newest sequence this replica has appended or delivered, for the lag histogram.
     head: AtomicU64,
+    cached: Cached,
     readiness: Family<ReasonLabels, Gauge>,
     /// The consumer groups' series, refreshed from `group_source` at each scrape.
     groups: Arc<groups::GroupSeries>,
@@ -155,13 +185,14 @@ impl Default for Metrics {
             dead_letter_reasons: Family::default(),
             dead_letters_stored: Gauge::default(),
             subscribers: Gauge::default(),
-            subscriber_lag: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
-            delivery: latency_histogram(),
+            subscriber_lag: BatchedHistogram::new(exponential_buckets(1.0, 4.0, 12)),
+            delivery: BatchedHistogram::new(exponential_buckets(0.0001, 2.0, 20)),
             upstream_calls: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             grpc_requests: Family::default(),
             grpc_latency: Family::new_with_constructor(latency_histogram),
             head: AtomicU64::new(0),
+            cached: Cached::default(),
             readiness: Family::default(),
             groups: Arc::default(),
             group_source: OnceLock::new(),
@@ -297,21 +328,39 @@ impl Metrics {
 
     pub fn webhook(&self, path: WebhookCategory, outcome: &'static str, took: Duration) {
         let category = category(path);
-        self.webhooks
-            .get_or_create(&WebhookLabels { category, outcome })
-            .inc();
-        self.webhook_ack
-            .get_or_create(&CategoryLabels { category })
-            .observe(took.as_secs_f64());
+        let counter = || {
+            self.webhooks
+                .get_or_create(&WebhookLabels { category, outcome })
+                .clone()
+        };
+        match self.cached.accepted.get(path as usize) {
+            Some(slot) if outcome == ACCEPTED => slot.get_or_init(counter).inc(),
+            _ => counter().inc(),
+        };
+        let histogram = || {
+            self.webhook_ack
+                .get_or_create(&CategoryLabels { category })
+                .clone()
+        };
+        match self.cached.ack.get(path as usize) {
+            Some(slot) => slot.get_or_init(histogram).observe(took.as_secs_f64()),
+            None => histogram().observe(took.as_secs_f64()),
+        }
     }
 
     pub fn appended(&self, event_type: i32, sequence: u64) {
-        let event_type = EventType::try_from(event_type)
-            .unwrap_or(EventType::Unspecified)
-            .as_str_name();
-        self.appended
-            .get_or_create(&TypeLabels { event_type })
-            .inc();
+        let event_type = EventType::try_from(event_type).unwrap_or(EventType::Unspecified);
+        let counter = || {
+            self.appended
+                .get_or_create(&TypeLabels {
+                    event_type: event_type.as_str_name(),
+                })
+                .clone()
+        };
+        match self.cached.appended.get(event_type as usize) {
+            Some(slot) => slot.get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
         self.head.fetch_max(sequence, Ordering::Relaxed);
     }
 
@@ -343,14 +392,35 @@ impl Metrics {
         self.subscribers.clone()
     }
 
-    /// One event sent to a subscriber, `age` after the gateway received it.
-    pub fn delivered(&self, sequence: u64, age: Duration) {
-        let head = self
-            .head
+    /// A subscriber's own tally of its deliveries, added to the series by
+    /// [`Metrics::add_deliveries`] once per batch.
+    pub fn delivery_tally(&self) -> DeliveryTally {
+        DeliveryTally {
+            lag: self.subscriber_lag.tally(),
+            age: self.delivery.tally(),
+        }
+    }
+
+    /// The newest sequence seen, once `sequence` is counted in: the head a batch that
+    /// ends at `sequence` measures its lag from.
+    pub fn head_through(&self, sequence: u64) -> u64 {
+        self.head
             .fetch_max(sequence, Ordering::Relaxed)
-            .max(sequence);
-        self.subscriber_lag.observe((head - sequence) as f64);
-        self.delivery.observe(age.as_secs_f64());
+            .max(sequence)
+    }
+
+    /// One event sent to a subscriber, `age` after the gateway received it, with `head`
+    /// from [`Metrics::head_through`]. Counted into `tally` only (no shared write).
+    pub fn delivered(&self, tally: &mut DeliveryTally, head: u64, sequence: u64, age: Duration) {
+        self.subscriber_lag
+            .observe(&mut tally.lag, head.saturating_sub(sequence) as f64);
+        self.delivery.observe(&mut tally.age, age.as_secs_f64());
+    }
+
+    /// Adds a batch's deliveries to the series and empties `tally`.
+    pub fn add_deliveries(&self, tally: &mut DeliveryTally) {
+        self.subscriber_lag.add(&mut tally.lag);
+        self.delivery.add(&mut tally.age);
     }
 
     /// Readiness changed from `previous` to `current` (see [`crate::readiness`]).

@@ -158,6 +158,11 @@ impl CommittedEvent {
         }
     }
 
+    /// Bytes of the encoding with `raw_json`: what the live ring and pages are bounded by.
+    pub fn encoded_len(&self) -> usize {
+        self.wire.len()
+    }
+
     /// The encoded `Event`, with or without `raw_json`. A view of shared bytes: cheap to
     /// take once per subscriber.
     pub fn encoded(&self, with_raw_json: bool) -> Bytes {

@@ -152,7 +152,7 @@ impl Fanout {
 }
 
 fn size_of(event: &CommittedEvent) -> usize {
-    event.encoded(true).len()
+    event.encoded_len()
 }
 
 /// One subscriber's position in the ring.

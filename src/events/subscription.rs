@@ -252,13 +252,13 @@ impl Cursor {
     /// Adds the live events already waiting to `batch`, without waiting for more: under load
     /// a subscriber then takes a run of events per wake-up instead of one.
     fn drain_live(&mut self, batch: &mut Vec<Arc<CommittedEvent>>) {
-        let mut bytes: usize = batch.iter().map(|e| e.encoded(true).len()).sum();
+        let mut bytes: usize = batch.iter().map(|e| e.encoded_len()).sum();
         while batch.len() < self.page.events && bytes < self.page.bytes {
             match self.live.try_recv() {
                 Ok(event) if event.sequence() < self.next => continue,
                 Ok(event) if event.sequence() == self.next => {
                     self.next += 1;
-                    bytes += event.encoded(true).len();
+                    bytes += event.encoded_len();
                     batch.push(event);
                 }
                 // A gap: the next call reads it from the log, as `next_batch` does.

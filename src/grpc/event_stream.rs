@@ -46,11 +46,11 @@ mod server {
     include!(concat!(env!("OUT_DIR"), "/spike.gateway.v1.EventStream.rs"));
 }
 
-/// Events buffered per subscriber between its producer and the HTTP/2 stream, at most (the
-/// byte budget usually binds first). Small: a subscriber that stops reading stalls only its
-/// own producer, which then falls behind the live ring and later catches up from the log;
-/// memory stays bounded either way.
-const SUBSCRIBER_BUFFER: usize = 64;
+/// Batches buffered per subscriber between its producer and the HTTP/2 stream, at most
+/// (the byte budget usually binds first; a batch holds at most a cursor page of events).
+/// Small: a subscriber that stops reading stalls only its own producer, which then falls
+/// behind the live ring and later catches up from the log; memory stays bounded either way.
+const SUBSCRIBER_BUFFER: usize = 16;
 
 /// What one subscription may cost.
 #[derive(Debug, Clone, Copy)]
@@ -120,33 +120,72 @@ fn check_filter(request: &SubscribeRequest, limits: FilterLimits) -> Result<(), 
     Ok(())
 }
 
-/// A queued event and its share of the subscriber's byte budget, returned when tonic takes
-/// the event from the queue.
+/// A queued batch of events and its share of the subscriber's byte budget, returned when
+/// tonic has taken the batch's last event. Queuing a batch as one item costs one channel
+/// send, one wake-up and one semaphore acquire per batch instead of per event.
 struct Queued {
-    event: EncodedEvent,
+    events: std::vec::IntoIter<EncodedEvent>,
     _bytes: OwnedSemaphorePermit,
 }
 
-/// The receiving end of a subscriber's queue, as tonic reads it.
-pub struct Outbox(mpsc::Receiver<Result<Queued, Status>>);
+/// The receiving end of a subscriber's queue, as tonic reads it: one event at a time out
+/// of the batch taken last.
+pub struct Outbox {
+    receiver: mpsc::Receiver<Result<Queued, Status>>,
+    current: Option<Queued>,
+}
 
 impl Stream for Outbox {
     type Item = Result<EncodedEvent, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0
-            .poll_recv(cx)
-            .map(|item| item.map(|queued| queued.map(|q| q.event)))
+        loop {
+            if let Some(queued) = self.current.as_mut()
+                && let Some(event) = queued.events.next()
+            {
+                if queued.events.len() == 0 {
+                    // The batch is taken: its bytes go back to the budget now.
+                    self.current = None;
+                }
+                return Poll::Ready(Some(Ok(event)));
+            }
+            self.current = None;
+            match std::task::ready!(self.receiver.poll_recv(cx)) {
+                Some(Ok(queued)) => self.current = Some(queued),
+                Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }
 
-/// The sending end: events wait for room in events and in bytes.
+/// The sending end: batches wait for room in batches and in bytes.
 struct Inbox {
     sender: mpsc::Sender<Result<Queued, Status>>,
-    /// One permit per queued byte (an event takes at most the whole budget, so an event
+    /// One permit per queued byte (a batch takes at most the whole budget, so an event
     /// larger than the budget still goes, alone).
     bytes: Arc<Semaphore>,
     budget: usize,
+}
+
+/// Events gathered for one send, within the subscriber's byte budget.
+#[derive(Default)]
+struct Outgoing {
+    events: Vec<EncodedEvent>,
+    bytes: usize,
+    /// The sequence of the first event: where a subscriber resumes if this batch is not
+    /// sent.
+    first: u64,
+}
+
+impl Outgoing {
+    fn push(&mut self, sequence: u64, event: EncodedEvent) {
+        if self.events.is_empty() {
+            self.first = sequence;
+        }
+        self.bytes += event.0.len();
+        self.events.push(event);
+    }
 }
 
 impl Inbox {
@@ -158,43 +197,57 @@ impl Inbox {
             bytes: Arc::new(Semaphore::new(budget)),
             budget,
         };
-        (inbox, Outbox(receiver))
-    }
-
-    fn cost(&self, event: &EncodedEvent) -> u32 {
-        // `budget` fits in u32 (clamped in `new`).
-        event.0.len().clamp(1, self.budget) as u32
-    }
-
-    /// Queues `event` if there is room now; otherwise hands it back.
-    fn try_send(&self, event: EncodedEvent) -> Result<(), Full> {
-        let Ok(permit) = self.bytes.clone().try_acquire_many_owned(self.cost(&event)) else {
-            return Err(Full::Wait(event));
+        let outbox = Outbox {
+            receiver,
+            current: None,
         };
+        (inbox, outbox)
+    }
+
+    fn cost(&self, batch: &Outgoing) -> u32 {
+        // `budget` fits in u32 (clamped in `new`).
+        batch.bytes.clamp(1, self.budget) as u32
+    }
+
+    /// Whether `event` would take `batch` past the budget (a first event always fits).
+    fn overflows(&self, batch: &Outgoing, event: &EncodedEvent) -> bool {
+        !batch.events.is_empty() && batch.bytes + event.0.len() > self.budget
+    }
+
+    /// Queues `batch` if there is room now; otherwise hands it back.
+    fn try_send(&self, batch: Outgoing) -> Result<(), Full> {
+        let Ok(permit) = self.bytes.clone().try_acquire_many_owned(self.cost(&batch)) else {
+            return Err(Full::Wait(batch));
+        };
+        let (bytes, first) = (batch.bytes, batch.first);
         let queued = Queued {
-            event,
+            events: batch.events.into_iter(),
             _bytes: permit,
         };
         match self.sender.try_send(Ok(queued)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => Err(Full::Closed),
-            Err(TrySendError::Full(Ok(queued))) => Err(Full::Wait(queued.event)),
-            Err(TrySendError::Full(Err(_))) => unreachable!("an event was sent"),
+            Err(TrySendError::Full(Ok(queued))) => Err(Full::Wait(Outgoing {
+                events: queued.events.collect(),
+                bytes,
+                first,
+            })),
+            Err(TrySendError::Full(Err(_))) => unreachable!("events were sent"),
         }
     }
 
-    /// Queues `event`, waiting for room; false when the client is gone.
-    async fn send(&self, event: EncodedEvent) -> bool {
+    /// Queues `batch`, waiting for room; false when the client is gone.
+    async fn send(&self, batch: Outgoing) -> bool {
         let Ok(permit) = self
             .bytes
             .clone()
-            .acquire_many_owned(self.cost(&event))
+            .acquire_many_owned(self.cost(&batch))
             .await
         else {
             return false;
         };
         let queued = Queued {
-            event,
+            events: batch.events.into_iter(),
             _bytes: permit,
         };
         self.sender.send(Ok(queued)).await.is_ok()
@@ -202,7 +255,7 @@ impl Inbox {
 }
 
 enum Full {
-    Wait(EncodedEvent),
+    Wait(Outgoing),
     Closed,
 }
 
@@ -408,6 +461,7 @@ async fn produce(
     let cancelled = shutdown.cancelled();
     let client_gone = sender.sender.closed();
     tokio::pin!(cancelled, client_gone);
+    let mut tally = metrics.delivery_tally();
     let end = loop {
         let batch = tokio::select! {
             // Shutdown first, so a stream that always has events still ends promptly.
@@ -420,34 +474,58 @@ async fn produce(
             Ok(events) => events,
             Err(e) => break Some(status_mid_stream(e, cursor.position())),
         };
+        let Some(newest) = events.last().map(|e| e.sequence()) else {
+            continue;
+        };
         let now = now_micros();
+        let head = metrics.head_through(newest);
+        let mut outgoing = Outgoing::default();
         for event in events.iter().filter(|e| filter.matches(e)) {
-            let sequence = event.sequence();
-            let age = now - event.received_at();
-            let event = EncodedEvent(event.encoded(include_raw_json));
-            // Waiting on shutdown costs a lock and a waiter per event, so only when the
-            // subscriber's buffer is full; otherwise shutdown is seen at the next batch.
-            match sender.try_send(event) {
-                Ok(()) => {}
-                Err(Full::Closed) => return,
-                Err(Full::Wait(event)) => tokio::select! {
-                    biased;
-                    () = &mut cancelled => return finish(&sender, Some(shutting_down_at(sequence))).await,
-                    sent = sender.send(event) => if !sent { return },
-                },
+            let encoded = EncodedEvent(event.encoded(include_raw_json));
+            if sender.overflows(&outgoing, &encoded) {
+                let full = std::mem::take(&mut outgoing);
+                match deliver(&sender, full, &mut cancelled).await {
+                    Ok(()) => metrics.add_deliveries(&mut tally),
+                    Err(end) => return finish(&sender, end).await,
+                }
             }
-            metrics.delivered(
-                sequence,
-                std::time::Duration::from_micros(age.max(0) as u64),
-            );
+            let age = now - event.received_at();
+            let age = std::time::Duration::from_micros(age.max(0) as u64);
+            metrics.delivered(&mut tally, head, event.sequence(), age);
+            outgoing.push(event.sequence(), encoded);
+        }
+        if !outgoing.events.is_empty() {
+            match deliver(&sender, outgoing, &mut cancelled).await {
+                Ok(()) => metrics.add_deliveries(&mut tally),
+                Err(end) => return finish(&sender, end).await,
+            }
         }
     };
-    if let Some(status) = end {
-        finish(&sender, Some(status)).await;
-    }
+    finish(&sender, end).await;
     tracing::debug!("subscriber gone");
 }
 
+/// Queues `batch`. Waiting on shutdown costs a lock and a waiter, so only when the
+/// subscriber's queue is full; otherwise shutdown is seen at the next batch. `Err` ends the
+/// stream: with the shutdown status, or `None` when the client is gone.
+async fn deliver(
+    sender: &Inbox,
+    batch: Outgoing,
+    cancelled: &mut Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+) -> Result<(), Option<Status>> {
+    let first = batch.first;
+    match sender.try_send(batch) {
+        Ok(()) => Ok(()),
+        Err(Full::Closed) => Err(None),
+        Err(Full::Wait(batch)) => tokio::select! {
+            biased;
+            () = cancelled.as_mut() => Err(Some(shutting_down_at(first))),
+            sent = sender.send(batch) => if sent { Ok(()) } else { Err(None) },
+        },
+    }
+}
+
+/// Sends the stream's final status, if it has one.
 async fn finish(sender: &Inbox, status: Option<Status>) {
     if let Some(status) = status {
         // The client may already be gone; nothing more to do then.
@@ -465,21 +543,53 @@ mod tests {
         EncodedEvent(bytes::Bytes::from(vec![0u8; len]))
     }
 
+    fn batch(lens: &[usize]) -> Outgoing {
+        let mut batch = Outgoing::default();
+        for (i, len) in lens.iter().enumerate() {
+            batch.push(i as u64 + 1, event(*len));
+        }
+        batch
+    }
+
     #[tokio::test]
     async fn the_queue_is_bounded_in_bytes_and_an_oversized_event_goes_alone() {
         let (inbox, mut outbox) = Inbox::new(10);
-        assert!(inbox.try_send(event(6)).is_ok());
-        assert!(matches!(inbox.try_send(event(6)), Err(Full::Wait(_))));
+        assert!(inbox.try_send(batch(&[6])).is_ok());
+        assert!(matches!(inbox.try_send(batch(&[6])), Err(Full::Wait(_))));
         // Taking the event returns its bytes to the budget.
         assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), 6);
         assert!(
-            inbox.try_send(event(100)).is_ok(),
+            inbox.try_send(batch(&[100])).is_ok(),
             "larger than the budget, alone"
         );
-        assert!(matches!(inbox.try_send(event(1)), Err(Full::Wait(_))));
+        assert!(matches!(inbox.try_send(batch(&[1])), Err(Full::Wait(_))));
         assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), 100);
         drop(outbox);
-        assert!(!inbox.send(event(1)).await, "the client is gone");
+        assert!(!inbox.send(batch(&[1])).await, "the client is gone");
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_out_in_order_and_holds_its_bytes_until_its_last_event_is_taken() {
+        let (inbox, mut outbox) = Inbox::new(10);
+        let three = batch(&[2, 3, 4]);
+        assert!(!inbox.overflows(&three, &event(1)), "9 + 1 fits in 10");
+        assert!(inbox.overflows(&three, &event(2)), "9 + 2 does not");
+        assert!(inbox.try_send(three).is_ok());
+        assert!(matches!(inbox.try_send(batch(&[2])), Err(Full::Wait(_))));
+        for len in [2, 3] {
+            assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), len);
+        }
+        assert_eq!(
+            inbox.bytes.available_permits(),
+            1,
+            "held while events remain"
+        );
+        assert_eq!(outbox.next().await.unwrap().unwrap().0.len(), 4);
+        assert_eq!(
+            inbox.bytes.available_permits(),
+            10,
+            "returned with the last"
+        );
     }
 
     fn info(status: &Status) -> (String, HashMap<String, String>) {

@@ -113,7 +113,7 @@ async fn within(limit: Duration, request: Request, next: Next) -> Response {
 /// every refusal a client normally meets carries a JSON body.
 async fn bounded_head(request: Request, next: Next) -> Response {
     let head = request.method().as_str().len()
-        + request.uri().to_string().len()
+        + uri_len(request.uri())
         + request
             .headers()
             .iter()
@@ -126,6 +126,18 @@ async fn bounded_head(request: Request, next: Next) -> Response {
         .into_response();
     }
     next.run(request).await
+}
+
+/// The length of `uri` as text (what `to_string` would give), without building the text.
+fn uri_len(uri: &http::Uri) -> usize {
+    // The parts `Uri`'s `Display` writes, in its order.
+    uri.scheme_str()
+        .map_or(0, |scheme| scheme.len() + "://".len())
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |query| "?".len() + query.len())
 }
 
 /// Bodies up to this size may use the budget's reserve. Spike's webhooks are a few KiB.
@@ -278,7 +290,9 @@ async fn received(
 ) -> Result<Json<Accepted>, WebhookError> {
     let started = std::time::Instant::now();
     let result = verify_and_append(state, path, headers, body).await;
-    let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "accepted");
+    let outcome = result
+        .as_ref()
+        .map_or_else(|e| e.outcome(), |_| crate::metrics::ACCEPTED);
     let status = result
         .as_ref()
         .map_or_else(|e| e.status(), |_| StatusCode::OK);
@@ -439,4 +453,22 @@ async fn read_body(
         buffer.extend_from_slice(&data);
     }
     Ok((buffer.freeze(), charged))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_uri_length_is_that_of_its_text() {
+        for uri in [
+            "/webhooks/spike",
+            "/webhooks/spike?x=1&y",
+            "*",
+            "http://example.com",
+            "http://example.com:8080/a/b?c",
+            "example.com:443",
+        ] {
+            let uri: http::Uri = uri.parse().unwrap();
+            assert_eq!(super::uri_len(&uri), uri.to_string().len(), "{uri}");
+        }
+    }
 }
