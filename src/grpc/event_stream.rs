@@ -52,6 +52,12 @@ mod server {
 /// behind the live ring and later catches up from the log; memory stays bounded either way.
 const SUBSCRIBER_BUFFER: usize = 16;
 
+/// Events per catch-up page of a `Subscribe` cursor, at most (the byte budget still bounds
+/// a page): each page is a read transaction and a hop to the blocking pool, so a replay
+/// from the beginning reads big pages. Queued as one batch, a page costs the producer one
+/// send.
+const SUBSCRIBE_PAGE_EVENTS: usize = 1024;
+
 /// What one subscription may cost.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {
@@ -323,8 +329,8 @@ impl EventStream for EventStreamService {
             Some(subscribe_request::Start::Since(since)) => Start::Since(to_micros(&since)),
         };
         let page = PageLimit {
+            events: SUBSCRIBE_PAGE_EVENTS,
             bytes: self.limits.buffer_bytes,
-            ..PageLimit::default()
         };
         let cursor = subscription::open_with(self.log.clone(), start, &filter, page)
             .await
