@@ -9,7 +9,7 @@
 
 use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::{DEDUP, DEDUP_EXPIRY, EVENTS, META, received_of};
+use super::{DEDUP, DEDUP_EXPIRY, EVENTS, META, first_received_from, received_of};
 use crate::events::{admission::Gate, committed::stored_event_id, time::Micros};
 
 /// Set once `dedup` holds only rows the events do not give (this layout).
@@ -32,7 +32,7 @@ pub(super) fn upgrade(db: &Database) -> Result<(), redb::Error> {
     let mut after = String::new();
     loop {
         let txn = db.begin_write()?;
-        let (redundant, last) = redundant_rows(&txn, &after)?;
+        let Chunk { redundant, last } = redundant_rows(&txn, &after)?;
         {
             let mut dedup = txn.open_table(DEDUP)?;
             let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
@@ -53,12 +53,17 @@ pub(super) fn upgrade(db: &Database) -> Result<(), redb::Error> {
     }
 }
 
+/// One upgrade step's look at up to [`UPGRADE_CHUNK`] `dedup` rows.
+struct Chunk {
+    /// The rows an event gives, as (key, first seen): to remove.
+    redundant: Vec<(String, Micros)>,
+    /// The last key looked at, if the table goes on after it.
+    last: Option<String>,
+}
+
 /// Up to [`UPGRADE_CHUNK`] rows after `after` in key order, those of them an event gives,
 /// and the last key looked at if the table goes on.
-fn redundant_rows(
-    txn: &WriteTransaction,
-    after: &str,
-) -> Result<(Vec<(String, Micros)>, Option<String>), redb::Error> {
+fn redundant_rows(txn: &WriteTransaction, after: &str) -> Result<Chunk, redb::Error> {
     let dedup = txn.open_table(DEDUP)?;
     let events = txn.open_table(EVENTS)?;
     let mut redundant = Vec::new();
@@ -72,7 +77,7 @@ fn redundant_rows(
             continue;
         }
         if seen == UPGRADE_CHUNK {
-            return Ok((redundant, last));
+            return Ok(Chunk { redundant, last });
         }
         seen += 1;
         last = Some(key.to_owned());
@@ -84,7 +89,10 @@ fn redundant_rows(
             redundant.push((key.to_owned(), first_seen));
         }
     }
-    Ok((redundant, None))
+    Ok(Chunk {
+        redundant,
+        last: None,
+    })
 }
 
 /// Fills `gate` with every entry still inside the window at `now`: the `dedup` rows first
@@ -126,8 +134,7 @@ pub(super) fn rebuild(
     Ok(loaded)
 }
 
-/// The first sequence whose event was received after `cutoff` (`received_at` never
-/// decreases along the log, so a binary search).
+/// The first sequence whose event was received after `cutoff`.
 fn first_inside(
     events: &impl ReadableTable<u64, &'static [u8]>,
     cutoff: Micros,
@@ -136,18 +143,5 @@ fn first_inside(
         return Ok(0);
     };
     let end = events.last()?.map_or(first, |(k, _)| k.value() + 1);
-    let (mut low, mut high) = (first, end);
-    while low < high {
-        let mid = low + (high - low) / 2;
-        let inside = match events.range(mid..)?.next() {
-            Some(entry) => received_of(entry?.1.value()) > cutoff,
-            None => true,
-        };
-        if inside {
-            high = mid;
-        } else {
-            low = mid + 1;
-        }
-    }
-    Ok(low)
+    first_received_from(events, first..end, cutoff.saturating_add(1), |_| {})
 }

@@ -403,6 +403,32 @@ fn received_of(value: &[u8]) -> Micros {
         .map_or(0, Micros::from_be_bytes)
 }
 
+/// The first position in `range` whose next stored event was received at or after
+/// `since`, or `range.end` if none: `received_at` never decreases along the log, so a
+/// binary search. `probe` is told each sequence looked at (for the damage report).
+fn first_received_from(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    range: std::ops::Range<u64>,
+    since: Micros,
+    mut probe: impl FnMut(u64),
+) -> Result<u64, redb::Error> {
+    let (mut low, mut high) = (range.start, range.end);
+    while low < high {
+        let mid = low + (high - low) / 2;
+        probe(mid);
+        let at_or_after = match events.range(mid..)?.next() {
+            Some(entry) => received_of(entry?.1.value()) >= since,
+            None => true,
+        };
+        if at_or_after {
+            high = mid;
+        } else {
+            low = mid + 1;
+        }
+    }
+    Ok(low)
+}
+
 /// The event stored at `sequence` (its value copied out of the database).
 fn decode_event(sequence: u64, value: &[u8]) -> Result<CommittedEvent, redb::Error> {
     let wire = Bytes::copy_from_slice(value.get(8..).unwrap_or_default());
@@ -613,23 +639,10 @@ impl LocalLog for EmbeddedLog {
             let events = txn.open_table(EVENTS)?;
             let meta = txn.open_table(META)?;
             let next = next_sequence(&events, &meta)?;
-            // received_at never decreases along the log: binary search on the sequence for
-            // the first position whose next stored event was received at or after `since`.
-            let (mut low, mut high) = (events.first()?.map_or(next, |(k, _)| k.value()), next);
-            while low < high {
-                let mid = low + (high - low) / 2;
+            let first = events.first()?.map_or(next, |(k, _)| k.value());
+            first_received_from(&events, first..next, since, |mid| {
                 *at = Some(mid);
-                let at_or_after = match events.range(mid..)?.next() {
-                    Some(entry) => received_of(entry?.1.value()) >= since,
-                    None => true,
-                };
-                if at_or_after {
-                    high = mid;
-                } else {
-                    low = mid + 1;
-                }
-            }
-            Ok(low)
+            })
         })
         .await
     }
