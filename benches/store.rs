@@ -1,5 +1,7 @@
 //! The embedded store alone, without HTTP or gRPC: bulk appends in batches of 1,000,
-//! catch-up reads from the beginning, and the restart (dedup index rebuild) that follows.
+//! catch-up reads from the beginning, and the restarts that follow: clean (the dedup index
+//! from the checkpoint saved at close) and after a crash (rebuilt from the log); then the
+//! checkpoint alone for an index built in memory (CHECKPOINT_ENTRIES, default 10 M).
 //! `cargo bench --bench store` (STORE_EVENTS sets the log size, default 1,000,000). Other
 //! work on the machine moves these figures; compare runs made back to back.
 
@@ -9,7 +11,11 @@ use std::{
 };
 
 use spike_gateway::{
-    events::{EventLog, LocalLog, embedded::EmbeddedLog, subscription::PageLimit},
+    events::{
+        EventLog, LocalLog,
+        embedded::{CHECKPOINT_FILE as CHECKPOINT, EmbeddedLog, measure_checkpoint},
+        subscription::PageLimit,
+    },
     proto::Event,
 };
 
@@ -77,13 +83,36 @@ async fn main() {
     println!("store bulk append of {total} events in batches of {BATCH}: {rate:.0} events/s");
     let rate = replay(&log, total).await;
     println!("store replay of {total} events by read_page: {rate:.0} events/s");
-    log.close().await;
-    drop(log);
     let started = Instant::now();
-    let log = EmbeddedLog::open_with(dir.path(), WINDOW, RETENTION, false).expect("reopen");
+    log.close().await;
+    let closed = started.elapsed();
+    drop(log);
+    println!(
+        "store clean close (saves the dedup checkpoint): {:.2} s",
+        closed.as_secs_f64()
+    );
+    let clean = restart(dir.path(), total, "clean, from the checkpoint").await;
+    assert!(
+        !dir.path().join(CHECKPOINT).exists(),
+        "open removes the checkpoint it read"
+    );
+    clean.close().await;
+    drop(clean);
+    std::fs::remove_file(dir.path().join(CHECKPOINT)).expect("close saved a checkpoint");
+    restart(dir.path(), total, "after a crash, rebuilt from the log")
+        .await
+        .close()
+        .await;
+    gate_alone();
+}
+
+/// Reopens the log and checks the index knows an event from before.
+async fn restart(dir: &std::path::Path, total: u64, how: &str) -> EmbeddedLog {
+    let started = Instant::now();
+    let log = EmbeddedLog::open_with(dir, WINDOW, RETENTION, false).expect("reopen");
     let took = started.elapsed();
     println!(
-        "store restart with {total} events in the dedup window (no page check): {:.2} s, {:.2} s per 10 M",
+        "store restart with {total} events in the dedup window ({how}; no page check): {:.2} s, {:.2} s per 10 M",
         took.as_secs_f64(),
         took.as_secs_f64() * 1e7 / total as f64
     );
@@ -93,7 +122,25 @@ async fn main() {
             duplicate[0],
             spike_gateway::events::AppendOutcome::Duplicate { .. }
         ),
-        "the rebuilt index knows every event"
+        "the index knows every event"
     );
-    log.close().await;
+    log
+}
+
+/// The checkpoint alone for a dedup index of CHECKPOINT_ENTRIES (default 10 M) built in
+/// memory: a log that large takes long to fill here.
+fn gate_alone() {
+    let entries: u64 = std::env::var("CHECKPOINT_ENTRIES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = measure_checkpoint(dir.path(), entries).expect("checkpoint");
+    println!(
+        "dedup checkpoint of {entries} entries built in memory: build {:.2} s, save {:.2} s, load {:.2} s ({:.0} MB)",
+        m.build.as_secs_f64(),
+        m.save.as_secs_f64(),
+        m.load.as_secs_f64(),
+        m.bytes as f64 / 1e6
+    );
 }

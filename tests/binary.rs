@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use spike_gateway::{proto::event_stream_client::EventStreamClient, webhook::signature::sign};
+use spike_gateway::{
+    events::embedded::CHECKPOINT_FILE, proto::event_stream_client::EventStreamClient,
+    webhook::signature::sign,
+};
 use support::{
     KEY, MAIN, from_beginning,
     real_binary::{self, Gateway},
@@ -159,12 +162,49 @@ fn bad_configuration_is_one_line_and_a_non_zero_exit() {
     }
 }
 
-#[test]
-fn sigterm_shuts_down_cleanly() {
+/// Posts `body` signed to MAIN; the response's (appended, duplicates).
+async fn post_counts(gateway: &Gateway, body: &serde_json::Value) -> (u64, u64) {
+    let body = serde_json::to_vec(body).unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}{MAIN}", gateway.http))
+        .header("X-Body-Signature", sign(KEY, &body))
+        .body(body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert_eq!(response.status().as_u16(), 200);
+    let counts: serde_json::Value = response.json().await.unwrap();
+    (
+        counts["appended"].as_u64().unwrap(),
+        counts["duplicates"].as_u64().unwrap(),
+    )
+}
+
+/// SIGTERM exits cleanly and saves the dedup index; the next start loads it instead of
+/// rebuilding it from the log, and a delivery from before the restart is a duplicate.
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly_and_the_restart_loads_the_dedup_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join(CHECKPOINT_FILE);
     let mut gateway = start(dir.path());
+    let delivery = record_change("before-restart", 1);
+    assert_eq!(post_counts(&gateway, &delivery).await, (1, 0));
     let exit = gateway.terminate(Duration::from_secs(10));
     assert!(exit.success(), "exit status {exit:?}");
+    assert!(checkpoint.exists(), "{}", gateway.log.lock().unwrap());
+
+    let restarted = start(dir.path());
+    let log = restarted.log.lock().unwrap().clone();
+    assert!(
+        log.contains("dedup index loaded from the checkpoint"),
+        "{log}"
+    );
+    assert!(
+        !checkpoint.exists(),
+        "a started gateway leaves no checkpoint to trust"
+    );
+    assert_eq!(post_counts(&restarted, &delivery).await, (0, 1));
 }
 
 #[tokio::test]

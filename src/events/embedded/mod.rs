@@ -59,6 +59,10 @@ use super::{
 };
 use crate::proto::DeadLetter;
 
+mod checkpoint;
+pub use checkpoint::CHECKPOINT_FILE;
+#[doc(hidden)]
+pub use checkpoint::{Measured as CheckpointTimes, measure as measure_checkpoint};
 mod index;
 mod recovery;
 pub mod salvage;
@@ -178,14 +182,19 @@ impl EmbeddedLog {
                 ))
             })?;
         let window = dedup_window.as_micros() as Micros;
-        let gate =
-            load_index(&db, next, last_received, window, legacy_ids_before).map_err(|fault| {
-                LogError::Storage(format!(
-                    "cannot rebuild the dedup index from {}: {}",
-                    path.display(),
-                    fault.detail()
-                ))
-            })?;
+        let tip = Tip {
+            next,
+            last_received,
+            window,
+            legacy_ids_before,
+        };
+        let gate = load_index(&db, &path, &tip).map_err(|fault| {
+            LogError::Storage(format!(
+                "cannot rebuild the dedup index from {}: {}",
+                path.display(),
+                fault.detail()
+            ))
+        })?;
         let fanout = Fanout::default();
         let health = Arc::new(Health::default());
         let slot = Arc::new(Slot::new(db.clone()));
@@ -265,21 +274,33 @@ impl EmbeddedLog {
     }
 }
 
-/// The admission rule's state for this store: the tip, and the dedup index rebuilt (after
-/// upgrading an older store's `dedup` table once; see [`index`]).
-fn load_index(
-    db: &Database,
+/// Where the log left off and how its dedup index is kept: what an empty gate starts from.
+struct Tip {
     next: u64,
     last_received: Micros,
     window: Micros,
     legacy_ids_before: Option<Micros>,
-) -> Result<Gate, Fault> {
+}
+
+impl Tip {
+    fn gate(&self) -> Gate {
+        Gate::new(self.next, self.last_received, self.window)
+            .with_legacy_ids_before(self.legacy_ids_before)
+    }
+}
+
+/// The admission rule's state for this store: the tip, and the dedup index from the
+/// checkpoint of the last clean shutdown if it is valid ([`checkpoint`]), else rebuilt
+/// from the log (after upgrading an older store's `dedup` table once; see [`index`]).
+fn load_index(db: &Database, log: &Path, tip: &Tip) -> Result<Gate, Fault> {
+    store::contain(|| Ok(index::upgrade(db)?))?;
+    let now = now_micros();
+    if let Some(gate) = checkpoint::take(db, log, tip.gate(), now, tip.window)? {
+        return Ok(gate);
+    }
     let started = std::time::Instant::now();
-    let mut gate = Gate::new(next, last_received, window).with_legacy_ids_before(legacy_ids_before);
-    let loaded = store::contain(|| {
-        index::upgrade(db)?;
-        Ok(index::rebuild(db, &mut gate, now_micros(), window)?)
-    })?;
+    let mut gate = tip.gate();
+    let loaded = store::contain(|| Ok(index::rebuild(db, &mut gate, now, tip.window)?))?;
     tracing::info!(
         entries = loaded,
         bytes = gate.allocated_bytes(),

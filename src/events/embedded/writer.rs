@@ -107,6 +107,7 @@ impl Writer {
             }
             self.handle_group_contained(&mut group);
             if shutdown.is_some() {
+                self.save_checkpoint();
                 return;
             }
             if let Some(fault) = self.fault.take() {
@@ -116,6 +117,18 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// At a clean shutdown, every command answered and every commit durable: saves the
+    /// dedup index so the next start need not rebuild it. Not after a fault: whether the
+    /// last commit reached the file is then unknown, and the next start rebuilds.
+    fn save_checkpoint(&mut self) {
+        if self.fault.is_some() {
+            return;
+        }
+        // Expired entries would only be dropped again at load; leaving them out is cheaper.
+        self.gate.expire(now_micros());
+        super::checkpoint::save(&self.db, &self.path, &self.gate, self.dedup_window);
     }
 
     /// Handles a group, turning a panic inside redb into a fault: the commands it did not
