@@ -80,6 +80,16 @@ struct Compact {
     runs: VecDeque<Run>,
 }
 
+/// The table's hash of a slot (its key's low 64 bits), for when the table rehashes. Takes
+/// the key log's fields, not `&Compact`, because the table is borrowed mutably meanwhile.
+fn slot_hash(blocks: &VecDeque<Vec<u128>>, front: u64, base: u64) -> impl Fn(&u32) -> u64 + '_ {
+    move |slot| {
+        let at = base + u64::from(slot.wrapping_sub(base as u32));
+        let rel = (at - front) as usize;
+        blocks[rel / BLOCK][rel % BLOCK] as u64
+    }
+}
+
 impl Compact {
     /// One past the last position. Every block but the last is full (blocks are added when
     /// the last is full, and removed whole from either end), so this is O(1): summing the
@@ -144,12 +154,7 @@ impl Compact {
             base,
             ..
         } = self;
-        let key_of = |s: &u32| {
-            let abs = *base + u64::from(s.wrapping_sub(*base as u32));
-            let rel = (abs - *front) as usize;
-            blocks[rel / BLOCK][rel % BLOCK] as u64
-        };
-        table.insert_unique(key as u64, at as u32, key_of);
+        table.insert_unique(key as u64, at as u32, slot_hash(blocks, *front, *base));
     }
 
     /// Removes `key` from the table (its slot stays until it expires); whether it was there.
@@ -206,11 +211,7 @@ impl Compact {
             base,
             ..
         } = self;
-        table.reserve(additional, |s: &u32| {
-            let abs = *base + u64::from(s.wrapping_sub(*base as u32));
-            let rel = (abs - *front) as usize;
-            blocks[rel / BLOCK][rel % BLOCK] as u64
-        });
+        table.reserve(additional, slot_hash(blocks, *front, *base));
     }
 
     /// Drops the oldest entry.
