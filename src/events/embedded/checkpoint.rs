@@ -173,20 +173,13 @@ fn write_atomically(path: &Path, header: &Header, gate: &Gate) -> io::Result<u64
         write_other(&mut out, gate)?;
         let bytes = out.finish()?;
         std::fs::rename(&temporary, path)?;
-        sync_dir(path)?;
+        store::sync_dir(path)?;
         Ok(bytes)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&temporary);
     }
     written
-}
-
-fn sync_dir(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(dir) => File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
 }
 
 /// A writer that checksums what it writes.
@@ -343,7 +336,7 @@ pub(super) fn take(
 /// Makes sure no later open finds this checkpoint: removes it durably, or if that fails,
 /// clears the token it was saved with, so it can never match again.
 fn invalidate(db: &Database, path: &Path) -> Result<(), store::Fault> {
-    let removed = std::fs::remove_file(path).and_then(|()| sync_dir(path));
+    let removed = std::fs::remove_file(path).and_then(|()| store::sync_dir(path));
     let Err(e) = removed else {
         return Ok(());
     };

@@ -272,10 +272,16 @@ pub(super) fn write_marker(marker: &Path) -> std::io::Result<()> {
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     )?;
     file.sync_all()?;
-    if let Some(dir) = marker.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+    sync_dir(marker)
+}
+
+/// Syncs the directory holding `path`, so a file created, renamed or removed there stays
+/// so after a crash.
+pub(super) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The log file of `data_dir`.
