@@ -90,6 +90,7 @@
 mod config;
 mod ordering;
 mod snapshot;
+mod sorted;
 mod state;
 #[cfg(test)]
 mod tests;

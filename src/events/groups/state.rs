@@ -16,6 +16,7 @@ use std::{
 use super::{
     config::{DEFAULT_MAX_IN_FLIGHT, GroupConfig, GroupError, GroupName, Limits, Ordering},
     ordering::Lanes,
+    sorted::SortedQueue,
 };
 use crate::events::time::Micros;
 
@@ -221,10 +222,12 @@ pub struct Group {
     /// The next sequence to read for first deliveries.
     cursor: u64,
     replay: Replay,
-    /// Every unsettled event below `cursor`. Bounded: see the module docs.
-    outstanding: BTreeMap<u64, Pending>,
-    /// `InFlight` entries by deadline, for `ack_wait` expiry.
-    deadlines: BTreeSet<(Micros, u64)>,
+    /// Every unsettled event below `cursor`. Bounded: see the module docs. Inserted in
+    /// sequence order (at the cursor), hence a sorted queue rather than a B-tree.
+    outstanding: SortedQueue<u64, Pending>,
+    /// `InFlight` entries by deadline, for `ack_wait` expiry. Set in time order (one
+    /// `ack_wait` per group), hence a sorted queue too.
+    deadlines: SortedQueue<(Micros, u64), ()>,
     /// `Waiting` entries by due time: redeliveries, earliest first.
     due: BTreeSet<(Micros, u64)>,
     /// Per-user ordering only; empty otherwise.
@@ -280,8 +283,8 @@ impl Group {
                 until: durable.read_position,
                 unsettled: durable.unsettled,
             },
-            outstanding: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
+            outstanding: SortedQueue::default(),
+            deadlines: SortedQueue::default(),
             due: BTreeSet::new(),
             lanes: Lanes::default(),
             members: BTreeMap::new(),
@@ -295,7 +298,7 @@ impl Group {
 
     pub(super) fn durable(&self) -> Durable {
         let mut unsettled = self.replay.unsettled.clone();
-        unsettled.extend(self.outstanding.iter().map(|(&s, p)| (s, p.attempts)));
+        unsettled.extend(self.outstanding.iter().map(|(s, p)| (s, p.attempts)));
         Durable {
             name: self.name.clone(),
             config: self.config.clone(),
@@ -382,7 +385,7 @@ impl Group {
             .filter(
                 |(_, p)| matches!(p.state, PendingState::InFlight { member: m, .. } if m == member),
             )
-            .map(|(&sequence, _)| sequence)
+            .map(|(sequence, _)| sequence)
             .collect();
         for &sequence in &held {
             self.release_in_flight(sequence, false);
@@ -540,14 +543,14 @@ impl Group {
     /// Hands the unsettled `sequence` to `member`.
     fn dispatch(&mut self, sequence: u64, member: MemberId, now: Micros) -> Option<Delivery> {
         let deadline = now.saturating_add(self.config.ack_wait);
-        let pending = self.outstanding.get_mut(&sequence)?;
+        let pending = self.outstanding.get_mut(sequence)?;
         pending.attempts = pending.attempts.saturating_add(1);
         pending.state = PendingState::InFlight { member, deadline };
         let attempt = pending.attempts;
         if attempt > 1 {
             self.counters.redeliveries += 1;
         }
-        self.deadlines.insert((deadline, sequence));
+        self.deadlines.insert((deadline, sequence), ());
         if let Some(member) = self.members.get_mut(&member) {
             member.in_flight += 1;
             member.stale.remove(&sequence);
@@ -561,14 +564,14 @@ impl Group {
     /// count (`stale`) when the member may still be working on it. Leaves its entry
     /// `Queued`, in no index, for the caller to requeue or remove.
     fn release_in_flight(&mut self, sequence: u64, still_held: bool) -> bool {
-        let Some(pending) = self.outstanding.get_mut(&sequence) else {
+        let Some(pending) = self.outstanding.get_mut(sequence) else {
             return false;
         };
         let PendingState::InFlight { member, deadline } = pending.state else {
             return false;
         };
         pending.state = PendingState::Queued;
-        self.deadlines.remove(&(deadline, sequence));
+        self.deadlines.remove((deadline, sequence));
         self.in_flight -= 1;
         if let Some(member) = self.members.get_mut(&member) {
             member.in_flight -= 1;
@@ -587,7 +590,7 @@ impl Group {
             self.counters.expired += 1;
             return;
         }
-        if let Some(pending) = self.outstanding.get_mut(&sequence) {
+        if let Some(pending) = self.outstanding.get_mut(sequence) {
             pending.state = PendingState::Waiting { due };
             self.due.insert((due, sequence));
             self.changes += 1;
@@ -598,7 +601,7 @@ impl Group {
     /// for `still_held`).
     fn remove_entry(&mut self, sequence: u64, still_held: bool) -> Option<Pending> {
         self.release_in_flight(sequence, still_held);
-        let pending = self.outstanding.remove(&sequence)?;
+        let pending = self.outstanding.remove(sequence)?;
         if let PendingState::Waiting { due } = pending.state {
             self.due.remove(&(due, sequence));
         }
@@ -638,7 +641,7 @@ impl Group {
             if let Ok(this) = self.member_mut(member) {
                 this.stale.remove(&sequence);
             }
-            let still_held = match self.outstanding.get(&sequence).map(|p| p.state) {
+            let still_held = match self.outstanding.get(sequence).map(|p| p.state) {
                 Some(PendingState::InFlight { member: holder, .. }) => holder != member,
                 Some(PendingState::Waiting { .. }) => false,
                 // Never delivered, or not the group's: ignored (SPEC §4.3).
@@ -673,7 +676,7 @@ impl Group {
             if let Ok(this) = self.member_mut(member) {
                 this.stale.remove(&sequence);
             }
-            match self.outstanding.get(&sequence).map(|p| p.state) {
+            match self.outstanding.get(sequence).map(|p| p.state) {
                 Some(PendingState::InFlight { member: holder, .. }) if holder == member => {
                     self.release_in_flight(sequence, false);
                     self.requeue(sequence, due);
@@ -690,7 +693,7 @@ impl Group {
     /// members keep them on their count until they answer. Returns how many.
     pub fn expire_deadlines(&mut self, now: Micros) -> usize {
         let mut expired = 0;
-        while let Some(&(deadline, sequence)) = self.deadlines.first() {
+        while let Some(((deadline, sequence), ())) = self.deadlines.first() {
             if deadline > now {
                 break;
             }
@@ -705,7 +708,7 @@ impl Group {
     /// after `now`. Redeliveries already due wait for a member with room, which an ack, a
     /// nak, a term or a join brings, not time.
     pub fn next_wakeup(&self, now: Micros) -> Option<Micros> {
-        let deadline = self.deadlines.first().map(|&(at, _)| at);
+        let deadline = self.deadlines.first().map(|((at, _), ())| at);
         let due = self
             .due
             .range((now.saturating_add(1), 0)..)
@@ -723,9 +726,10 @@ impl Group {
         self.retained_from = self.retained_from.max(oldest_retained);
         let gone: Vec<u64> = self
             .outstanding
-            .range(..oldest_retained)
+            .iter()
+            .take_while(|&(sequence, _)| sequence < oldest_retained)
             .filter(|(_, p)| !matches!(p.state, PendingState::InFlight { .. }))
-            .map(|(&sequence, _)| sequence)
+            .map(|(sequence, _)| sequence)
             .collect();
         for &sequence in &gone {
             self.remove_entry(sequence, false);
@@ -747,7 +751,7 @@ impl Group {
             .outstanding
             .iter()
             .filter(|(_, p)| &*p.user == user)
-            .map(|(&sequence, _)| sequence)
+            .map(|(sequence, _)| sequence)
             .collect();
         for &sequence in &gone {
             self.remove_entry(sequence, true);
@@ -773,7 +777,7 @@ impl Group {
             .outstanding
             .iter()
             .filter(|(_, p)| matches!(p.state, PendingState::InFlight { .. }))
-            .map(|(&sequence, _)| sequence)
+            .map(|(sequence, _)| sequence)
             .collect();
         for sequence in in_flight {
             self.release_in_flight(sequence, true);
@@ -789,7 +793,7 @@ impl Group {
     /// Every matching event up to this sequence is settled.
     pub fn acked_through(&self) -> u64 {
         let first_unsettled = [
-            self.outstanding.keys().next().copied(),
+            self.outstanding.first().map(|(sequence, _)| sequence),
             self.replay.unsettled.keys().next().copied(),
             Some(self.cursor),
         ]
@@ -823,7 +827,7 @@ impl Group {
         let mut due = BTreeSet::new();
         let mut per_member: HashMap<MemberId, u32> = HashMap::new();
         let mut delivered_users = HashMap::new();
-        for (&sequence, pending) in &self.outstanding {
+        for (sequence, pending) in self.outstanding.iter() {
             assert!(sequence < self.cursor, "{sequence} unsettled but not read");
             match pending.state {
                 PendingState::Queued => {
@@ -846,7 +850,7 @@ impl Group {
                 );
             }
         }
-        assert_eq!(deadlines, self.deadlines);
+        assert_eq!(deadlines, self.deadlines.iter().map(|(k, ())| k).collect());
         assert_eq!(due, self.due);
         assert_eq!(
             per_member.values().map(|&n| n as usize).sum::<usize>(),
@@ -868,7 +872,7 @@ impl Group {
             let users = self
                 .outstanding
                 .iter()
-                .map(|(&s, p)| (s, p.user.clone()))
+                .map(|(s, p)| (s, p.user.clone()))
                 .collect();
             self.lanes.check(&users);
         }
