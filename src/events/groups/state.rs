@@ -16,7 +16,7 @@ use std::{
 use super::{
     config::{DEFAULT_MAX_IN_FLIGHT, GroupConfig, GroupError, GroupName, Limits, Ordering},
     ordering::Lanes,
-    sorted::SortedQueue,
+    sorted::{Deadlines, SortedQueue},
 };
 use crate::events::time::Micros;
 
@@ -211,6 +211,13 @@ impl Replay {
     }
 }
 
+/// Whether `sequence` is in flight with this `deadline` (else its deadline entry is stale).
+fn holds_until(outstanding: &SortedQueue<Pending>, sequence: u64, deadline: Micros) -> bool {
+    outstanding.get(sequence).is_some_and(
+        |p| matches!(p.state, PendingState::InFlight { deadline: d, .. } if d == deadline),
+    )
+}
+
 /// One consumer group: pure state, driven by a backend that reads the log, keeps the time
 /// and talks to the members. See the module docs of [`super`].
 #[derive(Debug)]
@@ -224,10 +231,10 @@ pub struct Group {
     replay: Replay,
     /// Every unsettled event below `cursor`. Bounded: see the module docs. Inserted in
     /// sequence order (at the cursor), hence a sorted queue rather than a B-tree.
-    outstanding: SortedQueue<u64, Pending>,
+    outstanding: SortedQueue<Pending>,
     /// `InFlight` entries by deadline, for `ack_wait` expiry. Set in time order (one
-    /// `ack_wait` per group), hence a sorted queue too.
-    deadlines: SortedQueue<(Micros, u64), ()>,
+    /// `ack_wait` per group), hence a queue; its front is always in flight.
+    deadlines: Deadlines,
     /// `Waiting` entries by due time: redeliveries, earliest first.
     due: BTreeSet<(Micros, u64)>,
     /// Per-user ordering only; empty otherwise.
@@ -284,7 +291,7 @@ impl Group {
                 unsettled: durable.unsettled,
             },
             outstanding: SortedQueue::default(),
-            deadlines: SortedQueue::default(),
+            deadlines: Deadlines::default(),
             due: BTreeSet::new(),
             lanes: Lanes::default(),
             members: BTreeMap::new(),
@@ -542,15 +549,16 @@ impl Group {
 
     /// Hands the unsettled `sequence` to `member`.
     fn dispatch(&mut self, sequence: u64, member: MemberId, now: Micros) -> Option<Delivery> {
-        let deadline = now.saturating_add(self.config.ack_wait);
         let pending = self.outstanding.get_mut(sequence)?;
+        let deadline = self
+            .deadlines
+            .push(now.saturating_add(self.config.ack_wait), sequence);
         pending.attempts = pending.attempts.saturating_add(1);
         pending.state = PendingState::InFlight { member, deadline };
         let attempt = pending.attempts;
         if attempt > 1 {
             self.counters.redeliveries += 1;
         }
-        self.deadlines.insert((deadline, sequence), ());
         if let Some(member) = self.members.get_mut(&member) {
             member.in_flight += 1;
             member.stale.remove(&sequence);
@@ -567,12 +575,16 @@ impl Group {
         let Some(pending) = self.outstanding.get_mut(sequence) else {
             return false;
         };
-        let PendingState::InFlight { member, deadline } = pending.state else {
+        let PendingState::InFlight { member, .. } = pending.state else {
             return false;
         };
         pending.state = PendingState::Queued;
-        self.deadlines.remove((deadline, sequence));
         self.in_flight -= 1;
+        let outstanding = &self.outstanding;
+        self.deadlines
+            .pop_stale(self.in_flight, |deadline, sequence| {
+                holds_until(outstanding, sequence, deadline)
+            });
         if let Some(member) = self.members.get_mut(&member) {
             member.in_flight -= 1;
             if still_held {
@@ -693,13 +705,16 @@ impl Group {
     /// members keep them on their count until they answer. Returns how many.
     pub fn expire_deadlines(&mut self, now: Micros) -> usize {
         let mut expired = 0;
-        while let Some(((deadline, sequence), ())) = self.deadlines.first() {
+        while let Some((deadline, sequence)) = self.deadlines.first() {
             if deadline > now {
                 break;
             }
-            self.release_in_flight(sequence, true);
-            self.requeue(sequence, now);
-            expired += 1;
+            // Live (the front always is): releasing it drops it and any stale entry behind.
+            self.deadlines.pop_first();
+            if self.release_in_flight(sequence, true) {
+                self.requeue(sequence, now);
+                expired += 1;
+            }
         }
         expired
     }
@@ -708,7 +723,7 @@ impl Group {
     /// after `now`. Redeliveries already due wait for a member with room, which an ack, a
     /// nak, a term or a join brings, not time.
     pub fn next_wakeup(&self, now: Micros) -> Option<Micros> {
-        let deadline = self.deadlines.first().map(|((at, _), ())| at);
+        let deadline = self.deadlines.first().map(|(at, _)| at);
         let due = self
             .due
             .range((now.saturating_add(1), 0)..)
@@ -850,7 +865,18 @@ impl Group {
                 );
             }
         }
-        assert_eq!(deadlines, self.deadlines.iter().map(|(k, ())| k).collect());
+        let live: BTreeSet<(Micros, u64)> = self
+            .deadlines
+            .entries()
+            .filter(|&(d, s)| holds_until(&self.outstanding, s, d))
+            .collect();
+        assert_eq!(deadlines, live);
+        if let Some((deadline, sequence)) = self.deadlines.first() {
+            assert!(
+                holds_until(&self.outstanding, sequence, deadline),
+                "a stale deadline at the front"
+            );
+        }
         assert_eq!(due, self.due);
         assert_eq!(
             per_member.values().map(|&n| n as usize).sum::<usize>(),
