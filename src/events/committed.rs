@@ -38,6 +38,9 @@ pub struct CommittedEvent {
     wire: Bytes,
     /// Length of the prefix of `wire` that leaves `raw_json` out.
     without_raw_json: usize,
+    /// Where `application_user_id`'s bytes are in `wire`, when the walk of
+    /// [`CommittedEvent::stored`] found them (a consumer group reads it of every event).
+    user_at: Option<(u32, u32)>,
     /// `wire` decoded, on first use of [`CommittedEvent::event`].
     decoded: OnceLock<Event>,
 }
@@ -61,6 +64,7 @@ impl CommittedEvent {
             received_at: event.received_at.as_ref().map_or(0, to_micros),
             wire: wire.freeze(),
             without_raw_json: head,
+            user_at: None,
             decoded: OnceLock::from(event),
         }
     }
@@ -89,6 +93,7 @@ impl CommittedEvent {
                 received_at: event.received_at.as_ref().map_or(0, to_micros),
                 without_raw_json: at,
                 wire,
+                user_at: None,
                 decoded: OnceLock::from(event),
             }),
             None => Ok(Self::new(event)),
@@ -108,10 +113,14 @@ impl CommittedEvent {
             Layout {
                 sequence: Some(stored_sequence),
                 raw_json_at: Some(at),
+                user,
             } if stored_sequence == sequence => Ok(Self {
                 sequence,
                 received_at,
                 without_raw_json: at,
+                user_at: u32::try_from(user.start)
+                    .ok()
+                    .zip(u32::try_from(user.end).ok()),
                 wire: stored,
                 decoded: OnceLock::new(),
             }),
@@ -152,7 +161,14 @@ impl CommittedEvent {
         if let Some(event) = self.decoded.get() {
             return &event.application_user_id;
         }
-        match find_string(&self.wire, USER_FIELD) {
+        let found = match self.user_at {
+            Some((start, end)) => self
+                .wire
+                .get(start as usize..end as usize)
+                .and_then(|b| std::str::from_utf8(b).ok()),
+            None => find_string(&self.wire, USER_FIELD),
+        };
+        match found {
             Some(found) => found,
             None => &self.event().application_user_id,
         }
@@ -216,6 +232,8 @@ struct Layout {
     sequence: Option<u64>,
     /// Where `raw_json` starts, if it is the last field (the end of the bytes if absent).
     raw_json_at: Option<usize>,
+    /// The bytes of the last `application_user_id` (empty if absent, as a decode has it).
+    user: std::ops::Range<usize>,
 }
 
 /// Walks the top-level fields without decoding them: checks the framing, reads the
@@ -224,6 +242,7 @@ fn scan(wire: &[u8]) -> Result<Layout, prost::DecodeError> {
     let mut rest = wire;
     let mut sequence = None;
     let mut raw_json_at = None;
+    let mut user = 0..0;
     while rest.has_remaining() {
         let at = wire.len() - rest.len();
         let (field, wire_type) = encoding::decode_key(&mut rest)?;
@@ -232,6 +251,7 @@ fn scan(wire: &[u8]) -> Result<Layout, prost::DecodeError> {
             return Ok(Layout {
                 sequence,
                 raw_json_at: None,
+                user,
             });
         }
         match (field, wire_type) {
@@ -242,12 +262,21 @@ fn scan(wire: &[u8]) -> Result<Layout, prost::DecodeError> {
                 raw_json_at = Some(at);
                 encoding::skip_field(wire_type, field, &mut rest, Default::default())?;
             }
+            (USER_FIELD, WireType::LengthDelimited) => {
+                // The skip checks the length against the bytes left; the string ends there.
+                let mut length = rest;
+                let len = encoding::decode_varint(&mut length)?;
+                encoding::skip_field(wire_type, field, &mut rest, Default::default())?;
+                let end = wire.len() - rest.len();
+                user = end - usize::try_from(len).unwrap_or(end)..end;
+            }
             _ => encoding::skip_field(wire_type, field, &mut rest, Default::default())?,
         }
     }
     Ok(Layout {
         sequence,
         raw_json_at: raw_json_at.or(Some(wire.len())),
+        user,
     })
 }
 
@@ -326,6 +355,10 @@ mod tests {
         let stored = CommittedEvent::stored(42, 0, wire).unwrap();
         assert_eq!(stored.application_user_id(), "user-1");
         assert!(stored.decoded.get().is_none(), "not decoded for it");
+        assert!(
+            stored.user_at.is_some(),
+            "found by the walk, not searched for"
+        );
         assert_eq!(
             stored.application_user_id(),
             stored.event().application_user_id
@@ -337,6 +370,13 @@ mod tests {
         .encoded(true);
         let anonymous = CommittedEvent::stored(42, 0, anonymous).unwrap();
         assert_eq!(anonymous.application_user_id(), "");
+        // A repeated field: the last occurrence wins, as in a decode.
+        let mut twice = BytesMut::new();
+        encoding::string::encode(USER_FIELD, &"earlier".to_owned(), &mut twice);
+        twice.extend_from_slice(&CommittedEvent::new(sample()).encoded(true));
+        let twice = CommittedEvent::stored(42, 0, twice.freeze()).unwrap();
+        assert_eq!(twice.application_user_id(), "user-1");
+        assert_eq!(twice.event().application_user_id, "user-1");
     }
 
     #[test]
