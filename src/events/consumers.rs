@@ -537,6 +537,17 @@ struct Driver {
     save_at: Option<tokio::time::Instant>,
     /// When to read the log again after a read failed (nothing else may wake the task).
     retry_at: Option<tokio::time::Instant>,
+    /// The page after `page`, being read meanwhile: while a group works through a backlog
+    /// its next read overlaps the deliveries of this page instead of stalling them (the
+    /// read runs on the store's blocking pool). One page ahead at most, read only after
+    /// a full page; dropped on seek and erasure, which change what may be delivered.
+    ahead: Option<ReadAhead>,
+}
+
+/// A read of the page starting at `from`, running in a task of its own.
+struct ReadAhead {
+    from: u64,
+    read: tokio::task::JoinHandle<Result<Vec<Arc<CommittedEvent>>, LogError>>,
 }
 
 impl Driver {
@@ -566,6 +577,7 @@ impl Driver {
             saved: if fresh { u64::MAX } else { changes },
             save_at: fresh.then(tokio::time::Instant::now),
             retry_at: None,
+            ahead: None,
         }
     }
 
@@ -721,13 +733,16 @@ impl Driver {
                     end: position,
                     ..Page::default()
                 };
+                self.ahead = None;
                 self.caught_up = false;
                 let _ = reply.send(());
             }
             Command::EraseUser { user, reply } => {
                 let erased = self.group.erase_user(&user);
-                // Read but not yet taken: they must not go out either.
+                // Read but not yet taken: they must not go out either. The page read
+                // ahead may hold them too: it is read again.
                 self.drop_user(&user);
+                self.ahead = None;
                 let _ = reply.send(erased);
             }
             // Handled by `commands`: it ends the task.
@@ -906,7 +921,16 @@ impl Driver {
 
     async fn fill_page(&mut self) -> Result<(), LogError> {
         let from = self.group.read_cursor();
-        let events = self.log.read(from, CATCH_UP_PAGE).await?;
+        let events = match self.ahead.take() {
+            Some(ahead) if ahead.from == from => ahead
+                .read
+                .await
+                .map_err(|e| LogError::Storage(format!("read-ahead task failed: {e}")))??,
+            _ => self.log.read(from, CATCH_UP_PAGE).await?,
+        };
+        if events.len() == CATCH_UP_PAGE {
+            self.read_ahead(events.last().map_or(from, |e| e.sequence() + 1));
+        }
         if events.first().is_none_or(|e| e.sequence() > from) {
             // A gap at the cursor: retention may have removed what the group had not read.
             let oldest = self.log.bounds().await?.oldest;
@@ -937,6 +961,13 @@ impl Driver {
             taken: 0,
         };
         Ok(())
+    }
+
+    /// Starts reading the page from `from` (see [`Driver::ahead`]).
+    fn read_ahead(&mut self, from: u64) {
+        let log = self.log.clone();
+        let read = tokio::spawn(async move { log.read(from, CATCH_UP_PAGE).await });
+        self.ahead = Some(ReadAhead { from, read });
     }
 
     /// Sends one delivery; `false` if its event left the log or its member is gone.
