@@ -12,8 +12,8 @@
 //! Batching, for the cost per acknowledged delivery: a member's stream merges the acks it
 //! has already received into one answer, the task applies every command queued before it
 //! hands out deliveries (so one pass over the members serves a burst of acks, and each
-//! member's deliveries go out together), and the state is saved at most once per
-//! [`SAVE_EVERY`].
+//! member's deliveries go out together), a group behind the log reads its next page while
+//! it delivers the current one, and the state is saved at most once per [`SAVE_EVERY`].
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -38,7 +38,9 @@
 //! some are settled, as JetStream's `max_ack_pending` does. So a group never holds more
 //! than `max_waiting` + the largest total `max_in_flight` of the members present at once
 //! (after a restore, plus the snapshot's unsettled events, themselves within that
-//! bound). The snapshot is proportional to the same count. Per-user ordering pays for its
+//! bound). Its two hot-path indexes (unsettled events by sequence, deadlines in flight;
+//! `sorted.rs`) hold at most twice their live entries plus 64. The snapshot is
+//! proportional to the same count. Per-user ordering pays for its
 //! order here: a user with a long backlog fills the window and pauses new reads for
 //! everyone until the user's events are settled.
 //!
@@ -62,28 +64,17 @@
 //!
 //! # NATS
 //! JetStream keeps a group natively, shared by every replica, so the NATS backend
-//! ([`crate::events::nats_groups`]) uses this module only for the definition
-//! ([`GroupName`], [`GroupConfig`] and its `FAILED_PRECONDITION` difference, stored in the
-//! consumer's description since nats-server 2.9 has no consumer metadata) and drives the
-//! rest through the server:
-//! - a group is a durable pull consumer named after it, `AckPolicy::Explicit`, `ack_wait`
-//!   as the group's, `max_ack_pending` [`Limits::max_waiting`], `deliver_policy` from the
-//!   open's start, and the filter subject narrowed as for `Subscribe` (2.9 takes one
-//!   filter subject; the rest of the filter is applied by the replica, which acks the
-//!   events that do not match);
-//! - each member pulls at most its room (`max_in_flight` minus what it holds), so members
-//!   on different replicas split the work; ack, `-NAK` with a delay and `+TERM` map one
-//!   to one; a member's end naks what it held with no delay, so it is redelivered at
-//!   once (a replica that dies is covered by `ack_wait`);
-//! - per-user ordering: `max_ack_pending` 1, one event of the group unsettled anywhere, so
-//!   one user's events go in order and never two at once, across replicas, with no state
-//!   outside JetStream. Users do not proceed in parallel: that would take a partition
-//!   token in the subject (a hash of the user) and one consumer per partition, which
-//!   changes the subject layout of existing streams; left for later. (One consumer with
-//!   per-user lanes in a replica cannot stop two replicas holding two events of a user.)
-//! - `acked_through`, `pending`, `in_flight` and `redeliveries` come from the consumer
-//!   info (ack floor, `num_pending` + `num_ack_pending`, `num_redelivered`); JetStream
-//!   does not count `terminated` and `expired`, which are 0.
+//! ([`crate::events::nats_groups`], whose module docs give the details) uses this module
+//! only for the definition ([`GroupName`], [`GroupConfig`] and its `FAILED_PRECONDITION`
+//! difference, stored in the consumers' descriptions since nats-server 2.9 has no
+//! consumer metadata) and drives the rest through the server: a group is a set of durable
+//! pull consumers (explicit ack, the group's `ack_wait`); unordered groups use one with
+//! `max_ack_pending` [`Limits::max_waiting`], per-user groups one per user partition of
+//! the subject with `max_ack_pending` 1, so one user's events go in order and one at a
+//! time across every replica while users of other partitions proceed in parallel. Each
+//! member pulls at most its room; ack, `-NAK` with a delay and `+TERM` map one to one; a
+//! member's end naks what it held so it is redelivered at once (a replica that dies is
+//! covered by `ack_wait`).
 //!
 //! [`Micros`]: crate::events::time::Micros
 
