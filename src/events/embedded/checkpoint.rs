@@ -1,6 +1,7 @@
 //! The dedup index saved at a clean shutdown and loaded at the next open instead of the
-//! rebuild from the log ([`super::index::rebuild`]: ~4 µs an event, ~44 s per 10 M events
-//! in the window; loading the checkpoint reads one sequential file).
+//! rebuild from the log ([`super::index::rebuild`]: about 0.6 µs an event on two cores,
+//! reading redb on one and indexing on the other; loading the checkpoint reads one
+//! sequential file, about 0.15 µs an entry).
 //!
 //! Exactness comes first, so a checkpoint is used only if it describes this store as it is:
 //! - the writer saves it after its last command, when every commit is durable, with the
@@ -728,9 +729,13 @@ mod tests {
         assert!(!checkpoint_of(saved.path()).exists(), "taken means removed");
         let mut rebuilt = Gate::new(1, 0, window);
         index::rebuild(&database(crashed.path()), &mut rebuilt, now, window).unwrap();
+        // Handed over in many small batches, the events index the same.
+        let mut batched = Gate::new(1, 0, window);
+        index::rebuild_in_batches(&database(crashed.path()), &mut batched, now, window, 7).unwrap();
 
         let expected = decisions(&rebuilt, now);
         assert_eq!(decisions(&loaded, now), expected);
+        assert_eq!(decisions(&batched, now), expected);
         let known = |key: &str| rebuilt.seen(key, now).is_some();
         assert!(
             known(&compact_id(0)) && known(&compact_id(69)),

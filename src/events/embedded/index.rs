@@ -98,11 +98,27 @@ fn redundant_rows(txn: &WriteTransaction, after: &str) -> Result<Chunk, redb::Er
 /// Fills `gate` with every entry still inside the window at `now`: the `dedup` rows first
 /// (they are older: ids of trimmed events, letters), then the events, in sequence order.
 /// Returns how many entries it loaded.
+///
+/// The events are read on a thread of their own and handed over in batches, so reading
+/// them from redb (most of the time) and indexing their ids run on two cores at once; the
+/// ids still go into the index one by one in sequence order, as a single pass would put
+/// them.
 pub(super) fn rebuild(
     db: &Database,
     gate: &mut Gate,
     now: Micros,
     window: Micros,
+) -> Result<u64, redb::Error> {
+    rebuild_in_batches(db, gate, now, window, REBUILD_BATCH)
+}
+
+/// [`rebuild`] with `batch` events per batch (a test makes it small).
+pub(super) fn rebuild_in_batches(
+    db: &Database,
+    gate: &mut Gate,
+    now: Micros,
+    window: Micros,
+    batch: usize,
 ) -> Result<u64, redb::Error> {
     let cutoff = now.saturating_sub(window);
     let txn = db.begin_read()?;
@@ -120,18 +136,73 @@ pub(super) fn rebuild(
             loaded += 1;
         }
     }
-    let events = txn.open_table(EVENTS)?;
-    for row in events.range(first_inside(&events, cutoff)?..)? {
-        let (sequence, value) = row?;
-        let value = value.value();
-        // An unreadable id is damage that readers report at its sequence; the event
-        // cannot be matched by id anyway.
-        if let Some(id) = stored_event_id(value.get(8..).unwrap_or_default()) {
-            gate.remember(id, sequence.value(), received_of(value));
-            loaded += 1;
+    let from = first_inside(&txn.open_table(EVENTS)?, cutoff)?;
+    std::thread::scope(|scope| {
+        // Two batches queued at most: the reader stays a little ahead, memory bounded.
+        let (batches, queued) = std::sync::mpsc::sync_channel(2);
+        std::thread::Builder::new()
+            .name("dedup-rebuild".into())
+            .spawn_scoped(scope, move || read_ids(db, from, batch, &batches))
+            .map_err(redb::Error::Io)?;
+        for batch in queued {
+            let batch: IdBatch = batch?;
+            let mut start = 0;
+            for &(end, sequence, received) in &batch.entries {
+                gate.remember(&batch.ids[start..end], sequence, received);
+                start = end;
+            }
+            loaded += batch.entries.len() as u64;
         }
+        Ok(loaded)
+    })
+}
+
+/// Events read per batch handed to the indexing thread (about 1 MiB of ids).
+const REBUILD_BATCH: usize = 16_384;
+
+/// The ids of consecutive events: their bytes end to end, and per event where its id
+/// ends in `ids`, its sequence and when it was received.
+#[derive(Default)]
+struct IdBatch {
+    ids: String,
+    entries: Vec<(usize, u64, Micros)>,
+}
+
+/// Reads the ids of the events from `from` on, in batches of `per_batch`, until the end or until the
+/// indexing side is gone. A read error is sent as the last batch.
+fn read_ids(
+    db: &Database,
+    from: u64,
+    per_batch: usize,
+    out: &std::sync::mpsc::SyncSender<Result<IdBatch, redb::Error>>,
+) {
+    let read = || -> Result<(), redb::Error> {
+        let txn = db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut batch = IdBatch::default();
+        for row in events.range(from..)? {
+            let (sequence, value) = row?;
+            let value = value.value();
+            // An unreadable id is damage that readers report at its sequence; the event
+            // cannot be matched by id anyway.
+            if let Some(id) = stored_event_id(value.get(8..).unwrap_or_default()) {
+                batch.ids.push_str(id);
+                let entry = (batch.ids.len(), sequence.value(), received_of(value));
+                batch.entries.push(entry);
+            }
+            if batch.entries.len() == per_batch && out.send(Ok(std::mem::take(&mut batch))).is_err()
+            {
+                return Ok(());
+            }
+        }
+        if !batch.entries.is_empty() {
+            let _ = out.send(Ok(batch));
+        }
+        Ok(())
+    };
+    if let Err(error) = read() {
+        let _ = out.send(Err(error));
     }
-    Ok(loaded)
 }
 
 /// The first sequence whose event was received after `cutoff`.
