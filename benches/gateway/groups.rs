@@ -51,7 +51,8 @@ pub enum Acks {
 /// returns when the stream ends.
 pub async fn member(url: String, group: String, acks: Acks, acked: Arc<AtomicU64>) {
     let mut client = EventStreamClient::connect(url).await.unwrap();
-    // Acks queued for the stream: one per delivery, at most max_in_flight outstanding.
+    // Ack messages queued for the stream: each answers at least one delivery, so at most
+    // max_in_flight are outstanding.
     let (requests, outgoing) = mpsc::channel(1024);
     let open = ConsumeOpen {
         group,

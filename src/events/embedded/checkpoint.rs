@@ -1,5 +1,5 @@
 //! The dedup index saved at a clean shutdown and loaded at the next open instead of the
-//! rebuild from the log ([`super::index::rebuild`]: about 0.6 µs an event on two cores,
+//! rebuild from the log ([`super::index::rebuild`]: 0.6–0.8 µs an event on two cores,
 //! reading redb on one and indexing on the other; loading the checkpoint reads one
 //! sequential file, about 0.15 µs an entry).
 //!

@@ -112,13 +112,13 @@ pub(super) fn rebuild(
     rebuild_in_batches(db, gate, now, window, REBUILD_BATCH)
 }
 
-/// [`rebuild`] with `batch` events per batch (a test makes it small).
+/// [`rebuild`] with `per_batch` events per batch (a test makes it small).
 pub(super) fn rebuild_in_batches(
     db: &Database,
     gate: &mut Gate,
     now: Micros,
     window: Micros,
-    batch: usize,
+    per_batch: usize,
 ) -> Result<u64, redb::Error> {
     let cutoff = now.saturating_sub(window);
     let txn = db.begin_read()?;
@@ -142,7 +142,7 @@ pub(super) fn rebuild_in_batches(
         let (batches, queued) = std::sync::mpsc::sync_channel(2);
         std::thread::Builder::new()
             .name("dedup-rebuild".into())
-            .spawn_scoped(scope, move || read_ids(db, from, batch, &batches))
+            .spawn_scoped(scope, move || read_ids(db, from, per_batch, &batches))
             .map_err(redb::Error::Io)?;
         for batch in queued {
             let batch: IdBatch = batch?;
@@ -168,8 +168,8 @@ struct IdBatch {
     entries: Vec<(usize, u64, Micros)>,
 }
 
-/// Reads the ids of the events from `from` on, in batches of `per_batch`, until the end or until the
-/// indexing side is gone. A read error is sent as the last batch.
+/// Reads the ids of the events from `from` on, in batches of `per_batch`, until the end
+/// or until the indexing side is gone. A read error is sent as the last batch.
 fn read_ids(
     db: &Database,
     from: u64,
