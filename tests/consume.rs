@@ -715,6 +715,43 @@ mod admin_calls {
         member.ack(vec![2]).await;
         member.assert_quiet().await;
     }
+
+    /// A group far behind reads its next page while it delivers one: an erasure reaches
+    /// the page read ahead too, not only the one being delivered.
+    #[tokio::test]
+    async fn erasure_reaches_the_page_a_group_read_ahead() {
+        let app = spawn_app_with(&["--admin-tokens", ADMIN_TOKEN]).await;
+        // More than two pages (256 events each) behind: "gone"'s first events are on the
+        // second page, which is read ahead as the first one goes out.
+        post_events(&app, "kept", 0..300).await;
+        post_events(&app, "gone", 300..600).await;
+        let open = ConsumeOpen {
+            max_in_flight: 1,
+            ..open_request("ahead")
+        };
+        let mut member = join(&app, open).await.unwrap();
+        let mut first = Some(member.next().await.unwrap());
+        admin(&app)
+            .await
+            .erase_user(authed(EraseUserRequest {
+                application_user_id: "gone".into(),
+            }))
+            .await
+            .unwrap();
+        for expected in 1..=300 {
+            let delivery = match first.take() {
+                Some(delivery) => delivery,
+                None => member.next().await.unwrap(),
+            };
+            let event = delivery.event.unwrap();
+            assert_eq!(
+                (event.sequence, event.application_user_id.as_str()),
+                (expected, "kept")
+            );
+            member.ack(vec![expected]).await;
+        }
+        member.assert_quiet().await;
+    }
 }
 
 #[tokio::test]
