@@ -61,13 +61,20 @@ pub enum MemberEnd {
     Protocol(String),
 }
 
+/// One event handed to a member, and which attempt this is.
+#[derive(Debug)]
+pub struct Handed {
+    pub event: Arc<CommittedEvent>,
+    pub attempt: u32,
+}
+
 /// What a member receives.
 #[derive(Debug)]
 pub enum MemberMessage {
-    Delivery {
-        event: Arc<CommittedEvent>,
-        attempt: u32,
-    },
+    /// At least one delivery, to go out in this order. A group's task hands a member
+    /// everything one of its rounds gave it as one message: one channel operation and
+    /// one wake-up of the member's stream per round, not per event.
+    Deliveries(Vec<Handed>),
     /// The last message: the member is out of the group.
     End(MemberEnd),
 }
@@ -494,8 +501,9 @@ async fn resolve_start(log: &dyn LocalLog, start: Start) -> Result<u64, Subscrip
 /// One member as its group's task sees it.
 struct Link {
     /// Capacity `max_in_flight` + 1: the group never gives a member more than
-    /// `max_in_flight` unanswered deliveries, so they always fit, and the one slot left is
-    /// for its [`MemberMessage::End`]. `try_send` therefore never waits on a slow member.
+    /// `max_in_flight` unanswered deliveries, and each message carries at least one, so
+    /// they always fit, and the one slot left is for its [`MemberMessage::End`].
+    /// `try_send` therefore never waits on a slow member.
     sender: mpsc::Sender<MemberMessage>,
     ended: CancellationToken,
 }
@@ -903,10 +911,14 @@ impl Driver {
                 .map(|d| self.take_from_page(d.sequence))
                 .collect();
             self.drop_taken();
-            for (delivery, event) in deliveries.into_iter().zip(found) {
-                self.deliver(member, delivery, event).await?;
-                handed += 1;
+            handed += deliveries.len();
+            let mut batch = Vec::with_capacity(deliveries.len());
+            for (delivery, on_page) in deliveries.into_iter().zip(found) {
+                if let Some(event) = self.event_of(&delivery, on_page).await? {
+                    batch.push(event);
+                }
             }
+            self.send(member, batch);
         }
         self.turn = self.turn.wrapping_add(1);
         Ok(handed)
@@ -970,36 +982,40 @@ impl Driver {
         self.ahead = Some(ReadAhead { from, read });
     }
 
-    /// Sends one delivery; `false` if its event left the log or its member is gone.
-    async fn deliver(
+    /// What goes out for one delivery: its event from the page or (a redelivery) the
+    /// log; `None`, and the delivery discarded, if retention removed it meanwhile.
+    async fn event_of(
         &mut self,
-        member: MemberId,
-        delivery: Delivery,
+        delivery: &Delivery,
         on_page: Option<Arc<CommittedEvent>>,
-    ) -> Result<bool, LogError> {
+    ) -> Result<Option<Handed>, LogError> {
         let event = match on_page {
             Some(event) => Some(event),
             None => self.read_one(delivery.sequence).await?,
         };
         let Some(event) = event else {
             self.group.discard(delivery.sequence);
-            return Ok(false);
+            return Ok(None);
         };
-        let Some(link) = self.members.get(&member) else {
-            return Ok(false);
-        };
-        let message = MemberMessage::Delivery {
+        Ok(Some(Handed {
             event,
             attempt: delivery.attempt,
+        }))
+    }
+
+    /// Sends a member what one round handed it.
+    fn send(&mut self, member: MemberId, batch: Vec<Handed>) {
+        let Some(link) = self.members.get(&member) else {
+            return;
         };
-        match link.sender.try_send(message) {
-            Ok(()) => Ok(true),
+        if batch.is_empty() {
+            return;
+        }
+        match link.sender.try_send(MemberMessage::Deliveries(batch)) {
+            Ok(()) => {}
             // The client went away (or overran its own window by acking what it had not
             // received): it is out, and what it held goes to the others.
-            Err(TrySendError::Closed(_) | TrySendError::Full(_)) => {
-                self.leave(member);
-                Ok(false)
-            }
+            Err(TrySendError::Closed(_) | TrySendError::Full(_)) => self.leave(member),
         }
     }
 

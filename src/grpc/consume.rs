@@ -69,14 +69,28 @@ pub async fn consume(
         };
         handle.send(answer).await;
     });
-    let deliveries = ReceiverStream::new(member.deliveries).map(move |message| match message {
-        MemberMessage::Delivery { event, attempt } => Ok(EncodedDelivery::new(
-            event.encoded(include_raw_json),
-            attempt,
-        )),
-        MemberMessage::End(why) => Err(end_status(&group, why)),
-    });
+    let deliveries =
+        futures_util::StreamExt::flat_map(ReceiverStream::new(member.deliveries), move |message| {
+            futures_util::stream::iter(outgoing(message, &group, include_raw_json))
+        });
     Ok(Response::new(Box::pin(deliveries)))
+}
+
+/// What one member message puts on the stream: its deliveries, or the status it ends with.
+fn outgoing(
+    message: MemberMessage,
+    group: &GroupName,
+    include_raw_json: bool,
+) -> impl Iterator<Item = Result<EncodedDelivery, Status>> + use<> {
+    let (handed, end) = match message {
+        MemberMessage::Deliveries(handed) => (handed, None),
+        MemberMessage::End(why) => (Vec::new(), Some(Err(end_status(group, why)))),
+    };
+    let deliveries = handed.into_iter().map(move |handed| {
+        let event = handed.event.encoded(include_raw_json);
+        Ok(EncodedDelivery::new(event, handed.attempt))
+    });
+    deliveries.chain(end)
 }
 
 /// Most sequences one merged ack carries to the group: a member's acks already received

@@ -25,7 +25,7 @@ use super::{
     tally::Tally,
 };
 use crate::events::{
-    consumers::{Answer, MemberEnd, MemberMessage},
+    consumers::{Answer, Handed, MemberEnd, MemberMessage},
     groups::GroupName,
     nats::decode,
     subscription::Filter,
@@ -304,10 +304,10 @@ impl MemberTask {
             self.feeds[before.feed].held -= 1;
             attempt = attempt.max(before.attempt.saturating_add(1));
         }
-        let delivery = MemberMessage::Delivery {
+        let delivery = MemberMessage::Deliveries(vec![Handed {
             event: Arc::new(event),
             attempt,
-        };
+        }]);
         let held = Held {
             message,
             feed,
