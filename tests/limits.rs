@@ -628,6 +628,8 @@ async fn framing_and_routing_errors_are_immediate_and_json() {
 async fn past_the_connection_limit_and_the_body_budget_clients_get_json_503s() {
     let gateway = Gateway::start(&[
         ("GATEWAY_HTTP_MAX_CONNECTIONS", "4"),
+        // The silent connections that fill the limit below must outlast the probing.
+        ("GATEWAY_HTTP_HEADER_TIMEOUT", "60s"),
         ("GATEWAY_HTTP_BODY_BUDGET_BYTES", "3000000"),
         ("GATEWAY_MAX_BODY_BYTES", "2000000"),
     ]);
@@ -661,26 +663,35 @@ async fn past_the_connection_limit_and_the_body_budget_clients_get_json_503s() {
     // Small bodies still fit in the reserve.
     assert_eq!(gateway.webhook("small-beside-a-held-body").await, 200);
 
-    // Fill the connection limit, then one more: 503 and closed, never read.
-    open.retain(|_| false);
-    for _ in 0..4 {
-        open.push(TcpStream::connect(gateway.http).await.unwrap());
-    }
-    // Slots of connections closed above free up as the server notices; poll until a new
-    // connection finds none. Refused ones are answered and closed within a second.
+    // Fill the connection limit, then one more: 503 and closed, never read. The slots of the
+    // connections dropped above free up only as the server notices, so a new connection may
+    // find the limit reached by them, or by the ones opened here. Open silent connections one
+    // at a time, keeping each the server accepted (it holds a slot until the header timeout),
+    // until one is refused: at the latest the fifth, once all four slots are held here.
+    open.clear();
     let mut refused = Vec::new();
-    wait_until(Duration::from_secs(5), "a refused connection", async || {
-        let mut extra = TcpStream::connect(gateway.http).await.unwrap();
-        let mut answer = Vec::new();
-        let read =
-            tokio::time::timeout(Duration::from_secs(1), extra.read_to_end(&mut answer)).await;
-        let closed = read.is_ok_and(|r| r.is_ok());
-        if closed && answer.starts_with(b"HTTP/1.1 503") {
-            refused = answer;
-        }
-        !refused.is_empty()
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "a refused connection",
+        async || {
+            let mut extra = TcpStream::connect(gateway.http).await.unwrap();
+            let mut answer = Vec::new();
+            // A refusal is written at accept; a second of silence means the server took it.
+            match tokio::time::timeout(Duration::from_secs(1), extra.read_to_end(&mut answer)).await
+            {
+                Ok(Ok(_)) if answer.starts_with(b"HTTP/1.1 503") => refused = answer,
+                Ok(_) => {}
+                Err(_) => open.push(extra),
+            }
+            !refused.is_empty()
+        },
+    )
     .await;
+    assert!(
+        open.len() <= 4,
+        "{} connections accepted past a limit of 4",
+        open.len()
+    );
     let (status, body) = parse(&refused);
     assert_eq!(status, 503);
     assert_json_error(status, &body);
