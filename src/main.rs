@@ -10,6 +10,11 @@ use spike_gateway::{
     telemetry,
 };
 
+/// mimalloc: measured 12–37% less server CPU per webhook than glibc's allocator (README,
+/// Performance), most of the request path's allocations being short-lived and per thread.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     telemetry::log_panics();
     let config = match Config::load_invocation() {
