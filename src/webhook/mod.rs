@@ -55,8 +55,9 @@ pub const SIGNATURE_HEADER: &str = "x-body-signature";
 /// are well under 4 KiB. Bigger heads get a JSON 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// Shared by every webhook request.
-#[derive(Clone)]
+/// Shared by every webhook request, behind one `Arc`: axum clones the state for each
+/// request, and cloning the fields (the verifier's keys are a `Vec`) cost an allocation and
+/// a free per webhook.
 pub struct WebhookState {
     pub log: Arc<dyn EventLog>,
     pub verifier: Verifier,
@@ -94,7 +95,7 @@ pub fn router(state: WebhookState) -> Router {
             within(timeout, request, next)
         }))
         .layer(middleware::from_fn(bounded_head))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }
 
 /// The whole-request bound, answered like every other error (tower-http's is bodiless).
@@ -206,7 +207,7 @@ impl BodyBudget {
 }
 
 /// `{"ready": bool, "reason": ..., "detail": ...}`: the same answer gRPC health follows.
-async fn ready(State(state): State<WebhookState>) -> impl IntoResponse {
+async fn ready(State(state): State<Arc<WebhookState>>) -> impl IntoResponse {
     let status = crate::readiness::status(&state.accepting, state.log.as_ref());
     let code = if status.ready {
         StatusCode::OK
@@ -216,7 +217,7 @@ async fn ready(State(state): State<WebhookState>) -> impl IntoResponse {
     (code, Json(status))
 }
 
-async fn metrics(State(state): State<WebhookState>) -> impl IntoResponse {
+async fn metrics(State(state): State<Arc<WebhookState>>) -> impl IntoResponse {
     (
         [(
             http::header::CONTENT_TYPE,
@@ -227,7 +228,7 @@ async fn metrics(State(state): State<WebhookState>) -> impl IntoResponse {
 }
 
 async fn main_webhook(
-    State(state): State<WebhookState>,
+    State(state): State<Arc<WebhookState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, WebhookError> {
@@ -235,7 +236,7 @@ async fn main_webhook(
 }
 
 async fn lab_report_webhook(
-    State(state): State<WebhookState>,
+    State(state): State<Arc<WebhookState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, WebhookError> {
@@ -243,7 +244,7 @@ async fn lab_report_webhook(
 }
 
 async fn nutrition_webhook(
-    State(state): State<WebhookState>,
+    State(state): State<Arc<WebhookState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, WebhookError> {
