@@ -389,8 +389,35 @@ struct SequenceOnly {
     sequence: u64,
 }
 
-/// `Subscribe` read by a [`SequenceOnly`] client.
-async fn subscribe_sequences(url: &str, start: Option<Start>) -> tonic::Streaming<SequenceOnly> {
+/// An `Event` as the latency clients need it: only the user id, which names the webhook.
+#[derive(Clone, PartialEq, prost::Message)]
+struct UserOnly {
+    #[prost(string, tag = "5")]
+    application_user_id: String,
+}
+
+/// What a latency client reads from each event it receives.
+trait Received: prost::Message + Default + Send + 'static {
+    fn user(&self) -> &str;
+}
+
+impl Received for spike_gateway::proto::Event {
+    fn user(&self) -> &str {
+        &self.application_user_id
+    }
+}
+
+impl Received for UserOnly {
+    fn user(&self) -> &str {
+        &self.application_user_id
+    }
+}
+
+/// `Subscribe` read by a client that decodes each event as `T` (a subset of `Event`'s fields).
+async fn subscribe_as<T: prost::Message + Default + Send + 'static>(
+    url: &str,
+    start: Option<Start>,
+) -> tonic::Streaming<T> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
         .unwrap()
         .connect()
@@ -505,7 +532,12 @@ async fn counting_subscribers(
 /// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
 /// `subscribers` live subscribers, and the gateway's RSS growth over the run. `pinned`
 /// puts the gateway on CPU 0 and this process (senders and receiving clients) on CPU 1.
-async fn latency(rate: u64, seconds: u64, subscribers: usize, pinned: bool) -> (f64, f64, i64) {
+async fn latency<T: Received>(
+    rate: u64,
+    seconds: u64,
+    subscribers: usize,
+    pinned: bool,
+) -> (f64, f64, i64) {
     let gateway = Server::gateway_with("embedded", pinned.then_some("0"));
     if pinned {
         pin_self("1");
@@ -515,7 +547,7 @@ async fn latency(rate: u64, seconds: u64, subscribers: usize, pinned: bool) -> (
     let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let mut receivers = JoinSet::new();
     for _ in 0..subscribers {
-        let mut stream = subscribe(&gateway.grpc_url(), None).await;
+        let mut stream = subscribe_as::<T>(&gateway.grpc_url(), None).await;
         let sent_at = sent_at.clone();
         receivers.spawn(async move {
             let mut latencies = Vec::with_capacity(total as usize);
@@ -525,13 +557,7 @@ async fn latency(rate: u64, seconds: u64, subscribers: usize, pinned: bool) -> (
                 else {
                     break;
                 };
-                let n: u64 = event
-                    .application_user_id
-                    .rsplit('-')
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let n: u64 = event.user().rsplit('-').next().unwrap().parse().unwrap();
                 let now = base.elapsed().as_micros() as u64;
                 latencies.push(now.saturating_sub(sent_at[n as usize].load(Ordering::Relaxed)));
             }
@@ -713,14 +739,21 @@ async fn bulk_load(gateway: &Server, total: u64) -> f64 {
 /// Delivery latency at 5,000/s with 1 and 100 subscribers, and with 100 subscribers with
 /// the gateway and the clients pinned to different CPUs.
 async fn latency_section() {
-    let mut cases = vec![(1, false), (100, false)];
+    // (subscribers, pinned, clients decode whole events)
+    let mut cases = vec![(1, false, true), (100, false, true)];
     if cores() >= 2 {
-        cases.push((100, true));
+        // Pinned, the clients' decoding has one core to itself; with clients that decode
+        // only the user id, what is left is the gateway's part of the tail.
+        cases.extend([(100, true, true), (100, true, false)]);
     }
-    for (subscribers, pinned) in cases {
+    for (subscribers, pinned, whole) in cases {
         let mut measured = Vec::new();
         for _ in 0..runs() {
-            measured.push(latency(5000, 4, subscribers, pinned).await);
+            measured.push(if whole {
+                latency::<spike_gateway::proto::Event>(5000, 4, subscribers, pinned).await
+            } else {
+                latency::<UserOnly>(5000, 4, subscribers, pinned).await
+            });
         }
         let p50: Vec<f64> = measured.iter().map(|r| r.0).collect();
         let p99: Vec<f64> = measured.iter().map(|r| r.1).collect();
@@ -730,8 +763,13 @@ async fn latency_section() {
         } else {
             "unpinned"
         };
+        let decoding = if whole {
+            "whole events"
+        } else {
+            "only user ids"
+        };
         println!(
-            "latency at 5000/s, {subscribers:>3} subscribers, {how}: p50 {} ms, p99 {} ms; RSS change {growth:?} KiB",
+            "latency at 5000/s, {subscribers:>3} subscribers, {how}, clients decoding {decoding}: p50 {} ms, p99 {} ms; RSS change {growth:?} KiB",
             spread(&p50, 2),
             spread(&p99, 2)
         );
@@ -772,6 +810,13 @@ async fn fanout_section() {
     }
 }
 
+/// Prints the hypervisor's steal over a section: figures from a section with much steal
+/// are not comparable with a quiet run's, even as same-run ratios.
+fn report_steal(section: &str, started: &load::MachineTime) {
+    let steal = load::MachineTime::now().steal_percent_since(started);
+    println!("section {section}: CPU steal {steal:.1}% of the machine's time\n");
+}
+
 async fn run() {
     println!(
         "spike-gateway benchmarks: {} cores, CPU {:?}, {} runs per figure: median [min–max]\n",
@@ -779,20 +824,29 @@ async fn run() {
         load::cpu_model(),
         runs(),
     );
+    let started = load::MachineTime::now();
     if enabled("ingest") {
         ingest_section().await;
+        report_steal("ingest", &started);
     }
+    let started = load::MachineTime::now();
     if enabled("latency") {
         latency_section().await;
+        report_steal("latency", &started);
     }
+    let started = load::MachineTime::now();
     if enabled("fanout") {
         fanout_section().await;
+        report_steal("fanout", &started);
     }
+    let started = load::MachineTime::now();
     if enabled("groups") {
         groups::section().await;
+        report_steal("groups", &started);
     }
 
     // 4 and 5. Replay of a 1,000,000-event log, RSS after it, and idle subscribers.
+    let started = load::MachineTime::now();
     if enabled("replay") {
         let gateway = Server::gateway();
         let total = 1_000_000u64;
@@ -806,7 +860,7 @@ async fn run() {
         println!(
             "replay from_beginning of {total} events, client decoding every Event: {rate:.0} events/s"
         );
-        let light = subscribe_sequences(&url, Some(Start::FromBeginning(true)));
+        let light = subscribe_as::<SequenceOnly>(&url, Some(Start::FromBeginning(true)));
         let rate = replay_rate(light, total).await;
         println!(
             "replay from_beginning of {total} events, client decoding only sequences: {rate:.0} events/s"
@@ -814,6 +868,7 @@ async fn run() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         println!("RSS after {total} events: {} KiB", gateway.rss_kib());
         drop(gateway);
+        report_steal("replay", &started);
     }
     // 5b. RSS under steady load: 2,000 webhooks/s with 10 subscribers for 120 s.
     if enabled("steady") {

@@ -232,3 +232,38 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown".into())
 }
+
+/// The machine's CPU time as `/proc/stat`'s first line counts it: all of it and the part
+/// the hypervisor gave to other guests (steal). On a shared VM, steal is why one run's
+/// figures can be half another's; each section prints it so a reader can tell.
+#[derive(Clone, Copy)]
+pub struct MachineTime {
+    total: u64,
+    steal: u64,
+}
+
+impl MachineTime {
+    pub fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait irq softirq steal guest guest_nice
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        Self {
+            total: fields.iter().sum(),
+            steal: fields.get(7).copied().unwrap_or(0),
+        }
+    }
+
+    /// Percent of the machine's time since `earlier` that was stolen.
+    pub fn steal_percent_since(&self, earlier: &MachineTime) -> f64 {
+        let total = self.total.saturating_sub(earlier.total).max(1);
+        100.0 * self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
+}
