@@ -25,7 +25,21 @@ use super::json::{Json, write_string};
 /// `prefix-` + hex of the first 128 bits of SHA-256 over the canonical form of `item`.
 pub fn event_id(prefix: &str, item: &Json<'_>) -> String {
     let digest = Sha256::digest(canonical(item).as_bytes());
-    format!("{prefix}-{}", hex::encode(&digest[..16]))
+    prefixed_hex(prefix, &digest[..16])
+}
+
+/// `prefix-` followed by the lower-case hex of `bytes`, built in one allocation (`format!`
+/// over `hex::encode` collected the hex a `char` at a time into a second `String`).
+pub(super) fn prefixed_hex(prefix: &str, bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(prefix.len() + 1 + 2 * bytes.len());
+    id.push_str(prefix);
+    id.push('-');
+    for byte in bytes {
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    id
 }
 
 /// The canonical form of `value` (see the module documentation).
@@ -175,6 +189,16 @@ fn add_to_decimal(decimal: &str, n: i128) -> String {
 mod tests {
     use super::*;
     use crate::wire::json::parse;
+
+    #[test]
+    fn ids_are_the_prefix_and_the_hex_format_and_hex_crate_agree_on() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(
+            prefixed_hex("main", &bytes),
+            format!("main-{}", hex::encode(&bytes))
+        );
+        assert_eq!(prefixed_hex("lab", &[]), "lab-");
+    }
 
     fn canon(json: &str) -> String {
         canonical(&parse(json, 8).unwrap())

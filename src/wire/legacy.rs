@@ -64,7 +64,7 @@ fn content_id(tag: &str, parts: &[&str]) -> String {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
-    format!("{tag}-{}", hex::encode(&hash.finalize()[..16]))
+    super::identity::prefixed_hex(tag, &hash.finalize()[..16])
 }
 
 /// The item as 0.1 printed it through `serde_json::Value`: sorted keys (Value's map is a
