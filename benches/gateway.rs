@@ -532,12 +532,23 @@ async fn counting_subscribers(
 /// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
 /// `subscribers` live subscribers, and the gateway's RSS growth over the run. `pinned`
 /// puts the gateway on CPU 0 and this process (senders and receiving clients) on CPU 1.
+/// One latency run: percentiles in ms, the gateway's RSS growth, and how busy the gateway
+/// and this process (senders and receiving clients) were over the sending window, in
+/// percent of one core.
+struct Latency {
+    p50: f64,
+    p99: f64,
+    rss_growth_kib: i64,
+    gateway_busy: f64,
+    clients_busy: f64,
+}
+
 async fn latency<T: Received>(
     rate: u64,
     seconds: u64,
     subscribers: usize,
     pinned: bool,
-) -> (f64, f64, i64) {
+) -> Latency {
     let gateway = Server::gateway_with("embedded", pinned.then_some("0"));
     if pinned {
         pin_self("1");
@@ -565,11 +576,17 @@ async fn latency<T: Received>(
         });
     }
     let rss_start = gateway.rss_kib() as i64;
+    let (gateway_cpu, own_cpu) = (gateway.cpu(), Cpu::of(std::process::id()));
+    let window = Instant::now();
     let mut senders = post_paced(gateway.url(), rate, total, 0, move |n| {
         sent_at[n as usize].store(base.elapsed().as_micros() as u64, Ordering::Relaxed);
     });
     while senders.join_next().await.is_some() {}
     let rss_end = gateway.rss_kib() as i64;
+    let seconds = window.elapsed().as_secs_f64();
+    let busy = |cpu: Cpu| 100.0 * cpu.total / seconds;
+    let gateway_busy = busy(gateway.cpu().since(&gateway_cpu));
+    let clients_busy = busy(Cpu::of(std::process::id()).since(&own_cpu));
     let mut all = Vec::new();
     while let Some(latencies) = receivers.join_next().await {
         all.extend(latencies.unwrap());
@@ -583,11 +600,13 @@ async fn latency<T: Received>(
         total * subscribers as u64,
         "every subscriber got every event"
     );
-    (
-        percentile(&all, 0.5),
-        percentile(&all, 0.99),
-        rss_end - rss_start,
-    )
+    Latency {
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        rss_growth_kib: rss_end - rss_start,
+        gateway_busy,
+        clients_busy,
+    }
 }
 
 /// RSS samples (seconds since start, KiB) of a gateway taking `rate` distinct webhooks per
@@ -755,9 +774,8 @@ async fn latency_section() {
                 latency::<UserOnly>(5000, 4, subscribers, pinned).await
             });
         }
-        let p50: Vec<f64> = measured.iter().map(|r| r.0).collect();
-        let p99: Vec<f64> = measured.iter().map(|r| r.1).collect();
-        let growth: Vec<i64> = measured.iter().map(|r| r.2).collect();
+        let figure = |f: fn(&Latency) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
+        let growth: Vec<i64> = measured.iter().map(|r| r.rss_growth_kib).collect();
         let how = if pinned {
             "gateway on CPU 0, clients on CPU 1"
         } else {
@@ -770,8 +788,13 @@ async fn latency_section() {
         };
         println!(
             "latency at 5000/s, {subscribers:>3} subscribers, {how}, clients decoding {decoding}: p50 {} ms, p99 {} ms; RSS change {growth:?} KiB",
-            spread(&p50, 2),
-            spread(&p99, 2)
+            spread(&figure(|r| r.p50), 2),
+            spread(&figure(|r| r.p99), 2)
+        );
+        println!(
+            "    busy, % of one core: gateway {}, senders and clients {}",
+            spread(&figure(|r| r.gateway_busy), 0),
+            spread(&figure(|r| r.clients_busy), 0)
         );
     }
     println!();
