@@ -454,7 +454,9 @@ async fn read_body(
         if length + data.len() > limit {
             return Err(WebhookError::TooLarge { limit });
         }
-        budget.charge(&mut charged, data.len())?;
+        // A frame costs its entry in `frames` too: charged, a client that trickles its body a
+        // byte per segment cannot hold 32 bytes of entries per byte the budget counts.
+        budget.charge(&mut charged, data.len() + std::mem::size_of::<Bytes>())?;
         length += data.len();
         frames.push(data);
     }
@@ -475,6 +477,35 @@ fn join(mut frames: Vec<Bytes>, length: usize) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn body_of(frames: Vec<Bytes>) -> Body {
+        Body::from_stream(futures_util::stream::iter(
+            frames.into_iter().map(Ok::<_, std::convert::Infallible>),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_body_trickled_a_byte_a_frame_is_charged_for_its_frames() {
+        let budget = BodyBudget::new(100_000);
+        let headers = HeaderMap::new();
+        let whole = body_of(vec![Bytes::from(vec![b' '; 4000])]);
+        let (bytes, charged) = read_body(whole, &headers, 1 << 20, &budget).await.unwrap();
+        assert_eq!(bytes.len(), 4000);
+        drop(charged);
+        assert_eq!(budget.available(), 100_000, "the charge is returned");
+
+        // The same 4,000 bytes one per frame hold 4,000 entries of 32 bytes besides them:
+        // past the 100,000 the budget has.
+        let trickled = body_of((0..4000).map(|_| Bytes::from_static(b" ")).collect());
+        let refused = read_body(trickled, &headers, 1 << 20, &budget).await;
+        assert!(
+            matches!(refused, Err(WebhookError::BodyBudget { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(budget.available(), 100_000);
+    }
+
     #[test]
     fn the_uri_length_is_that_of_its_text() {
         for uri in [
