@@ -365,19 +365,12 @@ fn pin_self(cpus: &str) {
     assert!(status.success(), "taskset -a -p -c {cpus}");
 }
 
+/// `Subscribe` read by a client that decodes whole events, as users' clients do.
 async fn subscribe(
     url: &str,
     start: Option<Start>,
 ) -> tonic::Streaming<spike_gateway::proto::Event> {
-    let mut client = EventStreamClient::connect(url.to_owned()).await.unwrap();
-    client
-        .subscribe(SubscribeRequest {
-            start,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    subscribe_as(url, start).await
 }
 
 /// An `Event` as a client that reads only positions decodes it: prost skips every other
@@ -453,8 +446,7 @@ fn count_events<T: Send + 'static>(
 }
 
 /// Events/s of a replay of `total` events, read from the stream `open` opens until its last
-/// one arrives.
-/// The clock starts before the call, as a resuming client's would.
+/// one arrives. The clock starts before the call, as a resuming client's would.
 async fn replay_rate<T: Send + 'static>(
     open: impl Future<Output = tonic::Streaming<T>>,
     total: u64,
@@ -529,9 +521,6 @@ async fn counting_subscribers(
     readers
 }
 
-/// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
-/// `subscribers` live subscribers, and the gateway's RSS growth over the run. `pinned`
-/// puts the gateway on CPU 0 and this process (senders and receiving clients) on CPU 1.
 /// One latency run: percentiles in ms, the gateway's RSS growth, and how busy the gateway
 /// and this process (senders and receiving clients) were over the sending window, in
 /// percent of one core.
@@ -543,6 +532,10 @@ struct Latency {
     clients_busy: f64,
 }
 
+/// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
+/// `subscribers` live subscribers decoding each event as `T`, and the gateway's RSS growth
+/// over the run. `pinned` puts the gateway on CPU 0 and this process (senders and
+/// receiving clients) on CPU 1.
 async fn latency<T: Received>(
     rate: u64,
     seconds: u64,
@@ -833,11 +826,37 @@ async fn fanout_section() {
     }
 }
 
-/// Prints the hypervisor's steal over a section: figures from a section with much steal
-/// are not comparable with a quiet run's, even as same-run ratios.
-fn report_steal(section: &str, started: &load::MachineTime) {
-    let steal = load::MachineTime::now().steal_percent_since(started);
+/// Runs one section, then prints the hypervisor's steal over it: figures from a section
+/// with much steal are not comparable with a quiet run's, even as same-run ratios.
+async fn with_steal(section: &str, run: impl Future<Output = ()>) {
+    let started = load::MachineTime::now();
+    run.await;
+    let steal = load::MachineTime::now().steal_percent_since(&started);
     println!("section {section}: CPU steal {steal:.1}% of the machine's time\n");
+}
+
+/// Bulk ingest of a 1,000,000-event log, its replay by two kinds of client, and the RSS
+/// after it.
+async fn replay_section() {
+    let gateway = Server::gateway();
+    let total = 1_000_000u64;
+    println!(
+        "bulk ingest of {total} events in batches of 1000: {:.0} events/s",
+        bulk_load(&gateway, total).await
+    );
+    let url = gateway.grpc_url();
+    let whole = subscribe(&url, Some(Start::FromBeginning(true)));
+    let rate = replay_rate(whole, total).await;
+    println!(
+        "replay from_beginning of {total} events, client decoding every Event: {rate:.0} events/s"
+    );
+    let light = subscribe_as::<SequenceOnly>(&url, Some(Start::FromBeginning(true)));
+    let rate = replay_rate(light, total).await;
+    println!(
+        "replay from_beginning of {total} events, client decoding only sequences: {rate:.0} events/s"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!("RSS after {total} events: {} KiB", gateway.rss_kib());
 }
 
 async fn run() {
@@ -847,51 +866,21 @@ async fn run() {
         load::cpu_model(),
         runs(),
     );
-    let started = load::MachineTime::now();
     if enabled("ingest") {
-        ingest_section().await;
-        report_steal("ingest", &started);
+        with_steal("ingest", ingest_section()).await;
     }
-    let started = load::MachineTime::now();
     if enabled("latency") {
-        latency_section().await;
-        report_steal("latency", &started);
+        with_steal("latency", latency_section()).await;
     }
-    let started = load::MachineTime::now();
     if enabled("fanout") {
-        fanout_section().await;
-        report_steal("fanout", &started);
+        with_steal("fanout", fanout_section()).await;
     }
-    let started = load::MachineTime::now();
     if enabled("groups") {
-        groups::section().await;
-        report_steal("groups", &started);
+        with_steal("groups", groups::section()).await;
     }
-
     // 4 and 5. Replay of a 1,000,000-event log, RSS after it, and idle subscribers.
-    let started = load::MachineTime::now();
     if enabled("replay") {
-        let gateway = Server::gateway();
-        let total = 1_000_000u64;
-        println!(
-            "bulk ingest of {total} events in batches of 1000: {:.0} events/s",
-            bulk_load(&gateway, total).await
-        );
-        let url = gateway.grpc_url();
-        let whole = subscribe(&url, Some(Start::FromBeginning(true)));
-        let rate = replay_rate(whole, total).await;
-        println!(
-            "replay from_beginning of {total} events, client decoding every Event: {rate:.0} events/s"
-        );
-        let light = subscribe_as::<SequenceOnly>(&url, Some(Start::FromBeginning(true)));
-        let rate = replay_rate(light, total).await;
-        println!(
-            "replay from_beginning of {total} events, client decoding only sequences: {rate:.0} events/s"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        println!("RSS after {total} events: {} KiB", gateway.rss_kib());
-        drop(gateway);
-        report_steal("replay", &started);
+        with_steal("replay", replay_section()).await;
     }
     // 5b. RSS under steady load: 2,000 webhooks/s with 10 subscribers for 120 s.
     if enabled("steady") {
