@@ -229,26 +229,23 @@ async fn metrics(State(state): State<Arc<WebhookState>>) -> impl IntoResponse {
 
 async fn main_webhook(
     State(state): State<Arc<WebhookState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Json<Accepted>, WebhookError> {
-    receive(&state, WebhookCategory::Main, &headers, body).await
+    receive(&state, WebhookCategory::Main, request).await
 }
 
 async fn lab_report_webhook(
     State(state): State<Arc<WebhookState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Json<Accepted>, WebhookError> {
-    receive(&state, WebhookCategory::LabReports, &headers, body).await
+    receive(&state, WebhookCategory::LabReports, request).await
 }
 
 async fn nutrition_webhook(
     State(state): State<Arc<WebhookState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Json<Accepted>, WebhookError> {
-    receive(&state, WebhookCategory::NutritionRecords, &headers, body).await
+    receive(&state, WebhookCategory::NutritionRecords, request).await
 }
 
 /// The request's span (`webhook receive`, a server span) continues an incoming
@@ -256,9 +253,11 @@ async fn nutrition_webhook(
 async fn receive(
     state: &WebhookState,
     path: WebhookCategory,
-    headers: &HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Json<Accepted>, WebhookError> {
+    // The request taken whole, not a `HeaderMap` extractor, which would clone the headers.
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     let span = tracing::info_span!(
         "webhook",
         category = path.as_str_name(),
