@@ -532,17 +532,29 @@ struct Latency {
     clients_busy: f64,
 }
 
+/// One latency scenario: how many subscribers, whether the gateway and the clients are
+/// pinned to a core each, and the gateway's store.
+#[derive(Clone, Copy)]
+struct Case {
+    subscribers: usize,
+    pinned: bool,
+    store: &'static str,
+}
+
 /// p50/p99 (ms) from webhook sent to event received, at `rate` per second, with
 /// `subscribers` live subscribers decoding each event as `T`, and the gateway's RSS growth
-/// over the run. `pinned` puts the gateway on CPU 0 and this process (senders and
-/// receiving clients) on CPU 1.
+/// over the run, on the case's store. `pinned` puts the gateway on CPU 0 and this process
+/// (senders and receiving clients) on CPU 1.
 async fn latency<T: Received>(
     rate: u64,
     seconds: u64,
-    subscribers: usize,
-    pinned: bool,
+    Case {
+        subscribers,
+        pinned,
+        store,
+    }: Case,
 ) -> Latency {
-    let gateway = Server::gateway_with("embedded", pinned.then_some("0"));
+    let gateway = Server::gateway_with(store, pinned.then_some("0"));
     if pinned {
         pin_self("1");
     }
@@ -751,20 +763,30 @@ async fn bulk_load(gateway: &Server, total: u64) -> f64 {
 /// Delivery latency at 5,000/s with 1 and 100 subscribers, and with 100 subscribers with
 /// the gateway and the clients pinned to different CPUs.
 async fn latency_section() {
-    // (subscribers, pinned, clients decode whole events)
-    let mut cases = vec![(1, false, true), (100, false, true)];
+    // (subscribers, pinned, clients decode whole events, store)
+    let mut cases = vec![(1, false, true, "embedded"), (100, false, true, "embedded")];
     if cores() >= 2 {
         // Pinned, the clients' decoding has one core to itself; with clients that decode
-        // only the user id, what is left is the gateway's part of the tail.
-        cases.extend([(100, true, true), (100, true, false)]);
+        // only the user id, what is left is the gateway's part of the tail. On `memory`,
+        // the same without the durable commits: what the fsyncs cost the tail.
+        cases.extend([
+            (100, true, true, "embedded"),
+            (100, true, false, "embedded"),
+            (100, true, false, "memory"),
+        ]);
     }
-    for (subscribers, pinned, whole) in cases {
+    for (subscribers, pinned, whole, store) in cases {
         let mut measured = Vec::new();
         for _ in 0..runs() {
+            let case = Case {
+                subscribers,
+                pinned,
+                store,
+            };
             measured.push(if whole {
-                latency::<spike_gateway::proto::Event>(5000, 4, subscribers, pinned).await
+                latency::<spike_gateway::proto::Event>(5000, 4, case).await
             } else {
-                latency::<UserOnly>(5000, 4, subscribers, pinned).await
+                latency::<UserOnly>(5000, 4, case).await
             });
         }
         let figure = |f: fn(&Latency) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
@@ -780,7 +802,7 @@ async fn latency_section() {
             "only user ids"
         };
         println!(
-            "latency at 5000/s, {subscribers:>3} subscribers, {how}, clients decoding {decoding}: p50 {} ms, p99 {} ms; RSS change {growth:?} KiB",
+            "latency at 5000/s, {store}, {subscribers:>3} subscribers, {how}, clients decoding {decoding}: p50 {} ms, p99 {} ms; RSS change {growth:?} KiB",
             spread(&figure(|r| r.p50), 2),
             spread(&figure(|r| r.p99), 2)
         );
