@@ -19,11 +19,13 @@ use crate::proto::WebhookCategory;
 
 /// A request body split into its items: a top-level array gives one item per element.
 pub fn split(body: &[u8]) -> Result<Vec<&RawValue>, NotJson> {
-    let whole: &RawValue = serde_json::from_slice(body).map_err(NotJson::from)?;
-    if whole.get().starts_with('[') {
-        Ok(serde_json::from_str(whole.get()).map_err(NotJson::from)?)
+    // One pass either way: an array is read straight into its elements. Every valid JSON
+    // array reads as `Vec<&RawValue>`, so looking at the first byte decides nothing the
+    // parser would not (a stray leading byte that is not JSON whitespace fails both ways).
+    if body.trim_ascii_start().starts_with(b"[") {
+        serde_json::from_slice(body).map_err(NotJson::from)
     } else {
-        Ok(vec![whole])
+        Ok(vec![serde_json::from_slice(body).map_err(NotJson::from)?])
     }
 }
 
@@ -435,6 +437,23 @@ mod tests {
         assert_eq!(one[0].get(), r#"{"a": [1, 2]}"#);
         assert!(split(b"not json").is_err());
         assert!(split(b"{\"a\":\xff}").is_err(), "invalid UTF-8 is not JSON");
+        let items = split(b" \r\n\t[ {\"a\":1} ,[2] ] \n").unwrap();
+        let items: Vec<&str> = items.iter().map(|item| item.get()).collect();
+        assert_eq!(
+            items,
+            [r#"{"a":1}"#, "[2]"],
+            "leading JSON whitespace before an array"
+        );
+        assert!(
+            split(b"[{\"a\":1}] x").is_err(),
+            "trailing bytes after an array"
+        );
+        assert!(split(b"[{\"a\":1}").is_err(), "an array left open");
+        assert!(
+            split(b"\x0c[1]").is_err(),
+            "form feed is not JSON whitespace"
+        );
+        assert!(split(b"").is_err(), "an empty body");
     }
 
     #[test]
