@@ -13,7 +13,7 @@ use crate::{
     events::{Admission, Admitted, AppendOutcome, EventLog, LogError, NewEvent},
     metrics::Metrics,
     proto::{DeadLetter, WebhookCategory},
-    wire::{self, ParsedBody, Reason, Rejected},
+    wire::{self, LegacyIds, ParsedBody, Reason, Rejected},
 };
 
 /// Letters read, parsed and committed together by a redrive or the backfill: one atomic
@@ -39,6 +39,16 @@ impl Batch {
     }
 }
 
+/// Whether items bound for `log` need their 0.1 id: only while it may still index ids of
+/// that rule.
+pub fn legacy_ids(log: &dyn EventLog) -> LegacyIds {
+    if log.wants_legacy_ids() {
+        LegacyIds::Compute
+    } else {
+        LegacyIds::Skip
+    }
+}
+
 /// The one conversion of a parsed body into what the log stores.
 pub fn batch(parsed: ParsedBody, path: WebhookCategory, received_at: Timestamp) -> Batch {
     let events = parsed
@@ -59,8 +69,9 @@ pub fn batch(parsed: ParsedBody, path: WebhookCategory, received_at: Timestamp) 
                     "item kept with fields left unset"
                 );
             }
-            let legacy = normalized.legacy_event_id;
-            let legacy_event_id = (legacy != normalized.event.event_id).then_some(legacy);
+            let legacy_event_id = normalized
+                .legacy_event_id
+                .filter(|legacy| *legacy != normalized.event.event_id);
             NewEvent {
                 event: normalized.event,
                 legacy_event_id,
@@ -172,8 +183,9 @@ async fn redrive_batch(
     total: &mut Redriven,
 ) -> Result<Admitted, LogError> {
     let mut admission = Admission::default();
+    let legacy = legacy_ids(log);
     for letter in letters {
-        total.still_dead += reread(letter, &mut admission);
+        total.still_dead += reread(letter, legacy, &mut admission);
     }
     let admitted = log.admit(admission).await?;
     for outcome in &admitted.events {
@@ -191,10 +203,10 @@ async fn redrive_batch(
 /// (rewritten only if its reason changed). Other rejected items (of a merged letter that
 /// now partly parses) become letters of their own. If the letter itself is not among the
 /// rejected, it is resolved: removed in the same commit that appends its events.
-fn reread(letter: DeadLetter, admission: &mut Admission) -> u64 {
+fn reread(letter: DeadLetter, legacy: LegacyIds, admission: &mut Admission) -> u64 {
     let path = WebhookCategory::try_from(letter.path_category).unwrap_or(WebhookCategory::Main);
     let received_at = letter.received_at.unwrap_or_default();
-    let Ok(parsed) = wire::parse_body(&body_of(&letter), path, received_at) else {
+    let Ok(parsed) = wire::parse_body(&body_of(&letter), path, received_at, legacy) else {
         // Letters hold JSON the gateway already split; should one not parse, it stays.
         return 1;
     };

@@ -11,7 +11,7 @@ use spike_gateway::{
     config::Secret,
     proto::WebhookCategory,
     webhook::signature::{Signature, Verifier},
-    wire::{normalize, split, users_named_in},
+    wire::{LegacyIds, normalize, split, users_named_in},
 };
 
 const CATEGORIES: [WebhookCategory; 3] = [
@@ -142,7 +142,7 @@ proptest! {
         *record.pointer_mut(place).unwrap() = junk;
         let text = serde_json::to_string(&record).unwrap();
         let item = &split(text.as_bytes()).unwrap()[0];
-        match normalize(item, path, Timestamp::default()) {
+        match normalize(item, path, Timestamp::default(), LegacyIds::Compute) {
             Ok(normalized) => prop_assert_eq!(&normalized.event.raw_json[..], text.as_bytes()),
             Err(e) => prop_assert!(false, "{name}: junk at {place} made a dead letter: {e}"),
         }
@@ -153,7 +153,7 @@ proptest! {
         let text = serde_json::to_string(&value).unwrap();
         let items = split(text.as_bytes()).expect("valid JSON splits");
         for item in items {
-            if let Ok(normalized) = normalize(item, path, Timestamp::default()) {
+            if let Ok(normalized) = normalize(item, path, Timestamp::default(), LegacyIds::Compute) {
                 // Whatever is accepted keeps the item's own bytes.
                 prop_assert_eq!(&normalized.event.raw_json[..], item.get().as_bytes());
             }
@@ -243,7 +243,8 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
                 for item in items {
                     for path in CATEGORIES {
                         assert!(
-                            normalize(item, path, Timestamp::default()).is_err(),
+                            normalize(item, path, Timestamp::default(), LegacyIds::Compute)
+                                .is_err(),
                             "depth {depth}"
                         );
                     }
@@ -281,6 +282,7 @@ fn huge_numbers_and_wrong_types_in_optional_fields_keep_the_event() {
             item,
             WebhookCategory::NutritionRecords,
             Timestamp::default(),
+            LegacyIds::Compute,
         )
         .unwrap_or_else(|e| panic!("{body}: {e}"))
         .event;
@@ -299,7 +301,7 @@ fn unusable_required_fields_and_invalid_utf8_are_still_refused() {
         let item = &split(body.as_bytes()).unwrap()[0];
         for path in CATEGORIES {
             assert!(
-                normalize(item, path, Timestamp::default()).is_err(),
+                normalize(item, path, Timestamp::default(), LegacyIds::Compute).is_err(),
                 "{body} on {path:?}"
             );
         }

@@ -4,7 +4,7 @@
 use prost_types::Timestamp;
 use spike_gateway::{
     proto::WebhookCategory,
-    wire::{Normalized, normalize, split},
+    wire::{LegacyIds, Normalized, normalize, split},
 };
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -27,7 +27,7 @@ fn normalized(name: &str) -> Vec<Normalized> {
     split(&body)
         .unwrap()
         .into_iter()
-        .map(|raw| normalize(raw, path, Timestamp::default()).expect("usable"))
+        .map(|raw| normalize(raw, path, Timestamp::default(), LegacyIds::Compute).expect("usable"))
         .collect()
 }
 
@@ -85,7 +85,7 @@ fn the_legacy_id_of_every_sample_is_the_one_0_1_stored() {
     for (name, expected) in LEGACY_IDS {
         let ids: Vec<String> = normalized(name)
             .into_iter()
-            .map(|n| n.legacy_event_id)
+            .map(|n| n.legacy_event_id.expect("asked for"))
             .collect();
         assert_eq!(ids, expected, "{name}");
     }
@@ -156,7 +156,7 @@ fn ids(body: &str, path: WebhookCategory) -> Vec<String> {
         .unwrap()
         .into_iter()
         .map(|raw| {
-            normalize(raw, path, Timestamp::default())
+            normalize(raw, path, Timestamp::default(), LegacyIds::Compute)
                 .expect("usable")
                 .event
                 .event_id

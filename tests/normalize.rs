@@ -6,7 +6,7 @@ use prost_types::Timestamp;
 use serde_json::value::RawValue;
 use spike_gateway::{
     proto::{Event, EventType, IntegrationAction, RecordStatus, WebhookCategory, event::Payload},
-    wire::{normalize, split},
+    wire::{LegacyIds, normalize, split},
 };
 
 fn fixture(name: &str) -> String {
@@ -34,7 +34,11 @@ fn events_of(body: &str, path: WebhookCategory) -> Vec<Event> {
     split(body.as_bytes())
         .unwrap()
         .into_iter()
-        .map(|raw| normalize(raw, path, RECEIVED).expect("usable").event)
+        .map(|raw| {
+            normalize(raw, path, RECEIVED, LegacyIds::Compute)
+                .expect("usable")
+                .event
+        })
         .collect()
 }
 
@@ -298,10 +302,15 @@ fn failed_and_enveloped_nutrition_records() {
 fn event_ids_are_stable_and_follow_the_content() {
     let body = fixture("lab-report-completed.json");
     let id = |json: &str| {
-        normalize(&raw(json), WebhookCategory::LabReports, RECEIVED)
-            .unwrap()
-            .event
-            .event_id
+        normalize(
+            &raw(json),
+            WebhookCategory::LabReports,
+            RECEIVED,
+            LegacyIds::Compute,
+        )
+        .unwrap()
+        .event
+        .event_id
     };
     assert_eq!(id(&body), id(&body));
     let reformatted =
@@ -331,6 +340,7 @@ fn content_beats_the_path() {
         &raw(&fixture("lab-report-completed.json")),
         WebhookCategory::NutritionRecords,
         RECEIVED,
+        LegacyIds::Compute,
     )
     .unwrap();
     assert!(normalized.reclassified);
@@ -339,6 +349,7 @@ fn content_beats_the_path() {
         &raw(&fixture("nutrition-completed.json")),
         WebhookCategory::Main,
         RECEIVED,
+        LegacyIds::Compute,
     )
     .unwrap();
     assert!(
@@ -407,14 +418,14 @@ fn unusable_items_say_why() {
             WebhookCategory::Main,
         ),
     ] {
-        let err = normalize(&raw(json), path, RECEIVED).unwrap_err();
+        let err = normalize(&raw(json), path, RECEIVED, LegacyIds::Compute).unwrap_err();
         assert!(!err.detail.is_empty(), "{json}");
     }
 }
 
 /// The one event of `json` on `path`, which must not be a dead letter.
 fn lenient(json: &str, path: WebhookCategory) -> Event {
-    let event = normalize(&raw(json), path, RECEIVED)
+    let event = normalize(&raw(json), path, RECEIVED, LegacyIds::Compute)
         .unwrap_or_else(|e| panic!("a dead letter: {e}: {json}"))
         .event;
     assert_eq!(event.raw_json, json.as_bytes(), "raw_json stays as sent");
@@ -596,7 +607,9 @@ fn only_a_missing_or_unusable_required_field_makes_a_dead_letter() {
         ),
     ] {
         assert_eq!(
-            normalize(&raw(json), path, RECEIVED).unwrap_err().reason,
+            normalize(&raw(json), path, RECEIVED, LegacyIds::Compute)
+                .unwrap_err()
+                .reason,
             reason,
             "{json}"
         );

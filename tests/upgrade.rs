@@ -10,6 +10,7 @@ use std::time::Duration;
 use spike_gateway::{
     events::{
         Admission, AppendOutcome, CommittedEvent, EventLog, NewEvent,
+        embedded::EmbeddedLog,
         nats::{NatsLog, NatsSettings, subject_token},
     },
     proto::{
@@ -94,6 +95,36 @@ async fn the_binary_on_a_0_1_data_directory_appends_no_redelivery() {
     assert_eq!(answer["appended"], 1, "{answer}");
 }
 
+/// Webhooks skip deriving 0.1 ids unless the log may still match them: an upgraded store
+/// within its dedup window, never a store this release created.
+#[tokio::test]
+async fn only_an_upgraded_store_within_its_window_wants_legacy_ids() {
+    let window = Duration::from_secs(3650 * 24 * 3600);
+    let fresh = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(fresh.path(), window, window).unwrap();
+    assert!(!log.wants_legacy_ids(), "a new store");
+    log.close().await;
+    drop(log);
+    let reopened = EmbeddedLog::open(fresh.path(), window, window).unwrap();
+    assert!(!reopened.wants_legacy_ids(), "a new store, reopened");
+    reopened.close().await;
+
+    let upgraded = tempfile::tempdir().unwrap();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/legacy-0.1-data/events.redb"
+    );
+    std::fs::copy(fixture, upgraded.path().join("events.redb")).unwrap();
+    let log = EmbeddedLog::open(upgraded.path(), window, window).unwrap();
+    assert!(log.wants_legacy_ids(), "0.1's store, inside the window");
+    log.close().await;
+    drop(log);
+    // The window counts from the first start of this release on it: 1 µs has passed.
+    let log = EmbeddedLog::open(upgraded.path(), Duration::from_micros(1), window).unwrap();
+    assert!(!log.wants_legacy_ids(), "0.1's store, its window passed");
+    log.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_0_1_dead_letter_is_backfilled_and_erasable_by_its_numeric_user_id() {
     let (gateway, _dir) = start_on_legacy_copy();
@@ -172,16 +203,21 @@ async fn a_nats_stream_seeded_by_0_1_keeps_its_ids_as_duplicates() {
     let (url, _server) = nats::url_or_start();
     let stream = nats::unique_stream();
     // The streams exist (as 0.1 created them), then 0.1 publishes two events.
-    NatsLog::connect(settings(&url, &stream))
-        .await
-        .unwrap()
-        .close()
-        .await;
+    let fresh = NatsLog::connect(settings(&url, &stream)).await.unwrap();
+    assert!(
+        !fresh.wants_legacy_ids(),
+        "a stream without 0.1 messages needs no legacy ids"
+    );
+    fresh.close().await;
     publish_as_0_1(&url, &stream.1, &["old-a", "old-b"]).await;
 
     // The upgraded replica starts: redeliveries (new-rule ids) are duplicates by their
     // legacy ids; an item 0.1 never stored is appended.
     let log = NatsLog::connect(settings(&url, &stream)).await.unwrap();
+    assert!(
+        log.wants_legacy_ids(),
+        "0.1 messages in the window: webhooks must carry legacy ids"
+    );
     assert_eq!(
         redeliver(&log, "new-a", "old-a").await,
         AppendOutcome::Duplicate { sequence: 1 }

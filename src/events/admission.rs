@@ -431,6 +431,12 @@ impl Gate {
         self.restore(key, Hit { id, first_seen });
     }
 
+    /// Until when the index may hold 0.1-rule ids: the window after the first start of this
+    /// release on an older store. `None` for every store created since.
+    pub(super) fn legacy_ids_until(&self) -> Option<Micros> {
+        self.legacy_ids_before.map(|before| before + self.window)
+    }
+
     /// The sequence `new` was first appended at within the window: by its `event_id`, or
     /// while 0.1-rule ids may be indexed, by its `legacy_event_id` first seen before then.
     fn duplicate_of(&self, new: &NewEvent, now: Micros) -> Option<u64> {
@@ -438,7 +444,7 @@ impl Gate {
             return Some(hit.id);
         }
         let before = self.legacy_ids_before?;
-        if before + self.window <= now {
+        if self.legacy_ids_until()? <= now {
             return None;
         }
         let hit = self.seen(new.legacy_event_id.as_deref()?, now)?;

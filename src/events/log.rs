@@ -225,6 +225,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// erasure). Reads no JSON: the ids were recorded when each letter was stored.
     async fn erase_user(&self, user: &str) -> Result<Erased, LogError>;
 
+    /// Whether [`EventLog::admit`] may still look up a [`NewEvent::legacy_event_id`]: while
+    /// the dedup index can hold ids of the 0.1 rule (a store upgraded from 0.1, within its
+    /// dedup window). Once false it stays false, so callers may skip deriving them.
+    fn wants_legacy_ids(&self) -> bool;
+
     /// Whether the log can take writes now, and if not, why.
     fn health(&self) -> LogHealth;
 

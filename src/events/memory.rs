@@ -243,6 +243,11 @@ impl EventLog for MemoryLog {
         Ok(erased)
     }
 
+    /// Never: a memory log starts empty, so it never holds ids of the 0.1 rule.
+    fn wants_legacy_ids(&self) -> bool {
+        false
+    }
+
     fn health(&self) -> super::LogHealth {
         use super::LogHealth;
         if self.closed.load(Ordering::Acquire) {

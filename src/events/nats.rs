@@ -898,6 +898,11 @@ impl EventLog for NatsLog {
         })
     }
 
+    fn wants_legacy_ids(&self) -> bool {
+        let legacy = self.legacy.lock().unwrap_or_else(|e| e.into_inner());
+        !legacy.ids.is_empty() && now_micros() < legacy.until
+    }
+
     fn health(&self) -> super::LogHealth {
         use super::LogHealth;
         match self.connected() {

@@ -333,7 +333,8 @@ async fn verify_and_append(
         .in_scope(|| state.verifier.verify(&body, &signature))?;
 
     let received_at = from_micros(now_micros());
-    let parsed = wire::parse_body(&body, path, received_at)?;
+    let legacy = deadletters::legacy_ids(state.log.as_ref());
+    let parsed = wire::parse_body(&body, path, received_at, legacy)?;
     let mut batch = deadletters::batch(parsed, path, received_at);
     let append = append_span(path, &mut batch);
     let types: Vec<i32> = batch.events.iter().map(|e| e.event.r#type).collect();

@@ -32,7 +32,7 @@ use prost_types::Timestamp;
 
 use crate::proto::WebhookCategory;
 pub use answer::{answer_record, answer_records};
-pub use normalize::{Normalized, lab_report_result, normalize, nutrition_result};
+pub use normalize::{LegacyIds, Normalized, lab_report_result, normalize, nutrition_result};
 pub use payload::{MAX_NESTING, NotJson, Reason, Unusable, WireItem, split};
 pub use users::users_named_in;
 
@@ -74,10 +74,11 @@ pub fn parse_body(
     body: &[u8],
     path: WebhookCategory,
     received_at: Timestamp,
+    legacy: LegacyIds,
 ) -> Result<ParsedBody, NotJson> {
     let mut parsed = ParsedBody::default();
     for raw in split(body)? {
-        match normalize(raw, path, received_at) {
+        match normalize(raw, path, received_at, legacy) {
             Ok(normalized) => parsed.events.push(normalized),
             Err(unusable) => parsed.rejected.push(Rejected::new(
                 unusable,
@@ -114,7 +115,13 @@ mod tests {
     use super::*;
 
     fn parse(body: &str) -> ParsedBody {
-        parse_body(body.as_bytes(), WebhookCategory::Main, Timestamp::default()).unwrap()
+        parse_body(
+            body.as_bytes(),
+            WebhookCategory::Main,
+            Timestamp::default(),
+            LegacyIds::Compute,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -154,8 +161,39 @@ mod tests {
     fn events_carry_their_legacy_id_and_their_unparsed_fields() {
         let parsed = parse(r#"{"event_type":"record_change","user_id":"u","metrics":"steps"}"#);
         let normalized = &parsed.events[0];
-        assert!(normalized.legacy_event_id.starts_with("main-"));
-        assert_ne!(normalized.legacy_event_id, normalized.event.event_id);
+        let legacy = normalized.legacy_event_id.as_deref().expect("asked for");
+        assert!(legacy.starts_with("main-"));
+        assert_ne!(legacy, normalized.event.event_id);
         assert_eq!(normalized.event.unparsed_fields, ["metrics"]);
+    }
+
+    #[test]
+    fn the_legacy_id_is_only_derived_when_asked_for() {
+        let body = br#"[{"event_type":"record_change","user_id":"u"},
+            {"event_type":"lab_report_completed","data":{"record_id":"r","status":"completed","application_user_id":"u"}}]"#;
+        let at = Timestamp::default();
+        let skipped = parse_body(body, WebhookCategory::Main, at, LegacyIds::Skip).unwrap();
+        let computed = parse_body(body, WebhookCategory::Main, at, LegacyIds::Compute).unwrap();
+        assert_eq!(skipped.events.len(), 2);
+        for (skip, compute) in skipped.events.iter().zip(&computed.events) {
+            assert_eq!(skip.legacy_event_id, None);
+            assert_eq!(
+                skip.event, compute.event,
+                "the event itself does not depend on it"
+            );
+        }
+        let prefixes: Vec<&str> = computed
+            .events
+            .iter()
+            .map(|n| {
+                n.legacy_event_id
+                    .as_deref()
+                    .unwrap()
+                    .split('-')
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(prefixes, ["main", "lab"]);
     }
 }

@@ -30,7 +30,17 @@ pub struct Normalized {
     pub reclassified: bool,
     /// The id the previous release's identity rule gave this item, so a redelivery of an
     /// event stored before the upgrade is still recognised as a duplicate (SPEC §2.4).
-    pub legacy_event_id: String,
+    /// `None` unless asked for with [`LegacyIds::Compute`].
+    pub legacy_event_id: Option<String>,
+}
+
+/// Whether [`normalize`] also derives the 0.1 release's id of each item. Only a log that
+/// may still index ids of that rule looks them up (`EventLog::wants_legacy_ids`), so every
+/// other webhook skips the second hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegacyIds {
+    Compute,
+    Skip,
 }
 
 /// Normalizes one raw item that arrived on the path of `path_category`. The item is read
@@ -39,6 +49,7 @@ pub fn normalize(
     raw: &RawValue,
     path_category: WebhookCategory,
     received_at: Timestamp,
+    legacy: LegacyIds,
 ) -> Result<Normalized, Unusable> {
     let tree = read_item(raw)?;
     let Json::Object(object) = &tree else {
@@ -50,11 +61,12 @@ pub fn normalize(
     let mut reader = Reader::default();
     let item = WireItem::read(&mut reader, object);
     let kind = classify(&item, path_category)?;
-    let (mut event, legacy_event_id) = match kind {
+    let mut event = match kind {
         Kind::Main => main_event(&item)?,
-        Kind::LabReport => lab_report(&item, &tree)?,
-        Kind::NutritionRecord => nutrition_record(&item, &tree)?,
+        Kind::LabReport => lab_report(&item)?,
+        Kind::NutritionRecord => nutrition_record(&item)?,
     };
+    let legacy_event_id = (legacy == LegacyIds::Compute).then(|| legacy_id(&item, &tree, &event));
     event.event_id = identity::event_id(kind.prefix(), &tree);
     event.unparsed_fields = reader.into_unparsed();
     event.category = kind.category() as i32;
@@ -70,10 +82,20 @@ pub fn normalize(
     })
 }
 
-/// An event without its id, and its 0.1 id.
-type Mapped = (Event, String);
+/// The 0.1 id of an item mapped to `event` (its payload says which rule applies).
+fn legacy_id(item: &WireItem, tree: &Json<'_>, event: &Event) -> String {
+    match &event.payload {
+        Some(Payload::LabReportResult(result)) => {
+            LAB_REPORT.legacy_id(item, tree, &result.record_id, result.status())
+        }
+        Some(Payload::NutritionResult(result)) => {
+            NUTRITION_RECORD.legacy_id(item, tree, &result.record_id, result.status())
+        }
+        _ => legacy::main_id(item, &event.application_user_id),
+    }
+}
 
-fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
+fn main_event(item: &WireItem) -> Result<Event, Unusable> {
     let event_type = item.event_type.as_deref().unwrap_or_default();
     let user = user_of(item, None).ok_or_else(|| {
         Unusable::new(
@@ -81,7 +103,6 @@ fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
             "main event has no usable application_user_id or user_id",
         )
     })?;
-    let legacy_id = legacy::main_id(item, &user);
     let (r#type, payload) = match event_type {
         "record_change" => (EventType::RecordChange, record_change(item)),
         "provider_integration_created" => (
@@ -99,14 +120,13 @@ fn main_event(item: &WireItem) -> Result<Mapped, Unusable> {
             ));
         }
     };
-    let event = Event {
+    Ok(Event {
         r#type: r#type as i32,
         application_user_id: user,
         occurred_at: at(item.timestamp.as_ref()),
         payload: Some(payload),
         ..Event::default()
-    };
-    Ok((event, legacy_id))
+    })
 }
 
 /// The instant of a timestamp field that parsed.
@@ -209,17 +229,15 @@ pub fn lab_report_result(item: &WireItem) -> Result<LabReportResult, Unusable> {
     })
 }
 
-fn lab_report(item: &WireItem, tree: &Json<'_>) -> Result<Mapped, Unusable> {
+fn lab_report(item: &WireItem) -> Result<Event, Unusable> {
     let result = lab_report_result(item)?;
-    let (mut event, legacy_id) = LAB_REPORT.event(
+    let mut event = LAB_REPORT.event(
         item,
-        tree,
-        &result.record_id,
         result.status(),
         result.modified_at.or(result.uploaded_at),
     )?;
     event.payload = Some(Payload::LabReportResult(result));
-    Ok((event, legacy_id))
+    Ok(event)
 }
 
 /// What lab reports and nutrition records map alike: written once so the two categories
@@ -248,35 +266,42 @@ const NUTRITION_RECORD: ResultRule = ResultRule {
 };
 
 impl ResultRule {
-    /// The event of a result, without its payload, and the result's 0.1 id. Only a
-    /// completed or failed result is an event.
+    /// The event of a result, without its payload. Only a completed or failed result is
+    /// an event.
     fn event(
         &self,
         item: &WireItem,
-        tree: &Json<'_>,
-        record_id: &str,
         status: RecordStatus,
         occurred_at: Option<Timestamp>,
-    ) -> Result<Mapped, Unusable> {
+    ) -> Result<Event, Unusable> {
         let r#type = match status {
             RecordStatus::Completed => self.completed,
             RecordStatus::Failed => self.failed,
             _ => return Err(self.not_notified(status)),
         };
-        let legacy_id = legacy::result_id(
+        Ok(Event {
+            r#type: r#type as i32,
+            application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
+            occurred_at,
+            ..Event::default()
+        })
+    }
+
+    /// A result's 0.1 id.
+    fn legacy_id(
+        &self,
+        item: &WireItem,
+        tree: &Json<'_>,
+        record_id: &str,
+        status: RecordStatus,
+    ) -> String {
+        legacy::result_id(
             self.legacy_prefix,
             record_id,
             status,
             pick(item, |i| i.modified_at.as_ref()),
             tree,
-        );
-        let event = Event {
-            r#type: r#type as i32,
-            application_user_id: user_of(item, item.data.as_deref()).unwrap_or_default(),
-            occurred_at,
-            ..Event::default()
-        };
-        Ok((event, legacy_id))
+        )
     }
 
     fn not_notified(&self, status: RecordStatus) -> Unusable {
@@ -371,17 +396,15 @@ pub fn nutrition_result(item: &WireItem) -> Result<NutritionResult, Unusable> {
     })
 }
 
-fn nutrition_record(item: &WireItem, tree: &Json<'_>) -> Result<Mapped, Unusable> {
+fn nutrition_record(item: &WireItem) -> Result<Event, Unusable> {
     let result = nutrition_result(item)?;
-    let (mut event, legacy_id) = NUTRITION_RECORD.event(
+    let mut event = NUTRITION_RECORD.event(
         item,
-        tree,
-        &result.record_id,
         result.status(),
         result.modified_at.or(result.uploaded_at),
     )?;
     event.payload = Some(Payload::NutritionResult(result));
-    Ok((event, legacy_id))
+    Ok(event)
 }
 
 fn ingredient(wire: &WireIngredient) -> Ingredient {

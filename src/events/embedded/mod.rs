@@ -118,6 +118,8 @@ pub struct EmbeddedLog {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     // Write transactions committed so far; shows group commit at work (commits < appends).
     commits: Arc<AtomicU64>,
+    // Until when appends may look up 0.1-rule ids (the gate's rule, read once at open).
+    legacy_ids_until: Option<Micros>,
 }
 
 enum Command {
@@ -195,6 +197,7 @@ impl EmbeddedLog {
                 fault.detail()
             ))
         })?;
+        let legacy_ids_until = gate.legacy_ids_until();
         let fanout = Fanout::default();
         let health = Arc::new(Health::default());
         let slot = Arc::new(Slot::new(db.clone()));
@@ -226,6 +229,7 @@ impl EmbeddedLog {
             health,
             writer: Mutex::new(Some(handle)),
             commits,
+            legacy_ids_until,
         })
     }
 
@@ -538,6 +542,11 @@ impl EventLog for EmbeddedLog {
     async fn erase_user(&self, user: &str) -> Result<Erased, LogError> {
         let user = user.to_owned();
         self.send(|reply| Command::Erase { user, reply }).await
+    }
+
+    fn wants_legacy_ids(&self) -> bool {
+        self.legacy_ids_until
+            .is_some_and(|until| now_micros() < until)
     }
 
     fn health(&self) -> LogHealth {
