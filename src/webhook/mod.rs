@@ -80,12 +80,29 @@ pub struct Accepted {
     pub dead_lettered: usize,
 }
 
+/// Spike's three webhook categories and the path each is delivered to: the one table the
+/// router and the spans' `http.route` both read.
+const WEBHOOK_ROUTES: [(WebhookCategory, &str); 3] = [
+    (WebhookCategory::Main, "/webhooks/spike"),
+    (WebhookCategory::LabReports, "/webhooks/spike/lab-reports"),
+    (
+        WebhookCategory::NutritionRecords,
+        "/webhooks/spike/nutrition",
+    ),
+];
+
 pub fn router(state: WebhookState) -> Router {
     let timeout = state.request_timeout;
-    Router::new()
-        .route("/webhooks/spike", post(main_webhook))
-        .route("/webhooks/spike/lab-reports", post(lab_report_webhook))
-        .route("/webhooks/spike/nutrition", post(nutrition_webhook))
+    let webhooks = WEBHOOK_ROUTES
+        .into_iter()
+        .fold(Router::new(), |router, (category, path)| {
+            let receive_category = move |State(state): State<Arc<WebhookState>>,
+                                         request: Request| async move {
+                receive(&state, category, request).await
+            };
+            router.route(path, post(receive_category))
+        });
+    webhooks
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -227,27 +244,6 @@ async fn metrics(State(state): State<Arc<WebhookState>>) -> impl IntoResponse {
     )
 }
 
-async fn main_webhook(
-    State(state): State<Arc<WebhookState>>,
-    request: Request,
-) -> Result<Json<Accepted>, WebhookError> {
-    receive(&state, WebhookCategory::Main, request).await
-}
-
-async fn lab_report_webhook(
-    State(state): State<Arc<WebhookState>>,
-    request: Request,
-) -> Result<Json<Accepted>, WebhookError> {
-    receive(&state, WebhookCategory::LabReports, request).await
-}
-
-async fn nutrition_webhook(
-    State(state): State<Arc<WebhookState>>,
-    request: Request,
-) -> Result<Json<Accepted>, WebhookError> {
-    receive(&state, WebhookCategory::NutritionRecords, request).await
-}
-
 /// The request's span (`webhook receive`, a server span) continues an incoming
 /// `traceparent`; its children are `webhook verify` and `append events` (the commit).
 async fn receive(
@@ -380,12 +376,11 @@ async fn verify_and_append(
 /// messaging product; ours is none of the well-known ones).
 pub const MESSAGING_SYSTEM: &str = "spike_gateway";
 
-fn route(path: WebhookCategory) -> &'static str {
-    match path {
-        WebhookCategory::LabReports => "/webhooks/spike/lab-reports",
-        WebhookCategory::NutritionRecords => "/webhooks/spike/nutrition",
-        _ => "/webhooks/spike",
-    }
+fn route(category: WebhookCategory) -> &'static str {
+    WEBHOOK_ROUTES
+        .iter()
+        .find(|(routed, _)| *routed == category)
+        .map_or(WEBHOOK_ROUTES[0].1, |(_, path)| path)
 }
 
 /// The commit's span (a producer span), and the trace context every event of the batch
