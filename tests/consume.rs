@@ -493,21 +493,8 @@ async fn after_sigkill_only_the_last_intervals_acks_return_and_no_unacked_event_
 
 mod admin_calls {
     use super::*;
-    use spike_gateway::proto::{
-        DeleteConsumerGroupRequest, EraseUserRequest, ListConsumerGroupsRequest,
-        SeekConsumerGroupRequest, seek_consumer_group_request,
-    };
-    use support::admin::{ADMIN_TOKEN, admin, authed};
-
-    async fn list(app: &TestApp) -> Vec<spike_gateway::proto::ConsumerGroupInfo> {
-        admin(app)
-            .await
-            .list_consumer_groups(authed(ListConsumerGroupsRequest {}))
-            .await
-            .unwrap()
-            .into_inner()
-            .groups
-    }
+    use spike_gateway::proto::{EraseUserRequest, ListConsumerGroupsRequest};
+    use support::admin::{ADMIN_TOKEN, admin, authed, delete_group, list_groups, seek_group};
 
     #[tokio::test]
     async fn list_seek_and_delete() {
@@ -517,7 +504,10 @@ mod admin_calls {
         member.take(5).await;
         member.ack(vec![1, 2]).await;
         let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
-            list(&app).await.into_iter().find(|g| g.acked_through == 2)
+            list_groups(&app)
+                .await
+                .into_iter()
+                .find(|g| g.acked_through == 2)
         })
         .await;
         assert_eq!(
@@ -526,37 +516,15 @@ mod admin_calls {
         );
         assert_eq!(row.ack_wait.unwrap().seconds, 30);
 
-        let moved = admin(&app)
-            .await
-            .seek_consumer_group(authed(SeekConsumerGroupRequest {
-                group: "ops".into(),
-                start: Some(seek_consumer_group_request::Start::AfterSequence(3)),
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(moved.next_sequence, 4);
+        assert_eq!(seek_group(&app, "ops", 3).await, 4);
         let again = member.take(2).await;
         assert_eq!(again.iter().map(seq).collect::<Vec<_>>(), vec![4, 5]);
 
-        let deleted = admin(&app)
-            .await
-            .delete_consumer_group(authed(DeleteConsumerGroupRequest {
-                group: "ops".into(),
-            }))
-            .await
-            .unwrap()
-            .into_inner();
+        let deleted = delete_group(&app, "ops").await.unwrap();
         assert_eq!(deleted.members_ended, 1);
         assert_eq!(member.end().await.code(), Code::FailedPrecondition);
-        assert!(list(&app).await.is_empty());
-        let missing = admin(&app)
-            .await
-            .delete_consumer_group(authed(DeleteConsumerGroupRequest {
-                group: "ops".into(),
-            }))
-            .await
-            .unwrap_err();
+        assert!(list_groups(&app).await.is_empty());
+        let missing = delete_group(&app, "ops").await.unwrap_err();
         assert_eq!(missing.code(), Code::NotFound);
         // A later open creates it anew, at its own start.
         let mut fresh = join(&app, open_request("ops")).await.unwrap();
@@ -599,7 +567,10 @@ mod admin_calls {
         member.assert_quiet().await;
         // In flight: 10 again and 21..=30; the acks after the nak may still be applying.
         let row = eventually(Duration::from_secs(5), "every ack is applied", async || {
-            list(&app).await.into_iter().find(|g| g.in_flight == 11)
+            list_groups(&app)
+                .await
+                .into_iter()
+                .find(|g| g.in_flight == 11)
         })
         .await;
         assert_eq!(
@@ -664,7 +635,7 @@ mod admin_calls {
         let row = eventually(
             Duration::from_secs(5),
             "the skips are counted",
-            async || list(&app).await.into_iter().find(|g| g.expired == 7),
+            async || list_groups(&app).await.into_iter().find(|g| g.expired == 7),
         )
         .await;
         // 9 to 18 are retained and unacked (9 and 10 in flight).
@@ -707,7 +678,7 @@ mod admin_calls {
             .await
             .unwrap();
         // Only "kept"'s event is pending now; the member's held one is on its count.
-        let row = list(&app).await.pop().unwrap();
+        let row = list_groups(&app).await.pop().unwrap();
         assert_eq!((row.pending, row.in_flight), (1, 0), "{row:?}");
         member.ack(vec![1]).await;
         let next = member.next().await.unwrap();

@@ -14,12 +14,11 @@ use spike_gateway::events::{
     nats::{partition_of, subject_token},
 };
 use spike_gateway::proto::{
-    ConsumeOpen, ConsumeOrdering, DeleteConsumerGroupRequest, EraseUserRequest, EventType,
-    ListConsumerGroupsRequest, Nak, SeekConsumerGroupRequest, SubscribeRequest, Term,
-    consume_request, seek_consumer_group_request,
+    ConsumeOpen, ConsumeOrdering, EraseUserRequest, EventType, Nak, SubscribeRequest, Term,
+    consume_request,
 };
 use support::{
-    admin::{Store, admin, authed, nats_store},
+    admin::{Store, admin, authed, delete_group, list_groups, nats_store, seek_group},
     consume::*,
     *,
 };
@@ -397,16 +396,6 @@ async fn per_user_ordering_across_two_replicas_and_three_users() {
     b.assert_quiet().await;
 }
 
-async fn list(app: &TestApp) -> Vec<spike_gateway::proto::ConsumerGroupInfo> {
-    admin(app)
-        .await
-        .list_consumer_groups(authed(ListConsumerGroupsRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .groups
-}
-
 #[tokio::test]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn list_seek_and_delete_act_on_the_shared_group() {
@@ -425,7 +414,10 @@ async fn list_seek_and_delete_act_on_the_shared_group() {
     member.ack(vec![1, 2]).await;
     // Listed from the other replica: the group lives in JetStream.
     let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
-        list(&rb).await.into_iter().find(|g| g.acked_through == 2)
+        list_groups(&rb)
+            .await
+            .into_iter()
+            .find(|g| g.acked_through == 2)
     })
     .await;
     assert_eq!(
@@ -436,37 +428,15 @@ async fn list_seek_and_delete_act_on_the_shared_group() {
     assert_eq!(row.ack_wait.unwrap().seconds, 30);
     assert!(row.created_at.is_some());
 
-    let moved = admin(&rb)
-        .await
-        .seek_consumer_group(authed(SeekConsumerGroupRequest {
-            group: "ops".into(),
-            start: Some(seek_consumer_group_request::Start::AfterSequence(3)),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(moved.next_sequence, 4);
+    assert_eq!(seek_group(&rb, "ops", 3).await, 4);
     let again = member.take(2).await;
     assert_eq!(again.iter().map(seq).collect::<Vec<_>>(), vec![4, 5]);
 
-    let deleted = admin(&ra)
-        .await
-        .delete_consumer_group(authed(DeleteConsumerGroupRequest {
-            group: "ops".into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let deleted = delete_group(&ra, "ops").await.unwrap();
     assert_eq!(deleted.members_ended, 1);
     assert_eq!(member.end().await.code(), Code::FailedPrecondition);
-    assert!(list(&rb).await.is_empty());
-    let missing = admin(&rb)
-        .await
-        .delete_consumer_group(authed(DeleteConsumerGroupRequest {
-            group: "ops".into(),
-        }))
-        .await
-        .unwrap_err();
+    assert!(list_groups(&rb).await.is_empty());
+    let missing = delete_group(&rb, "ops").await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 }
 
@@ -503,7 +473,7 @@ async fn erasure_removes_the_users_events_from_the_groups_work() {
     member.assert_quiet().await;
     // The group's floor stays honest: nothing after the erased events was skipped.
     let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
-        list(&app)
+        list_groups(&app)
             .await
             .into_iter()
             .find(|g| g.acked_through >= 2 && g.in_flight == 0)
@@ -768,7 +738,7 @@ async fn terminated_is_counted_across_replicas_and_restarts() {
     let member = if name == 'a' { &a } else { &b };
     member.ack(vec![3]).await;
     let row = eventually(Duration::from_secs(5), "both terms counted", async || {
-        list(&rb)
+        list_groups(&rb)
             .await
             .into_iter()
             .find(|g| g.terminated == 2 && g.in_flight == 0)
@@ -779,7 +749,7 @@ async fn terminated_is_counted_across_replicas_and_restarts() {
     ra.stop().await;
     rb.stop().await;
     let rc = spawn_app_with(&store.flags()).await;
-    let row = list(&rc).await.pop().unwrap();
+    let row = list_groups(&rc).await.pop().unwrap();
     assert_eq!(
         (row.group.as_str(), row.terminated),
         ("terms", 2),
@@ -804,7 +774,7 @@ async fn events_retention_removed_before_the_group_read_them_are_counted_expired
     let row = eventually(
         Duration::from_secs(15),
         "retention removed 1..=3",
-        async || list(&app).await.into_iter().find(|g| g.expired >= 3),
+        async || list_groups(&app).await.into_iter().find(|g| g.expired >= 3),
     )
     .await;
     assert_eq!(row.expired, 3, "{row:?}");
@@ -814,14 +784,21 @@ async fn events_retention_removed_before_the_group_read_them_are_counted_expired
     assert_eq!(seq(&fourth), 4);
     member.ack(vec![4]).await;
     let row = eventually(Duration::from_secs(5), "the ack is applied", async || {
-        list(&app).await.into_iter().find(|g| g.acked_through == 4)
+        list_groups(&app)
+            .await
+            .into_iter()
+            .find(|g| g.acked_through == 4)
     })
     .await;
     assert_eq!(row.expired, 3, "counted once");
     drop(member);
     app.stop().await;
     let again = spawn_app_with(&short).await;
-    assert_eq!(list(&again).await.pop().unwrap().expired, 3, "kept in NATS");
+    assert_eq!(
+        list_groups(&again).await.pop().unwrap().expired,
+        3,
+        "kept in NATS"
+    );
 }
 
 #[tokio::test]
@@ -854,22 +831,16 @@ async fn seek_and_delete_act_on_every_partition_of_a_per_user_group() {
         BTreeSet::from([4, 5, 6])
     );
     let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
-        list(&app).await.into_iter().find(|g| g.acked_through == 3)
+        list_groups(&app)
+            .await
+            .into_iter()
+            .find(|g| g.acked_through == 3)
     })
     .await;
     assert_eq!((row.in_flight, row.pending), (3, 3));
 
     // Seek: every partition moves; what the member held is forgotten.
-    let moved = admin(&app)
-        .await
-        .seek_consumer_group(authed(SeekConsumerGroupRequest {
-            group: "parts".into(),
-            start: Some(seek_consumer_group_request::Start::AfterSequence(4)),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(moved.next_sequence, 5);
+    assert_eq!(seek_group(&app, "parts", 4).await, 5);
     let again = member.take(2).await;
     assert_eq!(
         again.iter().map(seq).collect::<BTreeSet<_>>(),
@@ -878,23 +849,19 @@ async fn seek_and_delete_act_on_every_partition_of_a_per_user_group() {
     member.assert_quiet().await;
     member.ack(vec![5, 6]).await;
     let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
-        list(&app).await.into_iter().find(|g| g.in_flight == 0)
+        list_groups(&app)
+            .await
+            .into_iter()
+            .find(|g| g.in_flight == 0)
     })
     .await;
     assert_eq!((row.acked_through, row.pending), (6, 0));
 
     // Delete: every partition's consumer goes.
-    let deleted = admin(&app)
-        .await
-        .delete_consumer_group(authed(DeleteConsumerGroupRequest {
-            group: "parts".into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let deleted = delete_group(&app, "parts").await.unwrap();
     assert_eq!(deleted.members_ended, 1);
     assert_eq!(member.end().await.code(), Code::FailedPrecondition);
-    assert!(list(&app).await.is_empty());
+    assert!(list_groups(&app).await.is_empty());
     let left = group_consumers(&stream_consumers(&store).await, "parts");
     assert!(left.is_empty(), "{left:?}");
 }

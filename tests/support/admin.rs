@@ -1,8 +1,12 @@
 //! The Admin service from a test: an authenticated client, and the stores to run an admin
 //! test against.
 
-use spike_gateway::proto::admin_client::AdminClient;
-use tonic::{Request, transport::Channel};
+use spike_gateway::proto::{
+    ConsumerGroupInfo, DeleteConsumerGroupRequest, DeleteConsumerGroupResponse,
+    ListConsumerGroupsRequest, SeekConsumerGroupRequest, admin_client::AdminClient,
+    seek_consumer_group_request,
+};
+use tonic::{Request, Status, transport::Channel};
 
 use super::{TestApp, nats};
 
@@ -23,6 +27,44 @@ pub async fn admin(app: &TestApp) -> AdminClient<Channel> {
     AdminClient::connect(format!("http://{}", app.grpc))
         .await
         .unwrap()
+}
+
+/// Every consumer group `app` lists.
+pub async fn list_groups(app: &TestApp) -> Vec<ConsumerGroupInfo> {
+    admin(app)
+        .await
+        .list_consumer_groups(authed(ListConsumerGroupsRequest {}))
+        .await
+        .expect("ListConsumerGroups succeeds")
+        .into_inner()
+        .groups
+}
+
+/// Moves `group` to after `sequence`; returns the next sequence it will deliver.
+pub async fn seek_group(app: &TestApp, group: &str, sequence: u64) -> u64 {
+    admin(app)
+        .await
+        .seek_consumer_group(authed(SeekConsumerGroupRequest {
+            group: group.to_owned(),
+            start: Some(seek_consumer_group_request::Start::AfterSequence(sequence)),
+        }))
+        .await
+        .expect("SeekConsumerGroup succeeds")
+        .into_inner()
+        .next_sequence
+}
+
+pub async fn delete_group(
+    app: &TestApp,
+    group: &str,
+) -> Result<DeleteConsumerGroupResponse, Status> {
+    admin(app)
+        .await
+        .delete_consumer_group(authed(DeleteConsumerGroupRequest {
+            group: group.to_owned(),
+        }))
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// Flags selecting a store, with the admin token; keeps the NATS server (if any) alive.
