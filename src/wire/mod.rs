@@ -9,7 +9,7 @@
 //!   classification by content, nesting limits.
 //! - [`json`]: the lenient JSON reader every item goes through once; [`fields`]: typed,
 //!   lenient reading of its tree, with the paths of the fields that do not fit.
-//! - [`normalize`]: a classified item → [`crate::proto::Event`].
+//! - [`normalize`](mod@normalize): a classified item → [`crate::proto::Event`].
 //! - [`identity`]: the `event_id` from the whole content; [`legacy`]: the 0.1 rule, kept
 //!   to recognise redeliveries of events stored before the upgrade.
 //! - [`answer_record`], [`answer_records`]: Spike's REST answers, read the same way.

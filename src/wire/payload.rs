@@ -3,7 +3,7 @@
 //! A body is split into items; each is read once by the lenient reader ([`super::json`])
 //! into a tree, from which one permissive [`WireItem`] covers every shape of SPEC §2.3 (all
 //! fields optional, unknown fields ignored, values that do not fit left unset and listed);
-//! [`classify`] decides what an item is from its content. [`super::normalize`] maps a
+//! [`classify`] decides what an item is from its content. [`normalize`](mod@super::normalize) maps a
 //! classified item to the event model.
 
 use std::collections::BTreeMap;

@@ -16,8 +16,8 @@ use std::{
 pub(super) struct Lanes {
     lanes: HashMap<Arc<str>, Lane>,
     /// The first queued event of every lane with no active event, with its user:
-    /// deliverable now, in sequence order. Invariant: `ready` = { lane.queue[0] |
-    /// lane.active is None }.
+    /// deliverable now, in sequence order. Invariant:
+    /// `ready = { lane.queue[0] | lane.active is None }`.
     ready: BTreeMap<u64, Arc<str>>,
 }
 

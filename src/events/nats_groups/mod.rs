@@ -3,7 +3,7 @@
 //! replicas split its work natively and its position lives in JetStream, not in any one
 //! gateway.
 //!
-//! - **The consumers** ([`plan`]): `AckPolicy::Explicit`, `ack_wait` as the group's, the
+//! - **The consumers** ([`plan`](mod@plan)): `AckPolicy::Explicit`, `ack_wait` as the group's, the
 //!   deliver policy from the creating open's start, and a single filter subject each
 //!   (nats-server 2.9 takes one) narrowed by the group's filter where it names one type or
 //!   one user; the rest of the filter is applied here, and a non-matching event is acked
@@ -14,7 +14,7 @@
 //!     [`super::nats`]), each with `max_ack_pending` 1. A user's events are all in one
 //!     partition, so across every replica one event of a user is unsettled at a time and
 //!     they go in stream order; users of different partitions proceed in parallel, up to
-//!     [`PARTITIONS`] at once. A filter naming users needs only their partitions.
+//!     [`PARTITIONS`](crate::events::nats::PARTITIONS) at once. A filter naming users needs only their partitions.
 //!   - legacy: when the stream holds pre-partition (4-token) events from the group's start,
 //!     one more consumer on the 4-token form, read **before** the others: every legacy
 //!     event precedes every partitioned one (0.1 replicas are stopped before this release
@@ -50,7 +50,7 @@
 //! - **Erasure**: the log deletes the user's messages one by one, and JetStream skips what
 //!   is gone, so they leave every group's pending work without anything done here.
 //!
-//! Files: [`plan`] (the consumers of a group and the definition kept in them), [`member`]
+//! Files: [`plan`](mod@plan) (the consumers of a group and the definition kept in them), [`member`]
 //! (a member's pulls and answers), [`tally`] (the counters JetStream does not keep); this
 //! file is the [`Groups`] seam: join, list, seek, delete.
 
