@@ -84,7 +84,8 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let (log, nats) = open_log(&config).await?;
+        let metrics = Arc::new(Metrics::default());
+        let (log, nats) = open_log(&config, &metrics).await?;
         // Letters stored by 0.1 recorded no user ids: find them now, before erasure can run.
         let backfilled = deadletters::backfill_user_ids(log.as_ref()).await?;
         if backfilled > 0 {
@@ -93,7 +94,6 @@ impl Application {
                 "recorded the user ids of dead letters stored by 0.1"
             );
         }
-        let metrics = Arc::new(Metrics::default());
         deadletters::refresh_gauge(&log, &metrics).await;
         let spike = Arc::new(SpikeClient::new(&config.spike)?);
         if !config.grpc_addr.ip().is_loopback() && config.grpc.tls.is_none() {
@@ -312,6 +312,7 @@ fn consumer_groups(
 /// Opens the configured log; the NATS one is also returned as itself, for its groups.
 async fn open_log(
     config: &Config,
+    metrics: &Arc<Metrics>,
 ) -> Result<(Arc<dyn EventLog>, Option<Arc<NatsLog>>), StartupError> {
     let store = &config.store;
     Ok(match store.kind {
@@ -328,6 +329,7 @@ async fn open_log(
             })
             .await
             .map_err(|e| LogError::Storage(format!("log opener failed: {e}")))??;
+            log.observe_commits(metrics.commit_observer());
             (Arc::new(log), None)
         }
         StoreKind::Memory => (

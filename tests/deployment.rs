@@ -999,6 +999,7 @@ async fn every_series_the_dashboard_and_alerts_query_is_exported() {
         "SpikeGatewaySubscriberLag",
         "SpikeGatewayDeadLettersGrowing",
         "SpikeGatewayConsumerGroupPendingGrowing",
+        "SpikeGatewayEventLogCommitSlow",
     ] {
         assert!(alerts.contains(alert), "{alert} in {alerts:?}");
     }

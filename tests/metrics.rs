@@ -144,6 +144,33 @@ async fn webhook_subscriber_and_upstream_series_move() {
     .await;
 }
 
+/// Each commit of the embedded log is timed, and counts the new events it made durable:
+/// a retry's duplicates make none.
+#[tokio::test]
+async fn embedded_commits_are_timed_and_count_the_events_they_made_durable() {
+    let app = spawn_app_with(&["--store", "embedded"]).await;
+    let count = "spike_gateway_event_log_commit_seconds_count";
+    let events = "spike_gateway_event_log_commit_events_sum";
+    let before = scrape(&app).await;
+    assert_eq!(value(&before, count), Some(0.0));
+    assert_eq!(value(&before, events), Some(0.0));
+
+    let mut appended = 0.0;
+    for _ in 0..2 {
+        let response = app.post(MAIN, &fixture("main-batch.json")).await;
+        assert_eq!(response.status(), 200);
+        let answer: serde_json::Value = response.json().await.unwrap();
+        appended += answer["appended"].as_f64().unwrap();
+    }
+    assert!(appended > 0.0, "the batch appends events");
+
+    let text = scrape(&app).await;
+    let commits = value(&text, count).unwrap();
+    assert!((1.0..=2.0).contains(&commits), "{commits} commits");
+    assert_eq!(value(&text, events), Some(appended));
+    assert!(value(&text, "spike_gateway_event_log_commit_seconds_sum").unwrap() > 0.0);
+}
+
 #[tokio::test]
 async fn the_stored_dead_letters_gauge_follows_erasure() {
     use spike_gateway::proto::EraseUserRequest;

@@ -1,9 +1,18 @@
-//! What a log reports about itself: whether it can take writes now, and if not, why.
+//! What a log reports about itself: whether it can take writes now, and if not, why; and,
+//! for the store that commits to a local disk, how long each commit took.
 //!
 //! Every backend answers [`EventLog::health`](super::EventLog::health); `/readyz` and gRPC
 //! health both follow it through [`crate::readiness`], so they never disagree on the cause.
 
-use std::fmt;
+use std::{fmt, time::Duration};
+
+/// Told of every durable commit of the `embedded` log: how many events it made durable
+/// and how long it took, the transaction's writes and its fsync together. Every webhook
+/// answer waits for one, so a slow disk shows here before it shows as slow webhooks.
+/// Called on the writer's thread after each commit: it must only record, never block.
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, events: usize, took: Duration);
+}
 
 /// A log's state as readiness sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

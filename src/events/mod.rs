@@ -36,7 +36,7 @@ pub mod subscription;
 pub mod time;
 
 pub use committed::CommittedEvent;
-pub use health::{Damage, LogHealth};
+pub use health::{CommitObserver, Damage, LogHealth};
 use log::place_at_tip;
 pub use log::{
     Admission, Admitted, AppendOutcome, Backend, Erased, EventLog, LocalLog, LogBounds, LogError,

@@ -35,7 +35,7 @@
 use std::{
     path::Path,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
@@ -49,8 +49,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Admission, Admitted, Backend, CommittedEvent, Erased, EventLog, LocalLog, LogBounds, LogError,
-    LogHealth,
+    Admission, Admitted, Backend, CommitObserver, CommittedEvent, Erased, EventLog, LocalLog,
+    LogBounds, LogError, LogHealth,
     admission::Gate,
     fanout::{self, Fanout},
     names_user,
@@ -118,6 +118,9 @@ pub struct EmbeddedLog {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     // Write transactions committed so far; shows group commit at work (commits < appends).
     commits: Arc<AtomicU64>,
+    // Set once, after open, by whoever exports the commits' latency; the writer reads it
+    // after each commit (a OnceLock: one atomic load when set, nothing to lock).
+    commit_observer: Arc<OnceLock<Arc<dyn CommitObserver>>>,
     // Until when appends may look up 0.1-rule ids (the gate's rule, read once at open).
     legacy_ids_until: Option<Micros>,
 }
@@ -202,6 +205,7 @@ impl EmbeddedLog {
         let health = Arc::new(Health::default());
         let slot = Arc::new(Slot::new(db.clone()));
         let commits = Arc::new(AtomicU64::new(0));
+        let commit_observer = Arc::new(OnceLock::new());
         let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
         let writer = Writer {
             db,
@@ -210,6 +214,7 @@ impl EmbeddedLog {
             fanout: fanout.clone(),
             health: health.clone(),
             commits: commits.clone(),
+            commit_observer: commit_observer.clone(),
             gate,
             pending: None,
             dedup_window: window,
@@ -229,11 +234,17 @@ impl EmbeddedLog {
             health,
             writer: Mutex::new(Some(handle)),
             commits,
+            commit_observer,
             legacy_ids_until,
         })
     }
 
     /// Append/dead-letter transactions committed since open (each one fsync).
+    /// Reports every commit from now on to `observer`; the first observer set stays.
+    pub fn observe_commits(&self, observer: Arc<dyn CommitObserver>) {
+        let _ = self.commit_observer.set(observer);
+    }
+
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }

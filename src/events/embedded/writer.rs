@@ -6,9 +6,10 @@
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
+    time::Instant,
 };
 
 use redb::{Database, ReadableTable, Table, WriteTransaction};
@@ -21,7 +22,7 @@ use super::{
 };
 use crate::{
     events::{
-        Admission, Admitted, AppendOutcome, CommittedEvent, Erased, LogError,
+        Admission, Admitted, AppendOutcome, CommitObserver, CommittedEvent, Erased, LogError,
         admission::{self, Gate, Mark},
         committed::stored_event_id,
         dead_letter_key,
@@ -41,6 +42,7 @@ pub(super) struct Writer {
     pub(super) fanout: Fanout,
     pub(super) health: Arc<Health>,
     pub(super) commits: Arc<AtomicU64>,
+    pub(super) commit_observer: Arc<OnceLock<Arc<dyn CommitObserver>>>,
     /// The shared admission rule: the tip (next sequence, last `received_at`) and the
     /// in-memory dedup index. What a group places is rolled back if its commit fails.
     pub(super) gate: Gate,
@@ -199,11 +201,15 @@ impl Writer {
         let now = now_micros();
         self.gate.expire(now);
         self.pending = Some(self.gate.mark());
+        let started = Instant::now();
         let result = self.write_group(&mut writes, now);
         let mark = self.pending.take().expect("set above");
         match result {
             Ok(written) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
+                if let Some(observer) = self.commit_observer.get() {
+                    observer.committed(written.appended.len(), started.elapsed());
+                }
                 let mut admitted = written.admitted.into_iter();
                 for command in writes {
                     if let Command::Append { reply, .. } = command {
