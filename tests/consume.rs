@@ -10,7 +10,7 @@ use std::{
 };
 
 use spike_gateway::proto::{
-    Ack, ConsumeOpen, ConsumeOrdering, EventType, Nak, Term, consume_request,
+    Ack, ConsumeOpen, ConsumeOrdering, Nak, Term, consume_request,
     event_stream_client::EventStreamClient,
 };
 use support::{consume::*, *};
@@ -84,116 +84,37 @@ async fn a_dead_members_deliveries_go_to_the_other_with_a_higher_attempt() {
 
 #[tokio::test]
 async fn an_unacked_delivery_comes_back_after_ack_wait() {
-    let app = spawn_app_with(&["--store", "memory"]).await;
-    let mut member = join(
-        &app,
-        ConsumeOpen {
-            ack_wait: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 400_000_000,
-            }),
-            ..open_request("slow")
-        },
-    )
-    .await
-    .unwrap();
-    post_events(&app, "u", 0..1).await;
-    let first = member.next().await.unwrap();
-    assert_eq!(first.attempt, 1);
-    let started = std::time::Instant::now();
-    let again = member.next().await.unwrap();
-    assert_eq!((seq(&again), again.attempt), (seq(&first), 2));
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "redelivered after ack_wait, not at once: {:?}",
-        started.elapsed()
-    );
-    member.ack(vec![seq(&again)]).await;
-    member.assert_quiet().await;
+    for store in support::admin::local_stores() {
+        eprintln!("store: {}", store.name);
+        let app = spawn_app_with(&store.flags()).await;
+        ack_wait_redelivers_and_acked_never_returns(&app, Duration::from_millis(400)).await;
+    }
 }
 
 #[tokio::test]
 async fn nak_redelivers_and_term_never_does() {
-    let app = spawn_app_with(&["--store", "memory"]).await;
-    let mut member = join(&app, open_request("naks")).await.unwrap();
-    post_events(&app, "u", 0..2).await;
-    let got = member.take(2).await;
-    let (naked, termed) = (seq(&got[0]), seq(&got[1]));
-    member
-        .send(consume_request::Request::Term(Term {
-            sequences: vec![termed],
-            reason: "poison".into(),
-        }))
-        .await;
-    member
-        .send(consume_request::Request::Nak(Nak {
-            sequences: vec![naked],
-            delay: None,
-        }))
-        .await;
-    let again = member.next().await.unwrap();
-    assert_eq!((seq(&again), again.attempt), (naked, 2));
-    member.ack(vec![naked]).await;
-    member.assert_quiet().await;
+    for store in support::admin::local_stores() {
+        eprintln!("store: {}", store.name);
+        let app = spawn_app_with(&store.flags()).await;
+        let (mut member, naked) = support::consume::nak_redelivers_and_term_never_does(&app).await;
+        member.ack(vec![naked]).await;
+        member.assert_quiet().await;
+    }
 }
 
 #[tokio::test]
 async fn max_in_flight_caps_deliveries_exactly() {
-    let app = spawn_app_with(&["--store", "memory"]).await;
-    let mut member = join(
-        &app,
-        ConsumeOpen {
-            max_in_flight: 3,
-            ..open_request("capped")
-        },
-    )
-    .await
-    .unwrap();
-    post_events(&app, "u", 0..10).await;
-    let first = member.take(3).await;
-    member.assert_quiet().await;
-    member.ack(vec![seq(&first[0])]).await;
-    let one_more = member.take(1).await;
-    assert_eq!(seq(&one_more[0]), 4, "the next in sequence order");
-    member.assert_quiet().await;
+    for store in support::admin::local_stores() {
+        eprintln!("store: {}", store.name);
+        let app = spawn_app_with(&store.flags()).await;
+        support::consume::max_in_flight_caps_deliveries_exactly(&app).await;
+    }
 }
 
 #[tokio::test]
 async fn a_later_open_with_another_filter_is_a_failed_precondition() {
     let app = spawn_app_with(&["--store", "memory"]).await;
-    let _first = join(&app, open_request("defined")).await.unwrap();
-    let status = join(
-        &app,
-        ConsumeOpen {
-            event_types: vec![EventType::RecordChange as i32],
-            ..open_request("defined")
-        },
-    )
-    .await
-    .err()
-    .expect("a different filter is refused");
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert!(
-        status.message().contains("event_types"),
-        "{}",
-        status.message()
-    );
-    let status = join(
-        &app,
-        ConsumeOpen {
-            ordering: ConsumeOrdering::PerUser as i32,
-            ..open_request("defined")
-        },
-    )
-    .await
-    .err()
-    .expect("a different ordering is refused");
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(
-        status.message().contains("ordering"),
-        "{}",
-        status.message()
-    );
+    another_definition_is_a_failed_precondition(&app, &app).await;
 }
 
 #[tokio::test]

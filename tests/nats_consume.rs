@@ -32,13 +32,6 @@ async fn two_replicas() -> (Store, TestApp, TestApp) {
     (store, a, b)
 }
 
-fn wait(millis: i32) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds: i64::from(millis / 1000),
-        nanos: (millis % 1000) * 1_000_000,
-    })
-}
-
 #[tokio::test]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn members_on_two_replicas_split_200_events_exactly_once() {
@@ -101,7 +94,7 @@ async fn a_replica_killed_mid_delivery_loses_nothing() {
     let mut doomed_gateway = real_binary::start(command).expect("the binary starts on NATS");
     let open = ConsumeOpen {
         max_in_flight: 5,
-        ack_wait: wait(2000),
+        ack_wait: millis(2000),
         ..open_request("failover")
     };
     let mut doomed = join_at(doomed_gateway.grpc, open.clone()).await.unwrap();
@@ -165,29 +158,8 @@ async fn a_members_end_and_shutdown_return_its_deliveries_at_once() {
 async fn ack_wait_redelivers_and_acked_never_returns() {
     let store = nats_store();
     let app = spawn_app_with(&store.flags()).await;
-    let mut member = join(
-        &app,
-        ConsumeOpen {
-            ack_wait: wait(1000),
-            ..open_request("slow")
-        },
-    )
-    .await
-    .unwrap();
-    post_events(&app, "u", 0..1).await;
-    let first = member.next().await.unwrap();
-    assert_eq!(first.attempt, 1);
-    let started = Instant::now();
-    let again = member.next().await.unwrap();
-    assert_eq!((seq(&again), again.attempt), (seq(&first), 2));
-    assert!(
-        started.elapsed() >= Duration::from_millis(800),
-        "redelivered after ack_wait, not at once: {:?}",
-        started.elapsed()
-    );
-    member.ack(vec![seq(&again)]).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await; // one ack_wait: the ack must hold
-    member.assert_quiet().await;
+    support::consume::ack_wait_redelivers_and_acked_never_returns(&app, Duration::from_secs(1))
+        .await;
 }
 
 #[tokio::test]
@@ -195,29 +167,12 @@ async fn ack_wait_redelivers_and_acked_never_returns() {
 async fn nak_with_and_without_delay_redelivers_and_term_never_does() {
     let store = nats_store();
     let app = spawn_app_with(&store.flags()).await;
-    let mut member = join(&app, open_request("naks")).await.unwrap();
-    post_events(&app, "u", 0..2).await;
-    let got = member.take(2).await;
-    let (naked, termed) = (seq(&got[0]), seq(&got[1]));
-    member
-        .send(consume_request::Request::Term(Term {
-            sequences: vec![termed],
-            reason: "poison".into(),
-        }))
-        .await;
-    member
-        .send(consume_request::Request::Nak(Nak {
-            sequences: vec![naked],
-            delay: None,
-        }))
-        .await;
-    let again = member.next().await.unwrap();
-    assert_eq!((seq(&again), again.attempt), (naked, 2));
+    let (mut member, naked) = nak_redelivers_and_term_never_does(&app).await;
     // A delayed nak: nats-server 2.9 honours `-NAK {"delay": ...}`.
     member
         .send(consume_request::Request::Nak(Nak {
             sequences: vec![naked],
-            delay: wait(1500),
+            delay: millis(1500),
         }))
         .await;
     let started = Instant::now();
@@ -237,59 +192,14 @@ async fn nak_with_and_without_delay_redelivers_and_term_never_does() {
 async fn max_in_flight_caps_a_members_deliveries_exactly() {
     let store = nats_store();
     let app = spawn_app_with(&store.flags()).await;
-    let mut member = join(
-        &app,
-        ConsumeOpen {
-            max_in_flight: 3,
-            ..open_request("capped")
-        },
-    )
-    .await
-    .unwrap();
-    post_events(&app, "u", 0..10).await;
-    let first = member.take(3).await;
-    assert_eq!(first.iter().map(seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-    member.assert_quiet().await;
-    member.ack(vec![seq(&first[0])]).await;
-    let one_more = member.take(1).await;
-    assert_eq!(seq(&one_more[0]), 4, "the next in sequence order");
-    member.assert_quiet().await;
+    max_in_flight_caps_deliveries_exactly(&app).await;
 }
 
 #[tokio::test]
 #[ignore = "needs nats-server or NATS_URL; .ci/test runs it when one is there"]
 async fn another_filter_on_another_replica_is_a_failed_precondition() {
     let (_store, ra, rb) = two_replicas().await;
-    let _first = join(&ra, open_request("defined")).await.unwrap();
-    let status = join(
-        &rb,
-        ConsumeOpen {
-            event_types: vec![EventType::RecordChange as i32],
-            ..open_request("defined")
-        },
-    )
-    .await
-    .err()
-    .expect("a different filter is refused");
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert!(
-        status.message().contains("event_types"),
-        "{}",
-        status.message()
-    );
-    let status = join(
-        &rb,
-        ConsumeOpen {
-            ordering: ConsumeOrdering::PerUser as i32,
-            ..open_request("defined")
-        },
-    )
-    .await
-    .err()
-    .expect("a different ordering is refused");
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    // The same definition joins on either replica.
-    join(&rb, open_request("defined")).await.unwrap();
+    another_definition_is_a_failed_precondition(&ra, &rb).await;
 }
 
 /// `n` user ids whose events fall in `n` different partitions.

@@ -4,12 +4,12 @@
 use std::{net::SocketAddr, time::Duration};
 
 use spike_gateway::proto::{
-    Ack, ConsumeOpen, ConsumeRequest, Delivery, consume_open, consume_request,
-    event_stream_client::EventStreamClient,
+    Ack, ConsumeOpen, ConsumeOrdering, ConsumeRequest, Delivery, EventType, Nak, Term,
+    consume_open, consume_request, event_stream_client::EventStreamClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming, transport::Channel};
+use tonic::{Code, Status, Streaming, transport::Channel};
 
 use super::{MAIN, TestApp, record_change};
 
@@ -84,9 +84,12 @@ impl TestMember {
 
     /// Asserts nothing arrives for a while (the time a delivery would take to show up).
     pub async fn assert_quiet(&mut self) {
-        if let Ok(item) =
-            tokio::time::timeout(Duration::from_millis(300), self.deliveries.message()).await
-        {
+        self.assert_quiet_for(Duration::from_millis(300)).await;
+    }
+
+    /// Asserts nothing arrives for `quiet` (longer than a redelivery would take).
+    pub async fn assert_quiet_for(&mut self, quiet: Duration) {
+        if let Ok(item) = tokio::time::timeout(quiet, self.deliveries.message()).await {
             panic!("expected no delivery, got {item:?}");
         }
     }
@@ -124,4 +127,125 @@ pub async fn post_events(app: &TestApp, user: &str, range: std::ops::Range<u64>)
         let response = app.post_json(MAIN, &record_change(user, n)).await;
         assert_eq!(response.status(), 200);
     }
+}
+
+/// `millis` as a protobuf duration (an `ack_wait`, a nak's `delay`).
+pub fn millis(millis: u32) -> Option<prost_types::Duration> {
+    let millis = i32::try_from(millis).expect("a test duration fits in i32");
+    Some(prost_types::Duration {
+        seconds: i64::from(millis / 1000),
+        nanos: (millis % 1000) * 1_000_000,
+    })
+}
+
+// Scenarios every store must pass, written once: the local suite runs them on one gateway,
+// the NATS suite on one or two replicas of a shared stream.
+
+/// An unacked delivery returns after `ack_wait` (not before), with a higher attempt; once
+/// acked it never returns, not even after another `ack_wait`.
+pub async fn ack_wait_redelivers_and_acked_never_returns(app: &TestApp, ack_wait: Duration) {
+    let mut member = join(
+        app,
+        ConsumeOpen {
+            ack_wait: millis(u32::try_from(ack_wait.as_millis()).unwrap()),
+            ..open_request("slow")
+        },
+    )
+    .await
+    .unwrap();
+    post_events(app, "u", 0..1).await;
+    let first = member.next().await.unwrap();
+    assert_eq!(first.attempt, 1);
+    let started = std::time::Instant::now();
+    let again = member.next().await.unwrap();
+    assert_eq!((seq(&again), again.attempt), (seq(&first), 2));
+    assert!(
+        started.elapsed() >= ack_wait * 3 / 4,
+        "redelivered after ack_wait, not at once: {:?}",
+        started.elapsed()
+    );
+    member.ack(vec![seq(&again)]).await;
+    member.assert_quiet_for(ack_wait + ack_wait / 4).await;
+}
+
+/// A nak redelivers at once with a higher attempt, a term never redelivers. Returns the
+/// member and the naked sequence, delivered twice and not yet acked.
+pub async fn nak_redelivers_and_term_never_does(app: &TestApp) -> (TestMember, u64) {
+    let mut member = join(app, open_request("naks")).await.unwrap();
+    post_events(app, "u", 0..2).await;
+    let got = member.take(2).await;
+    let (naked, termed) = (seq(&got[0]), seq(&got[1]));
+    member
+        .send(consume_request::Request::Term(Term {
+            sequences: vec![termed],
+            reason: "poison".into(),
+        }))
+        .await;
+    member
+        .send(consume_request::Request::Nak(Nak {
+            sequences: vec![naked],
+            delay: None,
+        }))
+        .await;
+    let again = member.next().await.unwrap();
+    assert_eq!((seq(&again), again.attempt), (naked, 2));
+    (member, naked)
+}
+
+/// A member never holds more than its `max_in_flight` unanswered deliveries; an ack makes
+/// room for exactly one more, the next in sequence order.
+pub async fn max_in_flight_caps_deliveries_exactly(app: &TestApp) {
+    let mut member = join(
+        app,
+        ConsumeOpen {
+            max_in_flight: 3,
+            ..open_request("capped")
+        },
+    )
+    .await
+    .unwrap();
+    post_events(app, "u", 0..10).await;
+    let first = member.take(3).await;
+    assert_eq!(first.iter().map(seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    member.assert_quiet().await;
+    member.ack(vec![seq(&first[0])]).await;
+    let one_more = member.take(1).await;
+    assert_eq!(seq(&one_more[0]), 4, "the next in sequence order");
+    member.assert_quiet().await;
+}
+
+/// Once `first` defined a group, an open on `second` (the same gateway or another replica)
+/// with another filter or ordering is refused with FAILED_PRECONDITION naming what
+/// differs; the same definition joins.
+pub async fn another_definition_is_a_failed_precondition(first: &TestApp, second: &TestApp) {
+    let _defining = join(first, open_request("defined")).await.unwrap();
+    let differing = [
+        (
+            "event_types",
+            ConsumeOpen {
+                event_types: vec![EventType::RecordChange as i32],
+                ..open_request("defined")
+            },
+        ),
+        (
+            "ordering",
+            ConsumeOpen {
+                ordering: ConsumeOrdering::PerUser as i32,
+                ..open_request("defined")
+            },
+        ),
+    ];
+    for (field, open) in differing {
+        let status = join(second, open)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a different {field} is refused"));
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    join(second, open_request("defined")).await.unwrap();
 }
