@@ -414,8 +414,8 @@ async fn after_sigkill_only_the_last_intervals_acks_return_and_no_unacked_event_
 
 mod admin_calls {
     use super::*;
-    use spike_gateway::proto::{EraseUserRequest, ListConsumerGroupsRequest};
-    use support::admin::{ADMIN_TOKEN, admin, authed, delete_group, list_groups, seek_group};
+    use spike_gateway::proto::ListConsumerGroupsRequest;
+    use support::admin::{ADMIN_TOKEN, admin, delete_group, erase_user, list_groups, seek_group};
 
     #[tokio::test]
     async fn list_seek_and_delete() {
@@ -577,35 +577,11 @@ mod admin_calls {
     #[tokio::test]
     async fn erasure_removes_the_users_events_from_the_groups_work() {
         let app = spawn_app_with(&["--admin-tokens", ADMIN_TOKEN]).await;
-        let mut member = join(
-            &app,
-            ConsumeOpen {
-                max_in_flight: 1,
-                ..open_request("erase")
-            },
-        )
-        .await
-        .unwrap();
-        post_events(&app, "gone", 0..1).await;
-        post_events(&app, "kept", 1..2).await;
-        post_events(&app, "gone", 2..3).await;
-        let held = member.next().await.unwrap();
-        assert_eq!(held.event.unwrap().application_user_id, "gone");
-        admin(&app)
-            .await
-            .erase_user(authed(EraseUserRequest {
-                application_user_id: "gone".into(),
-            }))
-            .await
-            .unwrap();
-        // Only "kept"'s event is pending now; the member's held one is on its count.
+        let member = a_member_holds_an_event_of_a_user_erased_meanwhile(&app).await;
+        // At once: only "kept"'s event is pending; the held one is on the member's count.
         let row = list_groups(&app).await.pop().unwrap();
         assert_eq!((row.pending, row.in_flight), (1, 0), "{row:?}");
-        member.ack(vec![1]).await;
-        let next = member.next().await.unwrap();
-        assert_eq!(next.event.unwrap().application_user_id, "kept");
-        member.ack(vec![2]).await;
-        member.assert_quiet().await;
+        erasure_leaves_only_the_other_users_work(&app, member).await;
     }
 
     /// A group far behind reads its next page while it delivers one: an erasure reaches
@@ -623,13 +599,7 @@ mod admin_calls {
         };
         let mut member = join(&app, open).await.unwrap();
         let mut first = Some(member.next().await.unwrap());
-        admin(&app)
-            .await
-            .erase_user(authed(EraseUserRequest {
-                application_user_id: "gone".into(),
-            }))
-            .await
-            .unwrap();
+        erase_user(&app, "gone").await;
         for expected in 1..=300 {
             let delivery = match first.take() {
                 Some(delivery) => delivery,

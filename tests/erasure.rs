@@ -109,17 +109,6 @@ async fn erasure_on_nats() {
     erases_one_user_and_keeps_the_others(&nats_store()).await;
 }
 
-async fn erase_as_admin(app: &TestApp, user: &str) -> spike_gateway::proto::EraseUserResponse {
-    admin(app)
-        .await
-        .erase_user(authed(EraseUserRequest {
-            application_user_id: user.into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Dead letters the old reading of user ids missed: a merged letter of more than 100
 /// items, an item nested deeper than 32 levels, a numeric user id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,9 +138,9 @@ async fn erasure_finds_every_dead_letter_naming_the_user_on(store: &Store) {
         let answer: serde_json::Value = app.post_json(MAIN, body).await.json().await.unwrap();
         assert_eq!(answer["dead_lettered"], 1, "{}: {answer}", store.name);
     }
-    let victim = erase_as_admin(&app, "victim").await;
+    let victim = erase_user(&app, "victim").await;
     assert_eq!(victim.dead_letters_removed, 2, "{}", store.name);
-    let numbered = erase_as_admin(&app, "4242").await;
+    let numbered = erase_user(&app, "4242").await;
     assert_eq!(numbered.dead_letters_removed, 1, "{}", store.name);
     assert_eq!(
         app.log.clone().backend().dead_letter_count().await.unwrap(),
@@ -203,7 +192,7 @@ async fn letters_stored_without_user_ids_are_backfilled_at_start_and_erasable() 
         .map(|l| l.application_user_ids.clone())
         .collect();
     assert_eq!(recorded, [["old-user"], ["other"]]);
-    let erased = erase_as_admin(&app, "old-user").await;
+    let erased = erase_user(&app, "old-user").await;
     assert_eq!(erased.dead_letters_removed, 1);
     assert_eq!(
         app.log.clone().backend().dead_letter_count().await.unwrap(),
@@ -222,7 +211,7 @@ async fn nats_letters_stored_without_user_ids_are_backfilled_and_erasable() {
     let app = spawn_app_with(&store.flags()).await;
     let letters = app.log.dead_letters(0, 10, Some("old-user")).await.unwrap();
     assert_eq!(letters.len(), 1, "the replica recorded the ids at start");
-    let erased = erase_as_admin(&app, "old-user").await;
+    let erased = erase_user(&app, "old-user").await;
     assert_eq!(erased.dead_letters_removed, 1);
     assert_eq!(
         app.log.clone().backend().dead_letter_count().await.unwrap(),

@@ -173,7 +173,6 @@ async fn embedded_commits_are_timed_and_count_the_events_they_made_durable() {
 
 #[tokio::test]
 async fn the_stored_dead_letters_gauge_follows_erasure() {
-    use spike_gateway::proto::EraseUserRequest;
     use support::admin::*;
     let app = spawn_app_with(&["--admin-tokens", ADMIN_TOKEN]).await;
     for user in ["gone", "kept"] {
@@ -184,13 +183,7 @@ async fn the_stored_dead_letters_gauge_follows_erasure() {
         value(&scrape(&app).await, "spike_gateway_dead_letters_stored"),
         Some(2.0)
     );
-    admin(&app)
-        .await
-        .erase_user(authed(EraseUserRequest {
-            application_user_id: "gone".into(),
-        }))
-        .await
-        .unwrap();
+    erase_user(&app, "gone").await;
     let text = scrape(&app).await;
     assert_eq!(value(&text, "spike_gateway_dead_letters_stored"), Some(1.0));
     assert_eq!(

@@ -14,11 +14,10 @@ use spike_gateway::events::{
     nats::{partition_of, subject_token},
 };
 use spike_gateway::proto::{
-    ConsumeOpen, ConsumeOrdering, EraseUserRequest, EventType, Nak, SubscribeRequest, Term,
-    consume_request,
+    ConsumeOpen, ConsumeOrdering, EventType, Nak, SubscribeRequest, Term, consume_request,
 };
 use support::{
-    admin::{Store, admin, authed, delete_group, list_groups, nats_store, seek_group},
+    admin::{Store, delete_group, erase_user, list_groups, nats_store, seek_group},
     consume::*,
     *,
 };
@@ -355,41 +354,8 @@ async fn list_seek_and_delete_act_on_the_shared_group() {
 async fn erasure_removes_the_users_events_from_the_groups_work() {
     let store = nats_store();
     let app = spawn_app_with(&store.flags()).await;
-    let mut member = join(
-        &app,
-        ConsumeOpen {
-            max_in_flight: 1,
-            ..open_request("erase")
-        },
-    )
-    .await
-    .unwrap();
-    post_events(&app, "gone", 0..1).await;
-    post_events(&app, "kept", 1..2).await;
-    post_events(&app, "gone", 2..3).await;
-    let held = member.next().await.unwrap();
-    assert_eq!(held.event.unwrap().application_user_id, "gone");
-    admin(&app)
-        .await
-        .erase_user(authed(EraseUserRequest {
-            application_user_id: "gone".into(),
-        }))
-        .await
-        .unwrap();
-    member.ack(vec![1]).await;
-    let next = member.next().await.unwrap();
-    assert_eq!(next.event.unwrap().application_user_id, "kept");
-    member.ack(vec![2]).await;
-    member.assert_quiet().await;
-    // The group's floor stays honest: nothing after the erased events was skipped.
-    let row = eventually(Duration::from_secs(5), "the acks are applied", async || {
-        list_groups(&app)
-            .await
-            .into_iter()
-            .find(|g| g.acked_through >= 2 && g.in_flight == 0)
-    })
-    .await;
-    assert_eq!(row.pending, 0);
+    let member = a_member_holds_an_event_of_a_user_erased_meanwhile(&app).await;
+    erasure_leaves_only_the_other_users_work(&app, member).await;
 }
 
 /// The value of `--name` among the store's flags.
@@ -604,13 +570,7 @@ async fn events_stored_before_partitions_reach_groups_and_subscribers_exactly_on
     assert_eq!(seen, vec![1, 3, 5, 6]);
 
     // Erasure finds the user's events in both layouts.
-    admin(&app)
-        .await
-        .erase_user(authed(EraseUserRequest {
-            application_user_id: "y".into(),
-        }))
-        .await
-        .unwrap();
+    erase_user(&app, "y").await;
     let mut everything = app.subscribe(from_beginning()).await.unwrap();
     let left: Vec<u64> = take(&mut everything, 4)
         .await

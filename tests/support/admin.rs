@@ -2,9 +2,9 @@
 //! test against.
 
 use spike_gateway::proto::{
-    ConsumerGroupInfo, DeleteConsumerGroupRequest, DeleteConsumerGroupResponse,
-    ListConsumerGroupsRequest, SeekConsumerGroupRequest, admin_client::AdminClient,
-    seek_consumer_group_request,
+    ConsumerGroupInfo, DeleteConsumerGroupRequest, DeleteConsumerGroupResponse, EraseUserRequest,
+    EraseUserResponse, ListConsumerGroupsRequest, SeekConsumerGroupRequest,
+    admin_client::AdminClient, seek_consumer_group_request,
 };
 use tonic::{Request, Status, transport::Channel};
 
@@ -27,6 +27,18 @@ pub async fn admin(app: &TestApp) -> AdminClient<Channel> {
     AdminClient::connect(format!("http://{}", app.grpc))
         .await
         .unwrap()
+}
+
+/// Erases `user` (SPEC §4.4) as the admin.
+pub async fn erase_user(app: &TestApp, user: &str) -> EraseUserResponse {
+    admin(app)
+        .await
+        .erase_user(authed(EraseUserRequest {
+            application_user_id: user.into(),
+        }))
+        .await
+        .expect("EraseUser succeeds")
+        .into_inner()
 }
 
 /// Every consumer group `app` lists.

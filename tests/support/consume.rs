@@ -249,3 +249,43 @@ pub async fn another_definition_is_a_failed_precondition(first: &TestApp, second
     }
     join(second, open_request("defined")).await.unwrap();
 }
+
+/// The first half of the erasure scenario: a member holding the first of three events
+/// (two of user `gone`, one of `kept`, one delivery at a time) when `gone` is erased.
+/// Returns the member; [`erasure_leaves_only_the_other_users_work`] checks what follows.
+pub async fn a_member_holds_an_event_of_a_user_erased_meanwhile(app: &TestApp) -> TestMember {
+    let mut member = join(
+        app,
+        ConsumeOpen {
+            max_in_flight: 1,
+            ..open_request("erase")
+        },
+    )
+    .await
+    .unwrap();
+    post_events(app, "gone", 0..1).await;
+    post_events(app, "kept", 1..2).await;
+    post_events(app, "gone", 2..3).await;
+    let held = member.next().await.unwrap();
+    assert_eq!(held.event.unwrap().application_user_id, "gone");
+    super::admin::erase_user(app, "gone").await;
+    member
+}
+
+/// The second half: acking the held event, the member gets `kept`'s and nothing of
+/// `gone`'s, and once that is acked the group's floor passed both with nothing pending.
+pub async fn erasure_leaves_only_the_other_users_work(app: &TestApp, mut member: TestMember) {
+    member.ack(vec![1]).await;
+    let next = member.next().await.unwrap();
+    assert_eq!(next.event.unwrap().application_user_id, "kept");
+    member.ack(vec![2]).await;
+    member.assert_quiet().await;
+    let row = super::eventually(Duration::from_secs(5), "the acks are applied", async || {
+        super::admin::list_groups(app)
+            .await
+            .into_iter()
+            .find(|g| g.acked_through >= 2 && g.in_flight == 0)
+    })
+    .await;
+    assert_eq!(row.pending, 0, "{row:?}");
+}
