@@ -80,28 +80,43 @@ pub struct Accepted {
     pub dead_lettered: usize,
 }
 
+/// One webhook endpoint: the category Spike delivers to `path`.
+#[derive(Clone, Copy, Debug)]
+struct Endpoint {
+    category: WebhookCategory,
+    path: &'static str,
+}
+
 /// Spike's three webhook categories and the path each is delivered to: the one table the
-/// router and the spans' `http.route` both read.
-const WEBHOOK_ROUTES: [(WebhookCategory, &str); 3] = [
-    (WebhookCategory::Main, "/webhooks/spike"),
-    (WebhookCategory::LabReports, "/webhooks/spike/lab-reports"),
-    (
-        WebhookCategory::NutritionRecords,
-        "/webhooks/spike/nutrition",
-    ),
+/// router reads; each request carries its row, so the spans' `http.route` is the path it
+/// was routed by.
+const WEBHOOK_ROUTES: [Endpoint; 3] = [
+    Endpoint {
+        category: WebhookCategory::Main,
+        path: "/webhooks/spike",
+    },
+    Endpoint {
+        category: WebhookCategory::LabReports,
+        path: "/webhooks/spike/lab-reports",
+    },
+    Endpoint {
+        category: WebhookCategory::NutritionRecords,
+        path: "/webhooks/spike/nutrition",
+    },
 ];
 
 pub fn router(state: WebhookState) -> Router {
     let timeout = state.request_timeout;
-    let webhooks = WEBHOOK_ROUTES
-        .into_iter()
-        .fold(Router::new(), |router, (category, path)| {
-            let receive_category = move |State(state): State<Arc<WebhookState>>,
+    let webhooks =
+        WEBHOOK_ROUTES
+            .into_iter()
+            .fold(Router::new(), |router, endpoint| {
+                let receive_here = move |State(state): State<Arc<WebhookState>>,
                                          request: Request| async move {
-                receive(&state, category, request).await
-            };
-            router.route(path, post(receive_category))
-        });
+                    receive(&state, endpoint, request).await
+                };
+                router.route(endpoint.path, post(receive_here))
+            });
     webhooks
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -248,9 +263,10 @@ async fn metrics(State(state): State<Arc<WebhookState>>) -> impl IntoResponse {
 /// `traceparent`; its children are `webhook verify` and `append events` (the commit).
 async fn receive(
     state: &WebhookState,
-    path: WebhookCategory,
+    endpoint: Endpoint,
     request: Request,
 ) -> Result<Json<Accepted>, WebhookError> {
+    let path = endpoint.category;
     // The request taken whole, not a `HeaderMap` extractor, which would clone the headers.
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
@@ -263,12 +279,12 @@ async fn receive(
         otel.name = "webhook receive",
         otel.kind = "server",
         http.request.method = "POST",
-        http.route = route(path),
+        http.route = endpoint.path,
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         messaging.system = MESSAGING_SYSTEM,
         messaging.operation.type = "receive",
-        messaging.destination.name = route(path),
+        messaging.destination.name = endpoint.path,
     );
     // Before the span is first entered: its parent is fixed then.
     crate::telemetry::otel::continue_from(&span, headers);
@@ -375,13 +391,6 @@ async fn verify_and_append(
 /// `messaging.system` of the gateway's spans (semantic conventions: lower-case name of the
 /// messaging product; ours is none of the well-known ones).
 pub const MESSAGING_SYSTEM: &str = "spike_gateway";
-
-fn route(category: WebhookCategory) -> &'static str {
-    WEBHOOK_ROUTES
-        .iter()
-        .find(|(routed, _)| *routed == category)
-        .map_or(WEBHOOK_ROUTES[0].1, |(_, path)| path)
-}
 
 /// The commit's span (a producer span), and the trace context every event of the batch
 /// carries from it, so a consumer can link its processing span to this delivery.
