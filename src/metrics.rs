@@ -10,9 +10,10 @@
 //! - `subscriber_lag_events`: at each delivery, how far the event is behind the newest
 //!   sequence this replica has seen;
 //! - `delivery_seconds`: event received → sent to a subscriber (end to end);
-//! - `event_log_commit_seconds`, `event_log_commit_events`: each durable commit of the
-//!   `embedded` log (its writes and fsync) and the events it made durable; a slow disk
-//!   shows here first. Empty on the other stores (NATS acknowledges each publish itself);
+//! - `event_log_commit_seconds`, `event_log_commit_events`: each successful commit of
+//!   appends in the `embedded` log (its writes and fsync) and the new events it made
+//!   durable; a slow disk shows here first. Empty on the other stores (NATS acknowledges
+//!   each publish itself);
 //! - `readiness{reason}`: 1 for the current readiness reason, 0 for earlier ones;
 //! - `upstream_calls_total{rpc, status}`, `upstream_call_seconds{rpc}`: SpikeRecords calls;
 //! - `grpc_server_requests_total{method, kind, code}`, `grpc_server_request_seconds{method,
@@ -195,8 +196,11 @@ impl Default for Metrics {
             delivery: BatchedHistogram::new(exponential_buckets(0.0001, 2.0, 20)),
             commits: Arc::new(CommitSeries {
                 latency: latency_histogram(),
-                // 1 to 2,048: a commit folds at most 512 requests, of a few events each.
-                events: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+                // 0 (a retry's duplicates, or dead letters only), then 1 to 2,048: a commit
+                // folds at most 512 requests, of a few events each.
+                events: Histogram::new(
+                    std::iter::once(0.0).chain(exponential_buckets(1.0, 2.0, 12)),
+                ),
             }),
             upstream_calls: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
@@ -261,12 +265,12 @@ impl Default for Metrics {
         );
         registry.register(
             "event_log_commit_seconds",
-            "Durable commits of webhook appends in the embedded log, writes and fsync together",
+            "Successful commits of webhook appends in the embedded log, writes and fsync together",
             metrics.commits.latency.clone(),
         );
         registry.register(
             "event_log_commit_events",
-            "New events each durable commit of webhook appends in the embedded log made durable",
+            "New events each commit of webhook appends in the embedded log made durable",
             metrics.commits.events.clone(),
         );
         registry.register(

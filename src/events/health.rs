@@ -1,14 +1,17 @@
 //! What a log reports about itself: whether it can take writes now, and if not, why; and,
-//! for the store that commits to a local disk, how long each commit took.
+//! for the store that commits to a local disk, how long its commits of appends took.
 //!
 //! Every backend answers [`EventLog::health`](super::EventLog::health); `/readyz` and gRPC
 //! health both follow it through [`crate::readiness`], so they never disagree on the cause.
 
 use std::{fmt, time::Duration};
 
-/// Told of every durable commit of the `embedded` log: how many events it made durable
-/// and how long it took, the transaction's writes and its fsync together. Every webhook
-/// answer waits for one, so a slow disk shows here before it shows as slow webhooks.
+/// Told of every successful commit of appends (webhooks' events and dead letters) in the
+/// `embedded` log: how many new events it made durable and how long it took, the
+/// transaction's writes and its fsync together. Every webhook answer waits for one, so a
+/// slow disk shows here before it shows as slow webhooks. Commits that fail are not
+/// reported here: they turn readiness off (`storage_write_failing`). The writer's other
+/// transactions (group saves, erasure, housekeeping) are not timed.
 /// Called on the writer's thread after each commit: it must only record, never block.
 pub trait CommitObserver: Send + Sync {
     fn committed(&self, events: usize, took: Duration);

@@ -239,12 +239,13 @@ impl EmbeddedLog {
         })
     }
 
-    /// Append/dead-letter transactions committed since open (each one fsync).
-    /// Reports every commit from now on to `observer`; the first observer set stays.
+    /// Reports every successful commit of appends from now on to `observer`; the first
+    /// observer set stays.
     pub fn observe_commits(&self, observer: Arc<dyn CommitObserver>) {
         let _ = self.commit_observer.set(observer);
     }
 
+    /// Append/dead-letter transactions committed since open (each one fsync).
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }
