@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     process::{Child, Command, Stdio},
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -598,6 +598,12 @@ async fn latency<T: Received>(
     }
     if pinned {
         pin_self(&format!("0-{}", cores() - 1));
+        let now = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            now,
+            cores(),
+            "the bench runs on every core again after a pinned case"
+        );
     }
     all.sort_unstable();
     assert_eq!(
@@ -731,8 +737,13 @@ fn enabled(section: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == section))
 }
 
+/// The machine's cores, as found when the bench starts (its header reads them first).
+/// Read once: `available_parallelism` follows this process's CPU affinity, so read while a
+/// pinned case holds the process on one core it says 1, and "unpinning" to that would
+/// leave every later section (and every gateway it spawns) on one core.
 fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Posts `total` distinct events in batches of 1,000 from 8 concurrent senders; events/s.
