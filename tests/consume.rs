@@ -13,7 +13,7 @@ use spike_gateway::proto::{
     Ack, ConsumeOpen, ConsumeOrdering, Nak, Term, consume_request,
     event_stream_client::EventStreamClient,
 };
-use support::{consume::*, *};
+use support::{admin::on_each_local_store, consume::*, *};
 use tonic::Code;
 
 #[tokio::test]
@@ -84,31 +84,25 @@ async fn a_dead_members_deliveries_go_to_the_other_with_a_higher_attempt() {
 
 #[tokio::test]
 async fn an_unacked_delivery_comes_back_after_ack_wait() {
-    for store in support::admin::local_stores() {
-        eprintln!("store: {}", store.name);
-        let app = spawn_app_with(&store.flags()).await;
-        ack_wait_redelivers_and_acked_never_returns(&app, Duration::from_millis(400)).await;
-    }
+    on_each_local_store(async |app| {
+        ack_wait_redelivers_and_acked_never_returns(app, Duration::from_millis(400)).await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn nak_redelivers_and_term_never_does() {
-    for store in support::admin::local_stores() {
-        eprintln!("store: {}", store.name);
-        let app = spawn_app_with(&store.flags()).await;
-        let (mut member, naked) = support::consume::nak_redelivers_and_term_never_does(&app).await;
+    on_each_local_store(async |app| {
+        let (mut member, naked) = support::consume::nak_redelivers_and_term_never_does(app).await;
         member.ack(vec![naked]).await;
         member.assert_quiet().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn max_in_flight_caps_deliveries_exactly() {
-    for store in support::admin::local_stores() {
-        eprintln!("store: {}", store.name);
-        let app = spawn_app_with(&store.flags()).await;
-        support::consume::max_in_flight_caps_deliveries_exactly(&app).await;
-    }
+    on_each_local_store(support::consume::max_in_flight_caps_deliveries_exactly).await;
 }
 
 #[tokio::test]

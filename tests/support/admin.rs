@@ -107,6 +107,16 @@ pub fn local_stores() -> Vec<Store> {
         .collect()
 }
 
+/// Runs `scenario` on a fresh gateway of each local store in turn; the store's name is
+/// printed first, so a failure says which one it was.
+pub async fn on_each_local_store(scenario: impl AsyncFn(&TestApp)) {
+    for store in local_stores() {
+        eprintln!("store: {}", store.name);
+        let app = super::spawn_app_with(&store.flags()).await;
+        scenario(&app).await;
+    }
+}
+
 /// The `nats` store, on a stream of its own: on `NATS_URL` when set, else on a nats-server
 /// started for the test, which fails the test when none is installed (the NATS tests are
 /// ignored, so they only run when asked for).
