@@ -266,13 +266,12 @@ async fn receive(
     endpoint: Endpoint,
     request: Request,
 ) -> Result<Json<Accepted>, WebhookError> {
-    let path = endpoint.category;
     // The request taken whole, not a `HeaderMap` extractor, which would clone the headers.
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     let span = tracing::info_span!(
         "webhook",
-        category = path.as_str_name(),
+        category = endpoint.category.as_str_name(),
         request_id = %crate::telemetry::request_id(
             headers.get("x-request-id").and_then(|v| v.to_str().ok())
         ),
@@ -288,7 +287,7 @@ async fn receive(
     );
     // Before the span is first entered: its parent is fixed then.
     crate::telemetry::otel::continue_from(&span, headers);
-    received(state, path, headers, body, &span)
+    received(state, endpoint.category, headers, body, &span)
         .instrument(span.clone())
         .await
 }

@@ -2,8 +2,8 @@
 //!
 //! After one I/O error redb refuses every later commit ("Previous I/O error occurred")
 //! until the database is closed and opened again. So the writer, on any fault:
-//! 1. reports the fault (readiness off) and empties the [`Slot`](super::store::Slot) so readers stop taking
-//!    the old handle;
+//! 1. reports the fault (readiness off) and empties the [`Slot`](super::store::Slot) so
+//!    readers stop taking the old handle;
 //! 2. answers every queued command with an error at once (503: Spike retries) while it
 //!    waits for readers to let go of the old handle, and while it retries;
 //! 3. reopens the file with backoff ([`RETRY_FIRST`] doubling to [`RETRY_MAX`]): redb's
